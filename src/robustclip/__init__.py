@@ -1,0 +1,53 @@
+"""robustclip: robust and fast training via gradient clipping, for any torch.optim optimizer.
+
+The public API is what this module exports; everything in underscored modules is private.
+
+* :class:`Clipper` drives an optimizer with a gradient method.
+* Sample-level estimators: :func:`mean`, :func:`per_sample_clip`, :func:`per_sample_normalize`,
+  :func:`micro_batch_clip`.
+* Batch-level transforms: :func:`clip_by_global_norm`, :func:`clip_by_tensor_norm`,
+  :func:`normalize`, :func:`l0l1_warmup`, composed with :func:`chain`.
+* Thresholds for every clipping radius: :mod:`robustclip.thresholds`.
+"""
+
+from robustclip import thresholds
+from robustclip._batchnorm import convert_batchnorm_to_groupnorm
+from robustclip._clipper import Clipper, StepInfo
+from robustclip._estimators import (
+    Estimator,
+    Method,
+    mean,
+    micro_batch_clip,
+    per_sample_clip,
+    per_sample_normalize,
+)
+from robustclip._norm_transforms import (
+    clip_by_global_norm,
+    clip_by_tensor_norm,
+    l0l1_warmup,
+    normalize,
+)
+from robustclip._transform import GradientTransform, StepContext, chain, identity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Clipper",
+    "Estimator",
+    "GradientTransform",
+    "Method",
+    "StepContext",
+    "StepInfo",
+    "chain",
+    "clip_by_global_norm",
+    "clip_by_tensor_norm",
+    "convert_batchnorm_to_groupnorm",
+    "identity",
+    "l0l1_warmup",
+    "mean",
+    "micro_batch_clip",
+    "normalize",
+    "per_sample_clip",
+    "per_sample_normalize",
+    "thresholds",
+]

@@ -1,0 +1,45 @@
+"""The one collective a clipped step needs: sum the accumulated gradient over processes.
+
+Clipped methods compute their gradient with ``torch.autograd.grad`` (DDP's reducer hooks do not
+fire), then sum the per-process sums and counts once per step with ``all_reduce``. Dividing the
+global sum by the global count gives the same update as one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def resolve(model: nn.Module, distributed: bool | None, process_group=None):
+    """Return the process group to reduce over, or None for a single process."""
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if distributed is None:
+        distributed = is_ddp
+    if not distributed:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed=True but torch.distributed is not initialized; launch with torchrun "
+            "and call torch.distributed.init_process_group() first."
+        )
+    if process_group is None and is_ddp:
+        process_group = model.process_group
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def all_reduce_sum(tensors: list[Tensor], scalars: Tensor, group) -> None:
+    """Sum ``tensors`` and the 1-D ``scalars`` over ``group`` in place, one collective per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    if scalars.dtype not in by_dtype:
+        dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=group)
+    for dtype, ts in by_dtype.items():
+        items = ts + [scalars] if dtype == scalars.dtype else ts
+        flat = _flatten_dense_tensors(items)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for t, r in zip(items, _unflatten_dense_tensors(flat, items)):
+            t.copy_(r)

@@ -1,0 +1,33 @@
+"""The reference engine: one backward pass per sample.
+
+``g_i = autograd.grad(losses[i], params)`` on the batch's own graph is the definition of a
+per-sample gradient, with nothing clever in between, so this engine is the oracle every faster
+engine is tested against. It costs ``B`` backward passes: use it to check, not to train.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from robustclip.per_sample._engine import PerSampleEngine, WeightFn, acc_dtype, expand_weights
+
+
+class LoopEngine(PerSampleEngine):
+    name = "loop"
+
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+        params = self.layout.params
+        norms = []
+        for i in range(losses.shape[0]):
+            grads = torch.autograd.grad(
+                losses[i], params, retain_graph=True, allow_unused=True
+            )
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            sq = [g.detach().to(acc_dtype(g.dtype)).pow(2).sum().reshape(1) for g in grads]
+            gsq = self.group_sq_norms(sq)  # (G, 1)
+            w = weight_fn(gsq)
+            for o, g, wp in zip(out, grads, expand_weights(w, self.layout.group_of)):
+                o.add_(g * wp[0].to(g.dtype))
+            norms.append(gsq.sqrt())
+        return torch.cat(norms, dim=1)

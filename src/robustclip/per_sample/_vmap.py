@@ -1,0 +1,194 @@
+"""Per-sample gradients with ``torch.func``: vmap over samples, in memory-capped chunks.
+
+The engine watches the model's forward (a pre-hook keeps the inputs, a hook keeps the output).
+At ``accumulate(losses)`` it needs no loss function: the gradient of ``losses.sum()`` with
+respect to the model's output gives, row by row, ``d loss_i / d out_i`` (each loss depends on
+its own output row only). Sample ``i``'s parameter gradient is then the vector-Jacobian
+product of the model at ``x_i`` with that row, which ``vmap(vjp(...))`` computes for a chunk
+of samples at once. Chunks hold at most ``max_chunk_elements`` per-sample gradient entries.
+
+Two guards keep this from ever being silently wrong: the losses may not depend on parameters
+except through the captured output (a weight penalty inside the loss would be lost), and the
+recomputed outputs must match the batch's outputs, which fails loudly for BatchNorm-like
+mixing of samples, dropout and any other per-call randomness.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+from robustclip.per_sample._engine import (
+    ParamLayout,
+    PerSampleEngine,
+    WeightFn,
+    acc_dtype,
+    expand_weights,
+)
+from robustclip.per_sample._graph import check_losses_reach_only
+
+
+class VmapEngine(PerSampleEngine):
+    name = "vmap"
+
+    def __init__(
+        self, model: nn.Module, layout: ParamLayout, max_chunk_elements: int = 2**26
+    ) -> None:
+        super().__init__(model, layout)
+        self.max_chunk_elements = int(max_chunk_elements)
+        self._handles: list[Any] = []
+        self._inputs: tuple[tuple, dict] | None = None
+        self._output: Any = None
+        self._autocast: tuple[str, bool, torch.dtype] | None = None
+        self._verified = False
+
+    # -- observing the forward ------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        )
+        self._handles.append(self.model.register_forward_hook(self._hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs = self._output = None
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            return  # evaluation passes are not training steps
+        self._inputs = (args, kwargs)
+        dev = next((t.device.type for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), "cpu")
+        self._autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._output = output
+
+    # -- the engine ---------------------------------------------------------------------------
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+        if self._inputs is None or self._output is None:
+            raise RuntimeError(
+                "the vmap engine saw no forward pass of the model since the last backward(). "
+                "Call the model (with grad enabled) to compute the losses you pass to backward()."
+            )
+        batch = losses.shape[0]
+        out_leaves, out_spec = pytree.tree_flatten(self._output)
+        diff_idx = [
+            i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad
+        ]
+        if not diff_idx:
+            raise ValueError("the model's output does not require grad; nothing to differentiate.")
+        diff_out = [out_leaves[i] for i in diff_idx]
+        for t in diff_out:
+            if t.dim() == 0 or t.shape[0] != batch:
+                raise ValueError(
+                    f"the model's output has shape {tuple(t.shape)} but there are {batch} "
+                    "per-sample losses; the vmap engine needs outputs whose first dimension is "
+                    "the batch."
+                )
+        check_losses_reach_only(losses, diff_out)
+        cot = torch.autograd.grad(losses.sum(), diff_out, allow_unused=True)
+        cot = [torch.zeros_like(o) if c is None else c for o, c in zip(diff_out, cot)]
+
+        args, kwargs = self._inputs
+        in_leaves, in_spec = pytree.tree_flatten((args, kwargs))
+        batched = [
+            i for i, t in enumerate(in_leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch
+        ]
+        if not batched:
+            raise ValueError(
+                f"none of the model's inputs has a first dimension equal to the batch ({batch}); "
+                "the vmap engine cannot split the forward pass by sample."
+            )
+        model = self.model
+        lay = self.layout
+        train_ids = {id(p) for p in lay.params}
+        named = dict(model.named_parameters(remove_duplicate=False))
+        # functional_call substitutes by name; tied parameters appear under every name, so the
+        # differentiated tensor is shared by all of them, as in the real model.
+        name_of_param: dict[int, list[str]] = {}
+        for n, p in named.items():
+            name_of_param.setdefault(id(p), []).append(n)
+        const = {n: p.detach() for n, p in named.items() if id(p) not in train_ids}
+        buffers = dict(model.named_buffers())
+        dev, ac_on, ac_dtype = self._autocast or ("cpu", False, torch.bfloat16)
+
+        def per_sample(train_vals: tuple, xs: list, cots: list) -> tuple:
+            def f(vals: tuple) -> list:
+                mapping = dict(const)
+                for p, v in zip(lay.params, vals):
+                    for n in name_of_param[id(p)]:
+                        mapping[n] = v
+                mapping.update(buffers)
+                leaves = list(in_leaves)
+                for i, x in zip(batched, xs):
+                    leaves[i] = x.unsqueeze(0)
+                a, kw = pytree.tree_unflatten(leaves, in_spec)
+                with torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
+                    o = functional_call(model, mapping, tuple(a), kw)
+                ol = pytree.tree_leaves(o)
+                return [ol[i] for i in diff_idx]
+
+            primal, pullback = vjp(f, train_vals)
+            (g,) = pullback([c.unsqueeze(0) for c in cots])
+            return g, [p.squeeze(0) for p in primal]
+
+        per_sample_v = vmap(per_sample, in_dims=(None, 0, 0), randomness="error")
+        total = sum(p.numel() for p in lay.params)
+        chunk = max(1, min(batch, self.max_chunk_elements // max(total, 1)))
+        train_vals = tuple(p.detach() for p in lay.params)
+        norms = []
+        for start in range(0, batch, chunk):
+            sl = slice(start, min(start + chunk, batch))
+            xs = [in_leaves[i][sl] for i in batched]
+            cs = [c[sl] for c in cot]
+            try:
+                grads, primal = per_sample_v(train_vals, xs, cs)
+            except RuntimeError as e:
+                if "randomness" in str(e) or "random" in str(e):
+                    raise ValueError(
+                        "the model uses randomness in its forward pass (dropout?), which the vmap "
+                        "engine would redraw and so get the wrong per-sample gradients. Put "
+                        "dropout modules in eval mode, or use engine='loop' (or the hook engine), "
+                        "which reuse the batch's own forward pass."
+                    ) from e
+                raise
+            if not self._verified:
+                # Once: this comparison reads values on the host. Batch-mixing layers and
+                # randomness are structural, so the first step reveals them.
+                for got, ref in zip(primal, diff_out):
+                    _check_recompute(got, ref[sl].detach())
+            sq = [g.detach().flatten(1).to(acc_dtype(g.dtype)).pow(2).sum(1) for g in grads]
+            gsq = self.group_sq_norms(sq)
+            w = weight_fn(gsq)
+            for o, g, wp in zip(out, grads, expand_weights(w, lay.group_of)):
+                o.add_(torch.tensordot(wp.to(g.dtype), g, dims=1))
+            norms.append(gsq.sqrt())
+            del grads, primal
+        self._verified = True
+        self._inputs = self._output = None  # free the forward's graph and inputs
+        return torch.cat(norms, dim=1)
+
+
+def _check_recompute(got: Tensor, ref: Tensor) -> None:
+    """The per-sample recomputation must reproduce the batch's output (up to rounding)."""
+    got = got.detach().float()
+    ref = ref.float()
+    scale = ref.abs().amax().clamp(min=1.0)
+    tol = 1e-2 if got.dtype != ref.dtype or ref.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    if not torch.allclose(got, ref, rtol=0, atol=float(tol * scale)):
+        raise ValueError(
+            "recomputing the model one sample at a time does not reproduce the batch's output: "
+            "the samples interact in the forward pass (BatchNorm in training mode, statistics "
+            "over the batch) or the forward pass is random. Per-sample gradients are undefined "
+            "there. Convert BatchNorm with robustclip.convert_batchnorm_to_groupnorm(model), put "
+            "random layers in eval mode, or use engine='loop'."
+        )
