@@ -222,7 +222,7 @@ class Clipper:
             _distributed.all_reduce_sum(grads, scalars, self._group)  # type: ignore[arg-type]
             count, loss_sum, clipped_sum = (s.double() for s in scalars)
         torch._foreach_div_(grads, count.to(grads[0].dtype))  # type: ignore[arg-type]
-        loss = (loss_sum / count).float()
+        loss = loss_sum / count
         grad_norm = global_norm(grads)  # type: ignore[arg-type]
         num = int(round(float(count))) if self._group is not None else self._count
         info = StepInfo(

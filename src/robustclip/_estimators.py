@@ -127,7 +127,7 @@ class MicroBatchClip(Estimator):
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         torch._foreach_add_(out, torch._foreach_mul(g, coef.to(g[0].dtype)))
-        th = self.threshold.observe(state.threshold, norm.reshape(1).float())
+        th = self.threshold.observe(state.threshold, norm.reshape(1))
         return (
             Contribution(1, micro_batch_norm=norm.reshape(1), clipped=(coef < 1).float().reshape(1)),
             MicroBatchClipState(th),

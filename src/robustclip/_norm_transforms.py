@@ -59,7 +59,7 @@ class ClipByGlobalNorm(GradientTransform):
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        th = self.threshold.observe(state.threshold, norm.reshape(1).float())
+        th = self.threshold.observe(state.threshold, norm.reshape(1))
         return grads, ClipByGlobalNormState(th, norm, radius, (coef < 1).float())
 
     def readings(self, state):  # type: ignore[override]
@@ -94,10 +94,10 @@ class ClipByTensorNorm(GradientTransform):
     def update(self, grads, state, ctx):  # type: ignore[override]
         norms = torch._foreach_norm(grads, 2.0)
         radii = [self.threshold.value(s) for s in state.thresholds]
-        coefs = [clip_coefficient(n.float(), r) for n, r in zip(norms, radii)]
+        coefs = [clip_coefficient(n.to(torch.promote_types(n.dtype, torch.float32)), r) for n, r in zip(norms, radii)]
         torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs, grads)])
         new = tuple(
-            self.threshold.observe(s, n.reshape(1).float()) for s, n in zip(state.thresholds, norms)
+            self.threshold.observe(s, n.reshape(1)) for s, n in zip(state.thresholds, norms)
         )
         frac = torch.stack([(c < 1).float() for c in coefs]).mean()
         return grads, ClipByTensorNormState(new, frac)
@@ -166,7 +166,7 @@ class L0L1Warmup(GradientTransform):
     def update(self, grads, state, ctx: StepContext):  # type: ignore[override]
         if ctx.loss is None:
             raise ValueError("l0l1_warmup needs the loss value; call Clipper.backward(losses) first.")
-        gap = (ctx.loss.detach().float() - self.f_star).clamp(min=0.0)
+        gap = (ctx.loss.detach() - self.f_star).clamp(min=0.0)
         gamma = 1.0 / (self.l0 + self.l1 * gap)
         torch._foreach_mul_(grads, gamma.to(grads[0].dtype))
         return grads, WarmupState(gamma)

@@ -110,7 +110,7 @@ def state_from_plain(template: Any, data: Any) -> Any:
     if isinstance(template, Tensor):
         if not isinstance(data, Tensor):
             raise ValueError(f"state_dict holds {type(data).__name__} where a tensor was expected.")
-        return data.to(device=template.device, dtype=template.dtype).clone()
+        return data.to(device=template.device).clone()
     return data
 
 

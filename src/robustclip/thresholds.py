@@ -5,7 +5,8 @@ where present, spectral clipping) takes its radius either as a number or as a th
 A threshold follows the same three-function shape as a gradient transform:
 
 * ``init(device) -> state``: a NamedTuple of tensors, saved in ``Clipper.state_dict()``;
-* ``value(state) -> Tensor``: the radius to use *now*, a 0-d float32 tensor on the device
+* ``value(state) -> Tensor``: the radius to use *now*, a 0-d float tensor on the device
+  (float64 where the device has it, so float64 training is exact)
   (``inf`` means "do not clip this step");
 * ``observe(state, values) -> state``: fold in this step's observed values, a 1-D tensor
   (one global norm, a batch of per-sample norms, or a layer's top singular value).
@@ -36,6 +37,11 @@ class Threshold(Protocol):
     def observe(self, state: Any, values: Tensor) -> Any: ...
 
 
+def radius_dtype(device: torch.device | str | None) -> torch.dtype:
+    """float64 for radii (exact float64 training), float32 on devices without float64 (MPS)."""
+    return torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+
+
 class ConstantState(NamedTuple):
     radius: Tensor
 
@@ -47,7 +53,7 @@ class Constant:
         self.max_norm = check_max_norm(max_norm)
 
     def init(self, device: torch.device | str | None = None) -> ConstantState:
-        return ConstantState(torch.tensor(self.max_norm, dtype=torch.float32, device=device))
+        return ConstantState(torch.tensor(self.max_norm, dtype=radius_dtype(device), device=device))
 
     def value(self, state: ConstantState) -> Tensor:
         return state.radius
@@ -67,7 +73,7 @@ class NoClip:
     """Radius ``+inf``: clipping is off (what ``max_norm=None`` means)."""
 
     def init(self, device: torch.device | str | None = None) -> _NoClipState:
-        return _NoClipState(torch.tensor(float("inf"), dtype=torch.float32, device=device))
+        return _NoClipState(torch.tensor(float("inf"), dtype=radius_dtype(device), device=device))
 
     def value(self, state: _NoClipState) -> Tensor:
         return state.radius

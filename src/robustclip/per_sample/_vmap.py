@@ -15,6 +15,7 @@ mixing of samples, dropout and any other per-call randomness.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -151,7 +152,11 @@ class VmapEngine(PerSampleEngine):
             xs = [in_leaves[i][sl] for i in batched]
             cs = [c[sl] for c in cot]
             try:
-                grads, primal = per_sample_v(train_vals, xs, cs)
+                with warnings.catch_warnings():
+                    # torch notes ops without a batching rule (e.g. CPU flash attention); the
+                    # fallback is correct, and the note is not actionable for the user.
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    grads, primal = per_sample_v(train_vals, xs, cs)
             except RuntimeError as e:
                 if "randomness" in str(e) or "random" in str(e):
                     raise ValueError(

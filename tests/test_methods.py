@@ -1,0 +1,159 @@
+"""Every gradient method against a loop oracle, on the whole test matrix of models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robustclip as rc
+from robustclip.per_sample import ENGINES
+
+from . import _oracles as O
+
+ENGINE_NAMES = sorted(ENGINES)
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def run_clipper(method, model, opt, batches, loss_fn):
+    """One step through the Clipper; returns the gradient handed to the optimizer."""
+    with rc.Clipper(model, opt, method) as clipper:
+        for x, y in batches:
+            clipper.backward(loss_fn(model(x), y))
+        info = clipper.step()
+        assert not info.skipped
+        return [p.grad.detach().clone() for p in clipper.params], info
+
+
+def groups_of(model, params):
+    ids = {id(p): i for i, p in enumerate(params)}
+    groups: dict[str, list[int]] = {}
+    taken = set()
+    for mname, mod in model.named_modules():
+        for _, p in mod.named_parameters(recurse=False):
+            if id(p) in ids and id(p) not in taken:
+                taken.add(id(p))
+                groups.setdefault(mname, []).append(ids[id(p)])
+    return groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", O.MODELS)
+def test_batch_level_methods(name, dtype):
+    model, x, y, loss_fn = O.make_case(name, dtype)
+    opt = O.make_optimizer(name, model)
+    params = O.trainable(model, opt)
+    g = O.mean_grad(model, loss_fn, x, y, params)
+    c = 0.3 * O.flat_norm(g)  # clips for sure
+    cases = {
+        "mean": (rc.mean(), g),
+        "clip": (rc.clip_by_global_norm(c), O.clip_vec(g, c)),
+        "normalize": (rc.normalize(), [t / O.flat_norm(g) for t in g]),
+        "tensor": (rc.clip_by_tensor_norm(0.05), [O.clip_vec([t], 0.05)[0] for t in g]),
+        "warmup": (
+            rc.l0l1_warmup(2.0, 3.0),
+            [t / (2.0 + 3.0 * float(loss_fn(model(x), y).mean().detach())) for t in g],
+        ),
+    }
+    for key, (method, ref) in cases.items():
+        got, info = run_clipper(method, model, opt, [(x, y)], loss_fn)
+        assert O.max_rel_err(got, ref) <= TOL[dtype], key
+        assert torch.allclose(info.grad_norm.double(), torch.tensor(O.flat_norm(g), dtype=torch.float64), rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", O.MODELS)
+def test_per_sample_methods(name, dtype, engine):
+    model, x, y, loss_fn = O.make_case(name, dtype)
+    opt = O.make_optimizer(name, model)
+    params = O.trainable(model, opt)
+    norms = [O.flat_norm(gs) for gs in O.sample_grads(model, loss_fn, x, y, params)]
+    s = sorted(norms)
+    c = 0.5 * (s[len(s) // 2] + s[len(s) // 2 - 1])  # about half the samples are clipped
+
+    got, info = run_clipper(rc.per_sample_clip(c, engine=engine), model, opt, [(x, y)], loss_fn)
+    ref = O.per_sample_clip(model, loss_fn, x, y, params, c)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+    assert torch.allclose(info.per_sample_norms.double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
+    expected_frac = sum(n > c for n in norms) / len(norms)
+    assert float(info.clipped_fraction) == pytest.approx(expected_frac)
+
+    got, _ = run_clipper(rc.per_sample_normalize(0.01, engine=engine), model, opt, [(x, y)], loss_fn)
+    ref = O.per_sample_normalize(model, loss_fn, x, y, params, 0.01)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+
+    groups = groups_of(model, params)
+    got, _ = run_clipper(rc.per_sample_clip(c / 3, per_layer=True, engine=engine), model, opt, [(x, y)], loss_fn)
+    ref = O.per_sample_clip(model, loss_fn, x, y, params, c / 3, per_layer_groups=groups)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+
+    radii = {gname: 0.01 * (i + 1) for i, gname in enumerate(groups)}
+    got, _ = run_clipper(
+        rc.per_sample_clip(radii, per_layer=True, engine=engine), model, opt, [(x, y)], loss_fn
+    )
+    ref = O.per_sample_clip(model, loss_fn, x, y, params, None, per_layer_groups=groups, radii=radii)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", O.MODELS)
+def test_micro_batch_clipping_and_accumulation(name, dtype):
+    model, x, y, loss_fn = O.make_case(name, dtype, batch=8)
+    opt = O.make_optimizer(name, model)
+    params = O.trainable(model, opt)
+    xs, ys = list(x.split(2)), list(y.split(2))
+    c = 0.5 * O.flat_norm(O.mean_grad(model, loss_fn, x, y, params))
+
+    got, info = run_clipper(rc.micro_batch_clip(c), model, opt, list(zip(xs, ys)), loss_fn)
+    ref = O.micro_batch_clip(model, loss_fn, xs, ys, params, c)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+    assert info.micro_batch_norms.shape == (4,)
+    assert info.num_samples == 4
+
+    # clip after accumulation: the mean over all micro-batches, then one clip
+    got, _ = run_clipper(rc.chain(rc.mean(), rc.clip_by_global_norm(c)), model, opt, list(zip(xs, ys)), loss_fn)
+    ref = O.clip_vec(O.mean_grad(model, loss_fn, x, y, params), c)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+
+    # per-sample clipping over accumulated micro-batches = per-sample clipping of the whole batch
+    got, info = run_clipper(rc.per_sample_clip(c, engine="vmap"), model, opt, list(zip(xs, ys)), loss_fn)
+    ref = O.per_sample_clip(model, loss_fn, x, y, params, c)
+    assert O.max_rel_err(got, ref) <= TOL[dtype]
+    assert info.per_sample_norms.shape == (8,)
+
+
+def test_composition_per_sample_then_global_clip():
+    model, x, y, loss_fn = O.make_case("mlp", torch.float64)
+    opt = O.make_optimizer("mlp", model)
+    params = O.trainable(model, opt)
+    c_inner = 0.5
+    inner = O.per_sample_clip(model, loss_fn, x, y, params, c_inner)
+    c_outer = 0.5 * O.flat_norm(inner)
+    method = rc.chain(rc.per_sample_clip(c_inner, engine="vmap"), rc.clip_by_global_norm(c_outer), rc.normalize())
+    got, info = run_clipper(method, model, opt, [(x, y)], loss_fn)
+    ref = [t / O.flat_norm(inner) for t in inner]  # clip then normalize = normalize
+    assert O.max_rel_err(got, ref) <= 1e-12
+    assert float(info.transforms["clip_by_global_norm"]["clipped"]) == 1.0
+
+
+def test_optimizer_and_scheduler_see_the_clipped_gradient():
+    """SGD(momentum) after per-sample clipping is PS-Clip-SGD with momentum; schedulers work."""
+    model, x, y, loss_fn = O.make_case("mlp", torch.float64)
+    ref_model, *_ = O.make_case("mlp", torch.float64)
+    ref_model.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    clipper = rc.Clipper(model, opt, rc.per_sample_clip(0.2, engine="vmap"))
+    for _ in range(3):
+        clipper.backward(loss_fn(model(x), y))
+        clipper.step()
+        sched.step()
+        g = O.per_sample_clip(ref_model, loss_fn, x, y, list(ref_model.parameters()), 0.2)
+        for p, gp in zip(ref_model.parameters(), g):
+            p.grad = gp
+        ref_opt.step()
+        ref_sched.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
