@@ -87,8 +87,13 @@ def test_parameters_without_gradient():
 def test_batchnorm_error_and_conversion():
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
-    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(1.0))
-    with pytest.raises(ValueError, match="BatchNorm mixes samples|mixes samples|normalizes each sample"):
+    with pytest.raises(ValueError, match="normalizes each sample with statistics of the whole batch"):
+        rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(1.0))
+    # switched to training mode after the clipper was built: caught at backward()
+    model.eval()
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(1.0, engine="vmap"))
+    model.train()
+    with pytest.raises(ValueError, match="convert_batchnorm_to_groupnorm"):
         clipper.backward(O.ce(model(x), y))
     clipper.close()
     # BatchNorm is fine for batch-level methods

@@ -6,11 +6,12 @@ The public API is what this module exports; everything in underscored modules is
 * Sample-level estimators: :func:`mean`, :func:`per_sample_clip`, :func:`per_sample_normalize`,
   :func:`micro_batch_clip`.
 * Batch-level transforms: :func:`clip_by_global_norm`, :func:`clip_by_tensor_norm`,
-  :func:`normalize`, :func:`l0l1_warmup`, composed with :func:`chain`.
+  :func:`normalize`, :func:`l0l1_warmup`, :func:`spectral_clip`, composed with :func:`chain`.
 * Thresholds for every clipping radius: :mod:`robustclip.thresholds`.
+* Which clipping a problem needs: :mod:`robustclip.diagnostics`.
 """
 
-from robustclip import thresholds
+from robustclip import diagnostics, thresholds
 from robustclip._batchnorm import convert_batchnorm_to_groupnorm
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import (
@@ -27,6 +28,7 @@ from robustclip._norm_transforms import (
     l0l1_warmup,
     normalize,
 )
+from robustclip._spectral import spectral_clip
 from robustclip._transform import GradientTransform, StepContext, chain, identity
 
 __version__ = "0.1.0"
@@ -42,6 +44,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_tensor_norm",
     "convert_batchnorm_to_groupnorm",
+    "diagnostics",
     "identity",
     "l0l1_warmup",
     "mean",
@@ -49,5 +52,6 @@ __all__ = [
     "normalize",
     "per_sample_clip",
     "per_sample_normalize",
+    "spectral_clip",
     "thresholds",
 ]

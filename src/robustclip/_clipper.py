@@ -127,6 +127,8 @@ class Clipper:
         self.layout = ParamLayout.build(unwrap_model(model), params)
         self.device = params[0].device
         est = self.method.estimator
+        if est.per_sample:
+            check_no_training_batchnorm(unwrap_model(model), repr(est))
         self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
         if self.engine is not None:
             self.engine.attach()

@@ -1,0 +1,286 @@
+"""Writing the diagnostics to a folder: report.md, diagnostics.json, metrics, PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from robustclip.diagnostics._tracker import Diagnostics
+
+#: the plots every report has (a plot without data says so on its canvas)
+PLOTS = ("norm_histograms.png", "tail_index.png", "rho.png", "sigma_max.png")
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON values: NaN and inf become null (JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "∞" if x > 0 else "n/a"
+    return format(x, spec)
+
+
+def write_all(diag: Diagnostics, out: Path, *, plots: bool, extra: dict[str, Any]) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = diag.summary()
+    clash = sorted(set(extra) & set(summary))
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite diagnostics; rename them.")
+    summary.update(extra)
+    paths: dict[str, Path] = {}
+
+    p = out / "diagnostics.json"
+    p.write_text(json.dumps(jsonable(summary), indent=2, ensure_ascii=False) + "\n")
+    paths["diagnostics.json"] = p
+
+    probe_cols = ["step", "epoch", "loss", "grad_norm", "tail_index", "rho", "smoothness", "norm_mean"]
+    p = out / "probes.csv"
+    with p.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(probe_cols)
+        for r in summary["probes"]:
+            w.writerow([_csv(r[c]) for c in probe_cols])
+    paths["probes.csv"] = p
+
+    epoch_cols = ["epoch", "steps", "samples", "mean_norm", "fraction_clipped", "mean_loss"]
+    p = out / "epochs.csv"
+    with p.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(epoch_cols)
+        for r in summary["epochs"]:
+            w.writerow([_csv(r[c]) for c in epoch_cols])
+    paths["epochs.csv"] = p
+
+    p = out / "metrics.jsonl"
+    with p.open("w") as f:
+        for r in diag._steps:
+            f.write(json.dumps(jsonable({"kind": "step", **r})) + "\n")
+        for r in diag._spectra:
+            f.write(json.dumps(jsonable({"kind": "spectrum", **r})) + "\n")
+        for r in summary["probes"]:
+            f.write(json.dumps(jsonable({"kind": "probe", **r}), ensure_ascii=False) + "\n")
+        for r in summary["epochs"]:
+            f.write(json.dumps(jsonable({"kind": "epoch", **r})) + "\n")
+    paths["metrics.jsonl"] = p
+
+    if plots:
+        paths.update(_plots(diag, summary, out))
+    p = out / "report.md"
+    p.write_text(_markdown(summary, [k for k in paths if k.endswith(".png")]))
+    paths["report.md"] = p
+    return paths
+
+
+def _nan(v: float | None) -> float:
+    return float("nan") if v is None else v
+
+
+def _csv(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "" if v is None or math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _markdown(s: dict[str, Any], pngs: list[str]) -> str:
+    name = s.get("experiment")
+    title = f"# robustclip diagnostics: {name}" if name else "# robustclip diagnostics"
+    lines = [title, "", f"**Verdict:** {s['headline']}.", ""]
+    if s.get("snippet"):
+        lines += ["```python", s["snippet"], "```", ""]
+    lines += ["## Findings", ""] + [f"- {f}" for f in s["findings"]] + [""]
+    q = s.get("per_sample_norms") or {}
+    rows = [
+        ("tail index α̂ (median over the later half of the probes)", _fmt(s["tail_index"], ".3f"), "Simsekli et al. arXiv:1901.06053; Mohammadi et al. 2015"),
+        ("smallest α̂ at any probe", _fmt(s["tail_index_min"], ".3f"), ""),
+        ("strong growth ρ̂ (largest seen)", _fmt(s["rho"], ".4g"), "Vaswani et al. arXiv:1810.07288; arXiv:2605.14800"),
+        ("recommended batch size (b ≥ ρ̂)", _fmt(s["recommended_batch_size"], "d"), "arXiv:2605.14800"),
+        ("L0, L1", f"{_fmt(s['l0'])}, {_fmt(s['l1'])}", "Zhang et al. arXiv:1905.11881"),
+        (f"suggested per-sample c ({s['clip_quantile']:g}-quantile of norms)", _fmt(s["suggested_max_norm"]), "arXiv:2605.02701"),
+        (f"suggested spectral τ ({s['spectral_quantile']:g}-quantile of σ_max)", _fmt(s["suggested_spectral_threshold"]), "arXiv:2605.11838"),
+        ("median per-sample gradient norm", _fmt(q.get("q0.5")), s.get("per_sample_norm_source", "")),
+        ("99th percentile per-sample norm", _fmt(q.get("q0.99")), ""),
+    ]
+    lines += ["## Numbers", "", "| quantity | value | source |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+    if s["epochs"]:
+        lines += ["## Per epoch", "", "| epoch | mean per-sample norm | fraction clipped at c | mean loss |", "|---|---|---|---|"]
+        for e in s["epochs"]:
+            lines.append(
+                f"| {e['epoch']} | {_fmt(e['mean_norm'])} | {_fmt(e['fraction_clipped'], '.3f')} | {_fmt(e['mean_loss'])} |"
+            )
+        lines.append("")
+    if s["probes"]:
+        lines += ["## Probes", "", "| step | loss | ‖∇f‖ | α̂ | ρ̂ | local smoothness |", "|---|---|---|---|---|---|"]
+        for p in s["probes"]:
+            lines.append(
+                f"| {p['step']} | {_fmt(p['loss'])} | {_fmt(p['grad_norm'])} | {_fmt(p['tail_index'], '.3f')} "
+                f"| {_fmt(p['rho'])} | {_fmt(p['smoothness'])} |"
+            )
+        lines.append("")
+    if s["layers"]:
+        lines += ["## Layers (gradient spectra)", "", "| layer | σ_max last | median | max | top-r share |", "|---|---|---|---|---|"]
+        for n, d in s["layers"].items():
+            lines.append(
+                f"| {n} | {_fmt(d['sigma_max_last'])} | {_fmt(d['sigma_max_median'])} | {_fmt(d['sigma_max_max'])} | {_fmt(d['top_share_mean'], '.2f')} |"
+            )
+        lines.append("")
+    if pngs:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+    if s["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in s["notes"]] + [""]
+    st = s["settings"]
+    lines += [
+        "## How these were measured",
+        "",
+        f"- Probe set: {st['probe_size']} training samples, gradients in eval mode; the tail index "
+        f"uses the noise X_j = g_j − ḡ, {'sketched to ' + str(st['sketch_dim']) + ' dimensions by a fixed random projection' if st['sketch_dim'] else 'exact'}"
+        f"{', restricted to ' + ', '.join(st['layers']) if st['layers'] else ''}.",
+        "- Blocks of K1 ≈ √N samples (Mohammadi et al. 2015). α̂ = 2 is Gaussian; the verdict reads α̂ < 1.8 as heavy-tailed.",
+        f"- Gradient spectra: top {st['spectral_rank']} singular values of each matrix gradient, every {st['spectrum_every']} step(s).",
+        "- Local smoothness: ‖∇f(x + r u) − ∇f(x)‖ / r along u = −∇f/‖∇f‖ at each probe; the (L0, L1) fit is non-negative least squares.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plots(diag: Diagnostics, s: dict[str, Any], out: Path) -> dict[str, Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - matplotlib is a dev/experiments extra
+        raise ImportError(
+            "the diagnostics plots need matplotlib: pip install 'robustclip[experiments]', or "
+            "pass plots=False."
+        ) from e
+    paths: dict[str, Path] = {}
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        p = out / name
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths[name] = p
+
+    def empty(ax: Any, what: str) -> None:
+        ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes)
+
+    # per-sample norm histograms, one curve per epoch
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    hist = diag.per_sample_norm_history()
+    label = "epoch"
+    if not any(h.size for h in hist) and diag._probe_norms is not None:
+        hist, label = [diag._probe_norms], "probe"
+    pos_all = np.concatenate([h[h > 0] for h in hist]) if hist else np.zeros(0)
+    if pos_all.size:
+        lo, hi = pos_all.min(), pos_all.max()
+        # log-spaced bins once the norms span more than a decade (heavy tails), linear otherwise
+        wide = hi > 10 * lo
+        if hi <= lo:
+            edges = np.array([lo * 0.9, hi * 1.1])
+        else:
+            edges = np.geomspace(lo, hi, 41) if wide else np.linspace(lo, hi, 41)
+        cmap = plt.get_cmap("viridis")
+        for i, h in enumerate(hist):
+            if h.size:
+                ax.hist(h[h > 0], bins=edges, histtype="step", density=True, color=cmap(i / max(len(hist) - 1, 1)), label=f"{label} {i}")
+        if wide:
+            ax.set_xscale("log")
+        if s["suggested_max_norm"]:
+            ax.axvline(s["suggested_max_norm"], color="red", ls="--", label=f"suggested c = {s['suggested_max_norm']:.3g}")
+        ax.legend(fontsize=7)
+    else:
+        empty(ax, "per-sample norms")
+    ax.set_xlabel("per-sample gradient norm ‖g_i‖")
+    ax.set_ylabel("density")
+    ax.set_title("Per-sample gradient norms")
+    save(fig, "norm_histograms.png")
+
+    probes = s["probes"]
+    for key, name, title, ylabel in (
+        ("tail_index", "tail_index.png", "Tail index α̂ of the gradient noise", "α̂"),
+        ("rho", "rho.png", "Strong growth constant ρ̂", "ρ̂"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        pts = [(p["step"], p[key]) for p in probes if p[key] is not None and math.isfinite(p[key])]
+        if pts:
+            ax.plot([a for a, _ in pts], [b for _, b in pts], "o-")
+            if key == "tail_index":
+                ax.axhline(2.0, color="gray", ls=":", label="Gaussian (α = 2)")
+                ax.axhline(1.8, color="red", ls="--", label="heavy-tail line (1.8)")
+            elif s.get("batch_size"):
+                ax.axhline(s["batch_size"], color="red", ls="--", label=f"batch size {s['batch_size']}")
+            if key == "rho":
+                ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        else:
+            empty(ax, ylabel)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        save(fig, name)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    sig = diag.sigma_max_history()
+    if sig:
+        for layer, h in sig.items():
+            ax.plot([a for a, _ in h], [b for _, b in h], lw=1, label=layer)
+        if s["suggested_spectral_threshold"]:
+            ax.axhline(s["suggested_spectral_threshold"], color="red", ls="--", label=f"suggested τ = {s['suggested_spectral_threshold']:.3g}")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        empty(ax, "gradient spectra")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("σ_max of the layer gradient")
+    ax.set_title("Top singular value per layer")
+    save(fig, "sigma_max.png")
+
+    if s["epochs"]:
+        # two panels, as the PS-Clip paper shows them: mean per-sample norm, fraction clipped
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 5), sharex=True)
+        ep = s["epochs"]
+        xs = [e["epoch"] for e in ep]
+        ax1.plot(xs, [_nan(e["mean_norm"]) for e in ep], "o-")
+        ax1.set_ylabel("mean ‖g_i‖")
+        ax1.set_title("Per epoch: average per-sample gradient norm and fraction clipped")
+        ax2.plot(xs, [_nan(e["fraction_clipped"]) for e in ep], "s-", color="C1")
+        ax2.set_ylabel("fraction clipped at c")
+        ax2.set_xlabel("epoch")
+        ax2.xaxis.get_major_locator().set_params(integer=True)
+        save(fig, "per_epoch.png")
+
+    pts = [(p["grad_norm"], p["smoothness"]) for p in probes if p["smoothness"] is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        g = np.array([a for a, _ in pts])
+        ax.plot(g, [b for _, b in pts], "o", label="probes")
+        if s["l0"] is not None:
+            xs = np.linspace(0, g.max() * 1.05, 50)
+            ax.plot(xs, s["l0"] + s["l1"] * xs, "r--", label=f"L0 + L1‖∇f‖ (L0={s['l0']:.3g}, L1={s['l1']:.3g})")
+        ax.set_xlabel("‖∇f(x)‖ on the probe set")
+        ax.set_ylabel("local smoothness")
+        ax.set_title("(L0, L1)-smoothness along training")
+        ax.legend(fontsize=8)
+        save(fig, "smoothness.png")
+    return paths

@@ -1,0 +1,459 @@
+"""Spectral clipping against the full-SVD oracle (float64 ``torch.linalg.svd``)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robustclip as rc
+from robustclip import thresholds as th
+from robustclip._spectral import clip_singular_values, spectral_clip
+from robustclip._transform import StepContext
+from robustclip.models import MLP, CharGPT, SmallCNN, sequence_losses
+
+
+def oracle_clip(g: torch.Tensor, tau: float) -> torch.Tensor:
+    """U min(S, tau) V^T of the (shape[0], -1) matrix, in float64."""
+    m = g.double().reshape(g.shape[0], -1)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return ((u * s.clamp(max=tau)) @ vh).reshape(g.shape)
+
+
+def oracle_topr(g: torch.Tensor, tau: float, r: int) -> torch.Tensor:
+    """G + U_r diag(min(S_r, tau) - S_r) V_r^T with the exact top-r triplets, in float64."""
+    m = g.double().reshape(g.shape[0], -1)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    d = s[:r].clamp(max=tau) - s[:r]
+    return (m + (u[:, :r] * d) @ vh[:r]).reshape(g.shape)
+
+
+def f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def sigma1(g: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(g.double().reshape(g.shape[0], -1), ord=2))
+
+
+def with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=gen, dtype=torch.float64))
+    return ((u * s.double()) @ v.T).float()
+
+
+def apply(transform, grads, names=None, modules=None, state=None):
+    """Run a transform once on copies of ``grads`` outside a Clipper."""
+    grads = [g.clone() for g in grads]
+    params = [torch.zeros_like(g) for g in grads]
+    names = names or [f"p{i}" for i in range(len(grads))]
+    state = transform.init(params) if state is None else state
+    ctx = StepContext(params, names, modules=modules or [None] * len(grads))
+    out, state = transform.update(grads, state, ctx)
+    return out, state
+
+
+MODES = [pytest.param(None, id="exact"), pytest.param(4, id="randomized")]
+SHAPES = [(40, 30), (30, 40), (48, 48)]
+
+
+# -- the maths ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tau_above_sigma_max_is_a_no_op(shape, rank):
+    g = torch.randn(shape)
+    tau = sigma1(g) * 1.01
+    out, state = apply(spectral_clip(tau, rank=rank), [g])
+    assert torch.equal(out[0], g)  # bit for bit: the correction is exactly zero
+    assert float(state.clipped[0]) == 0.0
+    # a Gaussian matrix has a flat spectrum, the hard case of the range finder: its estimate
+    # is a lower bound, here within 1%
+    assert float(state.sigma_before[0]) == pytest.approx(sigma1(g), rel=1e-2 if rank else 1e-5)
+    assert float(state.sigma_before[0]) <= sigma1(g) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 20), (20, 1)])
+def test_tau_below_all_singular_values_gives_tau_u_vt(shape):
+    """The orthogonalized limit: every singular value becomes tau, the direction Muon uses."""
+    g = torch.randn(shape, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    tau = f32(0.5 * float(s.min()))  # thresholds hold their radius in float32
+    out, state = apply(spectral_clip(tau, rank=None), [g])
+    torch.testing.assert_close(out[0], tau * u @ vh, rtol=1e-10, atol=1e-12)
+    # and it is tau times a partial isometry: all singular values equal tau
+    torch.testing.assert_close(
+        torch.linalg.svdvals(out[0]), torch.full_like(s, tau), rtol=1e-10, atol=0
+    )
+    assert float(state.sigma_after[0]) == pytest.approx(tau)
+
+
+def test_orthogonalized_limit_in_randomized_mode_on_a_low_rank_matrix():
+    # rank 3 < r: the randomized mode sees the whole spectrum, so tau U V^T again
+    g = with_spectrum(60, 50, torch.tensor([5.0, 3.0, 2.0]))
+    out, _ = apply(spectral_clip(1.0, rank=4), [g])
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    torch.testing.assert_close(out[0].double(), 1.0 * u[:, :3] @ vh[:3], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_exact_mode_matches_oracle(shape):
+    g = torch.randn(shape)
+    tau = 0.6 * sigma1(g)
+    out, state = apply(spectral_clip(tau, rank=None), [g])
+    torch.testing.assert_close(out[0].double(), oracle_clip(g, tau), rtol=1e-4, atol=1e-5)
+    assert float(state.sigma_before[0]) == pytest.approx(sigma1(g), rel=1e-5)
+    assert float(state.sigma_after[0]) == pytest.approx(tau, rel=1e-6)
+    assert float(state.threshold[0]) == pytest.approx(tau, rel=1e-6)
+    assert float(state.clipped[0]) == 1.0
+
+
+@pytest.mark.parametrize("r", [3, 5])
+@pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
+def test_randomized_equals_exact_when_r_covers_the_rank(shape, r):
+    g = with_spectrum(*shape, torch.tensor([9.0, 4.0, 2.5][:3]))  # rank 3 <= r
+    tau = 3.0
+    out, state = apply(spectral_clip(tau, rank=r), [g])
+    torch.testing.assert_close(out[0].double(), oracle_clip(g, tau), rtol=0, atol=1e-5)
+    assert float(state.sigma_before[0]) == pytest.approx(9.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200)])
+def test_randomized_error_is_small_on_decaying_spectra(shape):
+    s = 10.0 * 0.7 ** torch.arange(min(shape), dtype=torch.float64)
+    g = with_spectrum(*shape, s, seed=1)
+    r, tau = 8, 0.3  # tau below sigma_8 = 0.82: all top r are clipped
+    out, state = apply(spectral_clip(tau, rank=r, niter=2), [g])
+    ref = oracle_topr(g, tau, r)
+    err = (out[0].double() - ref).norm() / ref.norm()
+    assert err < 1e-4
+    assert float(state.sigma_before[0]) == pytest.approx(10.0, rel=1e-5)
+    # top r clipped to tau; sigma_{r+1} = 10 * 0.7^8 ~ 0.58 is left and reported as sigma_after
+    sv = torch.linalg.svdvals(out[0].double())
+    assert float(sv[0]) == pytest.approx(float(s[r]), rel=1e-4)
+    assert float(state.sigma_after[0]) == pytest.approx(float(s[r]), rel=1e-3)
+
+
+def test_randomized_sigma1_on_a_flat_tail_spectrum():
+    # a realistic shape: a few strong directions over a broad noisy bulk
+    gen = torch.Generator().manual_seed(3)
+    bulk = torch.randn(300, 200, generator=gen, dtype=torch.float64) / 30
+    spikes = with_spectrum(300, 200, torch.tensor([6.0, 4.0, 3.0, 2.0]), seed=4).double()
+    g = (bulk + spikes).float()
+    _, state = apply(spectral_clip(1.0, rank=8, niter=2), [g])
+    assert float(state.sigma_before[0]) == pytest.approx(sigma1(g), rel=1e-3)
+
+
+def test_functional_form_and_default_sketch_width():
+    g = torch.randn(100, 70)
+    tau = 0.5 * sigma1(g)
+    out, before, after = clip_singular_values(g, tau)
+    torch.testing.assert_close(out.double(), oracle_clip(g, tau), rtol=1e-4, atol=1e-5)
+    assert float(after) == pytest.approx(tau, rel=1e-6)
+    # batch of matrices with their own tau
+    gb = torch.randn(3, 20, 10)
+    taus = torch.tensor([0.5, 1.0, 100.0])
+    out, before, _ = clip_singular_values(gb, taus)
+    for i in range(3):
+        torch.testing.assert_close(out[i].double(), oracle_clip(gb[i], float(taus[i])), rtol=1e-4, atol=1e-5)
+    assert spectral_clip(1.0, rank=8).q == 16  # q = r + p >= 16 by default
+    assert spectral_clip(1.0, rank=3).q == 16
+    assert spectral_clip(1.0, rank=20).q == 25  # the authors' p = 5
+    assert spectral_clip(1.0, rank=4, oversample=2).q == 6
+
+
+def test_conv_weight_is_clipped_as_out_by_in_k_k():
+    conv = nn.Conv2d(4, 6, 3)
+    g = torch.randn_like(conv.weight)  # (out=6, in=4, 3, 3)
+    # the matrix built by hand: row o, column (i, kh, kw) in row-major order
+    mat = torch.empty(6, 4 * 3 * 3, dtype=torch.float64)
+    for o, i, a, b in itertools.product(range(6), range(4), range(3), range(3)):
+        mat[o, i * 9 + a * 3 + b] = float(g[o, i, a, b])
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    tau = float(s[2])
+    clipped = (u * s.clamp(max=tau)) @ vh
+    expect = torch.empty_like(g, dtype=torch.float64)
+    for o, i, a, b in itertools.product(range(6), range(4), range(3), range(3)):
+        expect[o, i, a, b] = clipped[o, i * 9 + a * 3 + b]
+    for rank in (None, 2):  # the randomized mode falls back to exact on a 6-row matrix
+        out, state = apply(spectral_clip(tau, rank=rank), [g], ["conv.weight"], [conv])
+        torch.testing.assert_close(out[0].double(), expect, rtol=1e-5, atol=1e-6)
+        assert float(state.sigma_before[0]) == pytest.approx(float(s[0]), rel=1e-5)
+
+
+def test_same_shaped_layers_are_batched_and_each_keeps_its_own_threshold():
+    grads = [torch.randn(30, 20) * 3, torch.randn(20, 30), torch.randn(30, 20) * 0.1]
+    transform = spectral_clip(th.EMA(beta=0.5), rank=None)
+    params = [torch.zeros_like(g) for g in grads]
+    state = transform.init(params)
+    ctx = StepContext(params, ["a", "b", "c"], modules=[None] * 3)
+    # step 1: the EMA has seen nothing, so nothing is clipped
+    out, state = transform.update([g.clone() for g in grads], state, ctx)
+    for a, b in zip(out, grads):
+        assert torch.equal(a, b)
+    plan = next(iter(transform._plans.values()))
+    assert [g.indices for g in plan.groups] == [(0, 1, 2)]  # wide b is batched as its transpose
+    # step 2: each layer's radius is its own previous sigma_max
+    new = [g * 2 for g in grads]
+    out, state = transform.update([g.clone() for g in new], state, ctx)
+    for i, g in enumerate(new):
+        tau = sigma1(grads[i])
+        assert float(state.threshold[i]) == pytest.approx(tau, rel=1e-5)
+        torch.testing.assert_close(out[i].double(), oracle_clip(g, tau), rtol=1e-4, atol=1e-5)
+
+
+# -- guards ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_linalg_on_nonfinite(monkeypatch):
+    """Fail if an SVD or QR is ever handed a non-finite matrix."""
+    calls = []
+    for name in ("svd", "qr"):
+        real = getattr(torch.linalg, name)
+
+        def guarded(a, *args, _real=real, _name=name, **kw):
+            assert bool(torch.isfinite(a).all()), f"torch.linalg.{_name} got a non-finite matrix"
+            calls.append(_name)
+            return _real(a, *args, **kw)
+
+        monkeypatch.setattr(torch.linalg, name, guarded)
+    return calls
+
+
+@pytest.mark.parametrize("rank", MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_matrix_is_skipped_and_reported(no_linalg_on_nonfinite, rank, bad):
+    decay = 5.0 * 0.6 ** torch.arange(20.0)
+    good = with_spectrum(40, 30, decay, seed=1)
+    broken = with_spectrum(40, 30, decay, seed=2)
+    broken[7, 3] = bad
+    other = with_spectrum(50, 20, decay, seed=3)
+    transform = spectral_clip(th.EMA(beta=0.5), rank=rank)
+    grads = [good, broken, other]
+    out, state = apply(transform, grads)  # first step: EMA, nothing clipped yet
+    out, state = apply(transform, [g * 3 for g in grads], state=state)
+    assert no_linalg_on_nonfinite  # the decompositions did run, on finite input only
+    # the broken matrix is left exactly as it was, and flagged
+    torch.testing.assert_close(out[1], broken * 3, equal_nan=True, rtol=0, atol=0)
+    assert state.nonfinite.tolist() == [0.0, 1.0, 0.0]
+    # the others are clipped against their own history
+    for i in (0, 2):
+        tau = sigma1(grads[i])
+        ref = oracle_clip(grads[i] * 3, tau) if rank is None else oracle_topr(grads[i] * 3, tau, rank)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-4, atol=1e-4)
+    # no NaN leaks into the readings or the thresholds; the broken layer's EMA never moved
+    for key in ("sigma_before", "sigma_after", "threshold", "clipped", "clipped_fraction"):
+        assert bool(torch.isfinite(state._asdict()[key][[0, 2]] if state._asdict()[key].dim() else state._asdict()[key]).all())
+    assert int(state.thresholds[1].steps) == 0
+    assert all(bool(torch.isfinite(t).all()) for t in state.thresholds[0])
+
+
+@pytest.mark.parametrize("rank", MODES)
+def test_zero_matrices_are_safe(rank):
+    grads = [torch.zeros(40, 30), torch.zeros(30, 40), torch.zeros(5)]
+    transform = spectral_clip(th.EMA(), rank=rank, clip_vectors=1.0)
+    out, state = apply(transform, grads)
+    out, state = apply(transform, out, state=state)  # the EMA radius is now 0
+    for o in out:
+        assert torch.equal(o, torch.zeros_like(o))
+    for t in transform.readings(state).values():
+        assert bool(torch.isfinite(t).all())
+    assert state.sigma_before.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_bf16_and_float64_gradients():
+    g64 = torch.randn(30, 20, dtype=torch.float64)
+    tau = f32(0.5 * sigma1(g64))
+    out, _ = apply(spectral_clip(tau, rank=None), [g64])
+    assert out[0].dtype == torch.float64
+    torch.testing.assert_close(out[0], oracle_clip(g64, tau), rtol=1e-10, atol=1e-12)
+    gb = torch.randn(30, 20).bfloat16()
+    out, _ = apply(spectral_clip(tau, rank=None), [gb])
+    assert out[0].dtype == torch.bfloat16
+    torch.testing.assert_close(out[0].double(), oracle_clip(gb.float(), tau), rtol=2e-2, atol=2e-2)
+
+
+# -- selection ------------------------------------------------------------------------------------
+
+
+def selected_names(model, **kw):
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    owner = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owner.setdefault(id(p), mod)
+    flags = spectral_clip(1.0, **kw).selected(params, names, [owner[id(p)] for p in params])
+    return [n for n, f in zip(names, flags) if f]
+
+
+def test_default_selection_on_a_gpt_skips_embeddings_and_the_head():
+    model = CharGPT(vocab=20, block_size=8, d=16, layers=2, heads=2)
+    got = selected_names(model)
+    assert got == [
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "fc", "out")
+    ]
+    # a tied head is the embedding's weight: skipped as an embedding, and no Linear is
+    # mistaken for the head
+    tied = CharGPT(vocab=20, block_size=8, d=16, layers=2, heads=2, tied=True)
+    assert selected_names(tied) == got
+    # the head can be named, or kept
+    assert "head.weight" in selected_names(model, head=None)
+    assert selected_names(model, head="head") == got
+
+
+def test_default_selection_on_a_cnn_reshapes_convs_and_skips_the_classifier():
+    got = selected_names(SmallCNN(channels=(4, 8), hidden=16, num_classes=5, image_size=8))
+    assert got == ["features.0.weight", "features.3.weight", "fc1.weight"]
+
+
+def test_select_by_predicate_and_by_name():
+    model = MLP([4, 6, 3])
+    assert selected_names(model, select=["2.weight"]) == ["2.weight"]
+    assert selected_names(model, select=lambda n, p, m: n.startswith("0.") and p.dim() == 2) == ["0.weight"]
+    with pytest.raises(ValueError, match="unknown parameters"):
+        selected_names(model, select=["nope.weight"])
+    with pytest.raises(ValueError, match="clip_vectors"):
+        selected_names(model, select=["0.bias"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        selected_names(model, head="classifier")
+    with pytest.raises(TypeError, match="one string"):
+        spectral_clip(1.0, select="0.weight")
+
+
+@pytest.mark.parametrize(
+    "kw, err",
+    [
+        ({"rank": 0}, ValueError),
+        ({"rank": 2.5}, TypeError),
+        ({"niter": -1}, ValueError),
+        ({"oversample": -1}, ValueError),
+        ({"seed": "0"}, TypeError),
+        ({"head": [1]}, TypeError),
+    ],
+)
+def test_bad_arguments(kw, err):
+    with pytest.raises(err):
+        spectral_clip(1.0, **kw)
+    with pytest.raises(ValueError, match="tau"):
+        spectral_clip(0.0)
+
+
+def test_clip_vectors_norm_clips_1d_parameters():
+    model = MLP([4, 6, 3])
+    grads = [torch.randn_like(p) * 5 for p in model.parameters()]
+    mods = [model[0], model[0], model[2], model[2]]
+    names = [n for n, _ in model.named_parameters()]
+    out, state = apply(spectral_clip(1.0, rank=None, clip_vectors=0.5, head=None), grads, names, mods)
+    for i in (1, 3):  # biases: norm-clipped to 0.5
+        torch.testing.assert_close(out[i], grads[i] * min(1.0, 0.5 / float(grads[i].norm())))
+        assert float(state.sigma_before[i]) == pytest.approx(float(grads[i].norm()), rel=1e-6)
+    for i in (0, 2):
+        torch.testing.assert_close(out[i].double(), oracle_clip(grads[i], 1.0), rtol=1e-4, atol=1e-5)
+    # without clip_vectors they are untouched and read NaN (not applicable)
+    out, state = apply(spectral_clip(1.0, rank=None, head=None), grads, names, mods)
+    assert torch.equal(out[1], grads[1]) and bool(state.sigma_before[1].isnan())
+
+
+# -- in the Clipper ---------------------------------------------------------------------------------
+
+
+def test_composes_after_per_sample_clipping_in_the_clipper():
+    """chain(per_sample_clip(c), spectral_clip(tau)) = spectral clip of the PS-Clip mean."""
+    torch.manual_seed(0)
+    model = MLP([6, 8, 5, 3])
+    ref = MLP([6, 8, 5, 3])
+    ref.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    c, tau = 0.5, 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    clipper = rc.Clipper(
+        model, opt, rc.chain(rc.per_sample_clip(c, engine="vmap"), spectral_clip(tau, rank=None))
+    )
+    clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
+    info = clipper.step()
+    clipper.close()
+    # oracle: per-sample gradients from batches of one, clipped, averaged, then U min(S, tau) V^T
+    params = list(ref.parameters())
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for i in range(6):
+        gs = torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]), params)
+        n = float(torch.sqrt(sum(g.double().pow(2).sum() for g in gs)))
+        for a, g in zip(acc, gs):
+            a += min(1.0, c / n) * g.double()
+    mean = [a / 6 for a in acc]
+    expect = [oracle_clip(g, tau) if j in (0, 2) else g for j, g in enumerate(mean)]  # head: 4.weight
+    with torch.no_grad():
+        for p, q, g in zip(model.parameters(), params, expect):
+            torch.testing.assert_close(p.double(), q.double() - g, rtol=1e-5, atol=1e-6)
+    r = info.transforms["spectral_clip"]
+    flags = [float(sigma1(mean[j]) > tau) if j in (0, 2) else 0.0 for j in range(6)]
+    assert r["clipped"].tolist() == flags and sum(flags) >= 1
+
+
+def gpt_run(steps, method_factory, resume_at=None):
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = CharGPT(vocab=12, block_size=8, d=32, layers=1, heads=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, rc.Clipper(model, opt, method_factory())
+
+    model, opt, clipper = fresh(0)
+    gen = torch.Generator().manual_seed(5)
+    infos = []
+    for step in range(steps):
+        if step == resume_at:
+            buf = io.BytesIO()
+            torch.save({"m": model.state_dict(), "o": opt.state_dict(), "c": clipper.state_dict()}, buf)
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+            model, opt, clipper = fresh(99)
+            model.load_state_dict(saved["m"])
+            opt.load_state_dict(saved["o"])
+            clipper.load_state_dict(saved["c"])
+        idx = torch.randint(0, 12, (4, 9), generator=gen)
+        clipper.backward(sequence_losses(model(idx[:, :-1]), idx[:, 1:]))
+        infos.append(clipper.step())
+    return [p.detach().clone() for p in model.parameters()], infos
+
+
+RULES = {
+    "constant": lambda: th.Constant(0.05),
+    "ema": lambda: th.EMA(),
+    "window": lambda: th.WindowQuantile(q=0.5, window=3),
+    "autoclip": lambda: th.AutoClip(q=0.3),
+    "zclip": lambda: th.ZClip(z=0.5, warmup=2),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_state_dict_round_trip_resumes_identically_in_randomized_mode(rule):
+    # d = 32 matrices (96x32, 32x32, 128x32) are wider than q = 12: the randomized path, whose
+    # sketch generator state is part of the state_dict
+    def method():
+        return spectral_clip(RULES[rule](), rank=4, oversample=8, clip_vectors=RULES[rule]())
+
+    straight, infos = gpt_run(6, method)
+    resumed, _ = gpt_run(6, method, resume_at=3)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+    clipped = torch.stack([i.transforms["spectral_clip"]["clipped"] for i in infos])
+    assert float(clipped.nan_to_num().sum()) > 0  # the thresholds did clip
+
+
+def test_readings_in_step_info_and_state_dict_loads_weights_only():
+    _, infos = gpt_run(2, lambda: spectral_clip(th.EMA(), rank=4))
+    r = infos[-1].transforms["spectral_clip"]
+    assert set(r) == {"sigma_before", "sigma_after", "threshold", "clipped", "nonfinite", "clipped_fraction"}
+    sel = ~r["sigma_before"].isnan()
+    assert int(sel.sum()) == 4  # qkv, proj, fc, out of the single block
+    assert bool((r["sigma_after"][sel] <= r["sigma_before"][sel] * (1 + 1e-6)).all())
+    as_dict = infos[-1].as_dict()
+    assert isinstance(as_dict["transforms"]["spectral_clip"]["clipped_fraction"], float)
