@@ -82,5 +82,8 @@ def worker(rank: int, init_file: str, result_file: str) -> None:
             out[name] = train(make(), ddp, ddp, shards)
         if rank == 0:
             torch.save(out, result_file)
+        # Both ranks leave together: a rank that tears gloo down while its peer is still
+        # sending can abort the process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -498,7 +498,9 @@ def _tracker_setup(n=64, seed=0):
 
 def test_diagnostics_in_a_training_loop(tmp_path):
     model, x, y = _tracker_setup()
-    diag = rcd.Diagnostics(model, _ce, (x[:32], y[:32]), batch_size=16, max_norm=0.5, sketch_dim=20)
+    diag = rcd.Diagnostics(
+        model, _ce, (x[:32], y[:32]), batch_size=16, max_norm=0.5, sketch_dim=20, spectrum_every=1
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen_norms: list[list[torch.Tensor]] = [[], []]
     seen_sigma = []
@@ -533,6 +535,28 @@ def test_diagnostics_in_a_training_loop(tmp_path):
     paths = diag.save(tmp_path, plots=False)
     assert {"report.md", "diagnostics.json", "probes.csv", "epochs.csv", "metrics.jsonl"} <= set(paths)
     assert s["headline"] in (tmp_path / "report.md").read_text()
+
+
+def test_diagnostics_ignores_skipped_steps(caplog):
+    """A non-finite step is skipped by the clipper; its NaN readings must not reach the stats."""
+    model, x, y = _tracker_setup()
+    diag = rcd.Diagnostics(model, _ce, (x[:32], y[:32]), max_norm=0.5, spectrum_every=1, smoothness=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    norms = []
+    with rc.Clipper(model, opt, rc.per_sample_clip(None)) as clipper:
+        for s in range(0, 64, 16):
+            xb = x[s : s + 16].clone()
+            if s == 16:
+                xb[0, 0] = float("nan")
+            clipper.backward(_ce(model(xb), y[s : s + 16]))
+            info = clipper.step()
+            if not info.skipped:
+                norms.append(info.per_sample_norms.clone())
+            diag.observe(info)
+    rec = diag.end_epoch()
+    assert diag.skipped_steps == 1 and rec.steps == 3 and rec.samples == 48
+    assert rec.mean_norm == pytest.approx(float(torch.cat(norms).double().mean()))
+    assert all(np.isfinite(v) for _, v in diag.sigma_max_history()["0.weight"])
 
 
 def test_diagnostics_without_clipper_uses_probe_norms():

@@ -100,8 +100,13 @@ def test_batchnorm_error_and_conversion():
     rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.clip_by_global_norm(1.0)).backward(
         O.ce(model(x), y)
     )
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(-1.0, 1.0)
+    learned = (model[1].weight.clone(), model[1].bias.clone())
     model = rc.convert_batchnorm_to_groupnorm(model)
     assert isinstance(model[1], nn.GroupNorm) and model[1].num_channels == 6
+    assert torch.equal(model[1].weight, learned[0]) and torch.equal(model[1].bias, learned[1])
     assert model[1].num_groups == 2  # gcd(32, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     clipper = rc.Clipper(model, opt, rc.per_sample_clip(1.0, engine="vmap"))

@@ -131,7 +131,7 @@ def test_load_state_dict_rejects_a_different_method():
         other.load_state_dict(state)
 
 
-def test_step_info_reads_without_sync_until_asked():
+def test_step_info_holds_device_tensors_until_as_dict():
     model, x, y, loss_fn = O.make_case("mlp")
     clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(0.1, engine="vmap"))
     clipper.backward(loss_fn(model(x), y))

@@ -109,6 +109,8 @@ def test_micro_batch_clipping_and_accumulation(name, dtype):
     assert O.max_rel_err(got, ref) <= TOL[dtype]
     assert info.micro_batch_norms.shape == (4,)
     assert info.num_samples == 4
+    mean_loss = float(loss_fn(model(x), y).detach().mean())
+    assert float(info.loss) == pytest.approx(mean_loss, rel=1e-6)  # equal micro-batches
 
     # clip after accumulation: the mean over all micro-batches, then one clip
     got, _ = run_clipper(rc.chain(rc.mean(), rc.clip_by_global_norm(c)), model, opt, list(zip(xs, ys)), loss_fn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -22,7 +23,7 @@ def check_no_training_batchnorm(model: nn.Module, method: str) -> None:
             "each sample with statistics of the whole batch, so a sample's loss depends on every "
             "other sample and its 'own' gradient is undefined. Convert the layers with "
             "model = robustclip.convert_batchnorm_to_groupnorm(model), which keeps the same "
-            "channels and affine parameters, or put BatchNorm in eval mode (frozen statistics)."
+            "channels and learned per-channel scale and shift, or put BatchNorm in eval mode (frozen statistics)."
         )
 
 
@@ -30,7 +31,8 @@ def convert_batchnorm_to_groupnorm(model: nn.Module, num_groups: int = 32) -> nn
     """Replace every BatchNorm{1,2,3}d in ``model`` by a GroupNorm over the same channels.
 
     Each GroupNorm uses ``gcd(num_groups, C)`` groups, so it always divides the ``C`` channels,
-    and keeps the BatchNorm's affine setting. Returns the model (changed in place; a BatchNorm
+    and keeps the BatchNorm's affine parameters (scale and shift per channel). The running
+    statistics have no GroupNorm counterpart and are dropped. Returns the model (changed in place; a BatchNorm
     given as the model itself is returned as its replacement). GroupNorm normalizes within a
     sample, so per-sample gradients are well defined.
     """
@@ -49,4 +51,10 @@ def _to_groupnorm(bn: _BatchNorm, num_groups: int) -> nn.GroupNorm:
     gn = nn.GroupNorm(math.gcd(num_groups, c), c, eps=bn.eps, affine=bn.affine)
     if bn.affine:
         gn = gn.to(device=bn.weight.device, dtype=bn.weight.dtype)
+        # keep what a pretrained BatchNorm learned: same per-channel scale and shift
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight)
+            gn.bias.copy_(bn.bias)
+        gn.weight.requires_grad_(bn.weight.requires_grad)
+        gn.bias.requires_grad_(bn.bias.requires_grad)
     return gn

@@ -189,8 +189,9 @@ class Clipper:
         out = [p.grad for p in self.params]
         contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)  # type: ignore[arg-type]
         self._count += contrib.count
-        # the mean loss is reported per unit of count: a scalar loss is one unit
-        self._loss_sum += losses.detach().double().sum() if losses.dim() else losses.detach().double() * contrib.count
+        # the loss is weighted by the count, so the step's loss is the mean over its samples
+        # (micro-batch clipping counts a micro-batch as one unit, weighted by its mean loss)
+        self._loss_sum += losses.detach().double().mean() * contrib.count
         if contrib.clipped is not None:
             self._clipped_sum += contrib.clipped.double().sum()
         if contrib.per_sample_norms is not None:
@@ -216,16 +217,21 @@ class Clipper:
         if self._count == 0:
             raise RuntimeError("step() was called before any backward(losses) in this step.")
         grads = [p.grad for p in self.params]
-        count = torch.tensor(float(self._count), dtype=torch.float64, device=self.device)
+        count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
         clipped_sum = self._clipped_sum
         loss_sum = self._loss_sum
         if self._group is not None:
-            scalars = torch.stack([count, loss_sum, clipped_sum]).to(grads[0].dtype)
+            # the scalars travel in float64: a count or loss sum in the gradients' dtype
+            # (fp16, bf16) would round or overflow
+            scalars = torch.stack([count, loss_sum, clipped_sum])
             _distributed.all_reduce_sum(grads, scalars, self._group)  # type: ignore[arg-type]
-            count, loss_sum, clipped_sum = (s.double() for s in scalars)
-        torch._foreach_div_(grads, count.to(grads[0].dtype))  # type: ignore[arg-type]
+            count, loss_sum, clipped_sum = scalars.unbind()
+            torch._foreach_div_(grads, count)  # type: ignore[arg-type]
+        else:
+            torch._foreach_div_(grads, float(self._count))  # type: ignore[arg-type]
         loss = loss_sum / count
         grad_norm = global_norm(grads)  # type: ignore[arg-type]
+        # under DDP the global count is read on the host (one more sync, DDP only)
         num = int(round(float(count))) if self._group is not None else self._count
         info = StepInfo(
             step=self.steps,

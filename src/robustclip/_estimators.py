@@ -31,6 +31,7 @@ from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import Chain, GradientTransform, global_norm
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
+from robustclip.per_sample._engine import auto_engine
 from robustclip.thresholds import Threshold, as_threshold
 
 
@@ -193,7 +194,7 @@ class PerSample(Estimator):
     def make_engine(self, model: torch.nn.Module, layout: ParamLayout) -> PerSampleEngine:
         name = self.engine
         if name == "auto":
-            name = "hooks" if "hooks" in ENGINES else "vmap"
+            name = auto_engine(ENGINES)
         cls = ENGINES[name]
         if name == "loop":
             return cls(model, layout)

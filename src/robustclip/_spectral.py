@@ -18,7 +18,8 @@ steps along. A row vector's only singular value is its norm, so norm clipping is
 clipping of a ``1 x n`` matrix; 1-D parameters can be norm-clipped the same way.
 
 Both modes write the result as ``G + correction``, so a layer that is not clipped is left
-bit-for-bit unchanged, and no decision is taken on the host: the step never syncs.
+bit-for-bit unchanged, and no decision is taken on the host. (On CUDA, torch.linalg's SVD and
+QR synchronize with the device by themselves; nothing else in the step does.)
 """
 
 from __future__ import annotations

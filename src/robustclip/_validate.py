@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-import torch
 from torch import Tensor
 
 
@@ -99,6 +98,3 @@ def check_losses(losses: object, *, per_sample: bool, method: str) -> Tensor:
         )
     return losses
 
-
-def as_float_tensor(value: float, like: Tensor) -> Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=like.device)

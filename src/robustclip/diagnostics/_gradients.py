@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from robustclip.per_sample import ENGINES, ParamLayout
-from robustclip.per_sample._engine import unwrap_model
+from robustclip.per_sample._engine import auto_engine, unwrap_model
 
 __all__ = [
     "ProbeGradients",
@@ -151,7 +151,7 @@ def probe_gradients(
     """
     _check_probe(model, loss_fn, inputs, targets)
     if engine == "auto":
-        engine = "hooks" if "hooks" in ENGINES else "vmap"
+        engine = auto_engine(ENGINES)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {['auto', *sorted(ENGINES)]}.")
     base = unwrap_model(model)

@@ -45,8 +45,9 @@ def top_singular_values(
 ) -> tuple[Tensor, Tensor, bool]:
     """``(top-r singular values, ||m||_F^2, exact)`` of a 2-D tensor, all on its device.
 
-    No host read happens here, so a training loop can call it every step and read the values
-    later (the tracker does so at the end of an epoch).
+    Nothing is read back to the host here; on CUDA, though, torch.linalg's SVD synchronizes
+    with the device by itself, so a training loop should call it every few steps, not every one
+    (the tracker reads the values at the end of an epoch).
     """
     m = m.detach()
     m = m.to(torch.promote_types(m.dtype, torch.float32))

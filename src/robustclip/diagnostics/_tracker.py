@@ -1,9 +1,10 @@
 """Diagnostics from a user's own training loop: a small object fed once per step.
 
-``observe()`` runs every step and never reads the device: it keeps the per-sample norms of the
+``observe()`` runs every step and reads nothing back to the host: it keeps the per-sample norms of the
 step (from a clipper's :class:`~robustclip.StepInfo`) and, every ``spectrum_every`` steps, the
 top singular values of each layer's gradient, as device tensors. ``end_epoch()`` moves them to
-the host once per epoch. ``probe()`` is the expensive part (a few passes over a probe set: tail
+the host once per epoch. (On CUDA the SVD behind the spectra synchronizes by itself, which is
+why spectra are read only every ``spectrum_every`` steps.) ``probe()`` is the expensive part (a few passes over a probe set: tail
 index, strong growth, local smoothness); call it a few times per run, between steps.
 """
 
@@ -117,7 +118,7 @@ class Diagnostics:
         clip_quantile: float = 0.9,
         spectral_quantile: float = 0.85,
         spectral_rank: int = 4,
-        spectrum_every: int = 1,
+        spectrum_every: int = 10,
         sketch_dim: int | None = 512,
         layers: Sequence[str] | None = None,
         engine: str = "auto",
@@ -173,6 +174,7 @@ class Diagnostics:
         self._pending_steps: list[tuple[int, int, Tensor | None]] = []
         self._pending_spectra: list[tuple[int, str, Tensor, Tensor]] = []
         self._open_steps = 0
+        self.skipped_steps = 0
 
     # -- every step (no host reads) ---------------------------------------------------------------
     def observe(
@@ -194,6 +196,11 @@ class Diagnostics:
                 ``spectrum_every`` steps). ``p.grad`` must hold the step's gradient: call
                 ``observe`` after ``backward``/``step`` and before the next ``zero_grad``.
         """
+        if info is not None and getattr(info, "skipped", False):
+            # a skipped (non-finite) step updated nothing: its NaN readings and zeroed p.grad
+            # say nothing about the problem's gradients
+            self.skipped_steps += 1
+            return
         if info is not None:
             if per_sample_norms is None:
                 per_sample_norms = getattr(info, "per_sample_norms", None)

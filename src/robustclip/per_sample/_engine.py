@@ -20,7 +20,7 @@ every per-sample rule does; this is what lets engines process the batch in chunk
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,15 @@ class ParamLayout:
     modules: list[nn.Module | None]
     group_of: list[int]  # group index of each parameter
     group_names: list[str]
+
+    def group_index(self, device: torch.device) -> Tensor:
+        """``group_of`` as a tensor on ``device``, made once: building a device tensor from
+        host data every step would wait for the device."""
+        key = str(device)
+        cache = self.__dict__.setdefault("_group_index", {})
+        if key not in cache:
+            cache[key] = torch.tensor(self.group_of, device=device)
+        return cache[key]
 
     @property
     def num_groups(self) -> int:
@@ -112,9 +121,14 @@ class PerSampleEngine:
         chunk = per_param_sq[0].shape[0]
         dtype = acc_dtype(per_param_sq[0].dtype)
         out = per_param_sq[0].new_zeros((lay.num_groups, chunk), dtype=dtype)
-        idx = torch.tensor(lay.group_of, device=out.device)
+        idx = lay.group_index(out.device)
         out.index_add_(0, idx, torch.stack([s.to(dtype) for s in per_param_sq]))
         return out
+
+
+def auto_engine(engines: Mapping[str, type]) -> str:
+    """The engine ``"auto"`` means: the hook engine where it is registered, else vmap."""
+    return "hooks" if "hooks" in engines else "vmap"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
