@@ -2,6 +2,8 @@
 
 * :class:`MLP`: fully connected, ReLU.
 * :class:`SmallCNN`: conv-pool blocks then fully connected layers (3x32x32 inputs by default).
+* :class:`AlexNet`, :class:`ResNet18`: CIFAR-size (32x32) versions; ResNet-18 with BatchNorm or
+  GroupNorm (for per-sample methods).
 * :class:`CharGPT`: a nanoGPT-style causal transformer over characters (Embedding, LayerNorm,
   Linear on 3-D inputs), with an optionally tied output head.
 """
@@ -155,3 +157,106 @@ def sequence_losses(logits: Tensor, targets: Tensor) -> Tensor:
     b = logits.shape[0]
     tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return tok.view(b, -1).mean(1)
+
+
+# -- CIFAR models (32x32 inputs) -----------------------------------------------------------------
+
+
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    """BatchNorm (``"batch"``), GroupNorm with up to 32 groups (``"group"``) or none."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'batch', 'group' or 'none', got {kind!r}.")
+
+
+class AlexNet(nn.Module):
+    """AlexNet (torchvision's layer widths) adapted to 32x32 inputs.
+
+    The five conv layers keep torchvision's channels (64, 192, 384, 256, 256); the first uses a
+    3x3 kernel with stride 1 and the three max-pools halve the side 32 -> 16 -> 8 -> 4, so the
+    classifier sees ``256 x 4 x 4`` features (torchvision's 11x11/stride-4 stem and adaptive
+    pool assume 224x224 images). The PS-Clip-SGD paper trains this architecture on CIFAR-100
+    (Nobile & Grohs, arXiv:2605.02701, Fig. 3).
+
+    Args:
+        num_classes: outputs.
+        dropout: dropout before the hidden fully connected layers (torchvision: 0.5). The
+            default is 0: dropout draws a new mask for every forward pass, which the vmap
+            per-sample engine refuses (it recomputes samples one at a time).
+        hidden: width of the two hidden fully connected layers (torchvision: 4096).
+    """
+
+    def __init__(self, num_classes: int = 100, dropout: float = 0.0, hidden: int = 4096) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, stride=1, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 192, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        layers: list[nn.Module] = []
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(256 * 4 * 4, hidden), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with a shortcut (a 1x1 convolution when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.n1 = _norm2d(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.n2 = _norm2d(norm, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm2d(norm, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.n1(self.conv1(x)))
+        out = self.n2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs (He et al., arXiv:1512.03385; the usual CIFAR variant).
+
+    A 3x3 stem without max-pool, then four stages of two basic blocks (64, 128, 256, 512
+    channels; stride 2 from the second stage), global average pooling and a linear head.
+
+    Args:
+        num_classes: outputs.
+        norm: ``"batch"`` (the original), ``"group"`` (GroupNorm: normalises within a sample, so
+            per-sample gradients are defined, as per-sample clipping needs) or ``"none"``.
+        width: channels of the first stage (64 in the original; smaller for quick runs).
+    """
+
+    def __init__(self, num_classes: int = 10, norm: str = "batch", width: int = 64) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), _norm2d(norm, width), nn.ReLU())
+        blocks: list[nn.Module] = []
+        c = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            out = width * mult
+            for j in range(2):
+                blocks.append(BasicBlock(c, out, 2 if (i > 0 and j == 0) else 1, norm))
+                c = out
+        self.layers = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.stem(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))

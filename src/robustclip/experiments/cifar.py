@@ -1,0 +1,262 @@
+"""CIFAR experiments: cifar100-alexnet, cifar10-resnet18 and cifar10-spectral.
+
+* ``cifar100-alexnet`` -- Nobile & Grohs, "Robust and Fast Training via Per-Sample Clipping"
+  (arXiv:2605.02701), Fig. 3: AlexNet on CIFAR-100 with momentum, SGD vs Clip-SGD vs
+  PS-Clip-SGD; training and validation accuracy, and per epoch the average per-sample gradient
+  norm and the share of clipped samples.
+* ``cifar10-resnet18`` -- Lobanov & Koloskova (arXiv:2605.14800): ResNet-18 on CIFAR-10 with
+  SGD, ClipSGD and NSGD.
+* ``cifar10-spectral`` -- Yukhimchuk et al. (arXiv:2605.11838): ResNet-18 on CIFAR-10, SGD with
+  momentum vs norm clipping vs spectral clipping (``tau = 1``, rank 10), large batches.
+
+The data are the standard python-format CIFAR files, read from ``data_dir`` (the
+``cifar-10-batches-py``/``cifar-100-python`` folders or their ``.tar.gz`` archives); nothing is
+downloaded. ResNet-18 uses GroupNorm by default so that per-sample gradients are defined (set
+``norm=batch`` for the original with methods that do not need them). Training runs on the GPU
+when there is one, loads batches with ``workers`` processes, and uses bfloat16 autocast with
+``amp=true``. Augmentation (4-pixel padded random crop, horizontal flip) is drawn from a
+generator seeded by (seed, epoch, sample), so any number of workers and a resumed run give the
+same images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from robustclip.data import Split, find_cifar, load_cifar, normalize_images
+from robustclip.experiments._methods import MethodParams, build_method, check_methods
+from robustclip.experiments._plot import Panel, curves, save_panels
+from robustclip.experiments._problem import Problem
+from robustclip.experiments._run import RunContext, RunData, resolve_device
+from robustclip.experiments._train import ArmSpec, epoch_permutation, fit
+from robustclip.models import AlexNet, ResNet18, SmallCNN
+
+DESCRIPTIONS = {
+    "cifar100-alexnet": "PS-Clip paper Fig. 3: AlexNet on CIFAR-100, SGDM vs Clip-SGD vs PS-Clip-SGD (needs the data)",
+    "cifar10-resnet18": "over-parameterization paper: ResNet-18 (GroupNorm) on CIFAR-10, SGD vs Clip-SGD vs NSGD (needs the data)",
+    "cifar10-spectral": "spectral paper: ResNet-18 on CIFAR-10, SGDM vs Clip-SGD vs Spectral (needs the data)",
+}
+DESCRIPTION = "CIFAR experiments (see DESCRIPTIONS)"
+
+
+@dataclass
+class Config:
+    variant: str = "cifar100-alexnet"  # which of the three experiments (set by the name)
+    data_dir: str = "data"  # holds cifar-10-batches-py / cifar-100-python or their .tar.gz
+    model: str = "alexnet"  # "alexnet", "resnet18" or "smallcnn"
+    norm: str = "group"  # ResNet-18's normalisation: "group" (per-sample safe) or "batch"
+    width: int = 64  # ResNet-18's first-stage channels
+    alexnet_hidden: int = 4096  # AlexNet's fully connected width
+    methods: tuple[str, ...] = ("SGDM", "Clip-SGD", "PS-Clip-SGD")
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 0.01
+    nsgd_lr: float = 0.0  # NSGD's step size (0: lr * clip, a clipped step's length)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    cosine: bool = True  # cosine decay of the step size to 0
+    clip: float = 1.0  # radius c of Clip-SGD and PS-Clip-SGD
+    tau: float = 1.0  # spectral clipping's threshold
+    rank: int = 10  # spectral clipping's rank (0: exact SVD)
+    augment: bool = True
+    workers: int = 2  # DataLoader worker processes (0: load in the main process)
+    amp: bool = False  # bfloat16 autocast
+    limit_train: int = 0  # use only the first N training images (0: all)
+    limit_test: int = 0  # use only the first N test images (0: all)
+    log_every: int = 50  # steps between step records
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        check_methods(self.methods)
+        if self.variant not in DESCRIPTIONS:
+            raise ValueError(f"variant must be one of {list(DESCRIPTIONS)}, got {self.variant!r}.")
+        if self.model not in ("alexnet", "resnet18", "smallcnn"):
+            raise ValueError(f"model must be 'alexnet', 'resnet18' or 'smallcnn', got {self.model!r}.")
+        if self.norm not in ("group", "batch"):
+            raise ValueError(f"norm must be 'group' or 'batch', got {self.norm!r}.")
+        for k in ("width", "alexnet_hidden", "epochs", "batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}.")
+        for k in ("workers", "limit_train", "limit_test", "log_every", "rank"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}.")
+
+
+def default_config(name: str) -> Config:
+    """The defaults of each CIFAR experiment."""
+    if name == "cifar100-alexnet":
+        return Config(variant=name)
+    if name == "cifar10-resnet18":
+        return Config(
+            variant=name, model="resnet18", methods=("SGD", "Clip-SGD", "NSGD"), epochs=50,
+            lr=0.1, momentum=0.0, clip=5.0,
+        )
+    if name == "cifar10-spectral":
+        return Config(
+            variant=name, model="resnet18", methods=("SGDM", "Clip-SGD", "Spectral"), epochs=30,
+            batch_size=512, lr=0.1, clip=1.0, tau=1.0, rank=10,
+        )
+    raise ValueError(f"unknown CIFAR experiment {name!r}; choose from {list(DESCRIPTIONS)}.")
+
+
+def _dataset_name(cfg: Config) -> str:
+    return "cifar100" if cfg.variant.startswith("cifar100") else "cifar10"
+
+
+def preflight(cfg: Config) -> None:
+    """Fail early, with where to put the files, if the data are missing."""
+    find_cifar(_dataset_name(cfg), cfg.data_dir)
+
+
+def load(cfg: Config) -> Split:
+    split = load_cifar(_dataset_name(cfg), cfg.data_dir)
+    if cfg.limit_train:
+        split.x_train, split.y_train = split.x_train[: cfg.limit_train], split.y_train[: cfg.limit_train]
+    if cfg.limit_test:
+        split.x_test, split.y_test = split.x_test[: cfg.limit_test], split.y_test[: cfg.limit_test]
+    return split
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    if cfg.model == "alexnet":
+        return AlexNet(num_classes, hidden=cfg.alexnet_hidden)
+    if cfg.model == "resnet18":
+        return ResNet18(num_classes, norm=cfg.norm, width=cfg.width)
+    return SmallCNN(num_classes=num_classes, norm="group")
+
+
+def _loss(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+class AugmentedCIFAR(Dataset):
+    """uint8 images -> normalised float tensors, with per-(seed, epoch, index) augmentation."""
+
+    def __init__(self, x: Tensor, y: Tensor, augment: bool, seed: int) -> None:
+        self.x, self.y, self.augment, self.seed = x, y, augment, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        img = self.x[i]
+        if self.augment:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+            dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
+            flip = bool(torch.randint(0, 2, (), generator=g))
+            img = F.pad(img, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
+            if flip:
+                img = img.flip(2)
+        return img, self.y[i]
+
+
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, order: Tensor, batch_size: int, start: int) -> None:
+        self.order, self.batch_size, self.start = order, batch_size, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start, len(self)):
+            yield self.order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return self.order.numel() // self.batch_size
+
+
+class LoaderBatches:
+    """Mini-batches through a DataLoader; epoch ``e`` is the same whatever the workers."""
+
+    def __init__(self, ds: AugmentedCIFAR, batch_size: int, workers: int, device: torch.device) -> None:
+        if batch_size > len(ds):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(ds)} training images.")
+        self.ds, self.batch_size, self.workers, self.device = ds, batch_size, workers, device
+        self.steps_per_epoch = len(ds) // batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        self.ds.epoch = epoch  # workers start per epoch and copy the dataset with this value
+        order = epoch_permutation(len(self.ds), self.ds.seed, epoch)
+        loader = DataLoader(
+            self.ds, batch_sampler=_Batches(order, self.batch_size, start), num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for x, y in loader:
+            yield normalize_images(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+
+
+def problem(cfg: Config) -> Problem:
+    split = load(cfg)
+    torch.manual_seed(cfg.seed)
+    return Problem(
+        cfg.variant, build_model(cfg, split.num_classes),
+        (normalize_images(split.x_train), split.y_train), (normalize_images(split.x_test), split.y_test),
+        _loss, cfg.batch_size, cfg.lr,
+    )
+
+
+def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
+    if cfg.variant != ctx.experiment:
+        raise ValueError(f"variant={cfg.variant!r} does not match the experiment {ctx.experiment!r}; leave variant unset.")
+    device = resolve_device(cfg.device)
+    split = load(cfg)
+    ctx.note(f"{_dataset_name(cfg)}: {len(split.x_train)} training, {len(split.x_test)} test images; device {device}")
+    ds = AugmentedCIFAR(split.x_train, split.y_train, cfg.augment, cfg.seed)
+    test = (normalize_images(split.x_test), split.y_test)
+    for method in ctx.iterate(list(cfg.methods), "methods"):
+        lr = (cfg.nsgd_lr or cfg.lr * cfg.clip) if method == "NSGD" else cfg.lr
+        fit(ctx, ArmSpec(
+            arm_id=method,
+            method_label=method,
+            build_model=lambda: build_model(cfg, split.num_classes),
+            method=build_method(method, MethodParams(clip=cfg.clip, tau=cfg.tau, rank=cfg.rank)),
+            lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
+            seed=cfg.seed, loss_fn=_loss,
+            batches=LoaderBatches(ds, cfg.batch_size, cfg.workers, device),
+            test=test,
+            device=device, amp=cfg.amp, cosine=cfg.cosine, log_every=cfg.log_every, eval_batch=500,
+            extra={"lr": lr},
+        ))
+    return summarize(ctx.records, cfg.methods)
+
+
+def summarize(records: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for m in methods:
+        rs = [r for r in records if r.get("method") == m and r.get("kind") == "epoch"]
+        if rs:
+            out[m] = {
+                "final_test_acc": rs[-1]["test_acc"],
+                "best_test_acc": max(r["test_acc"] for r in rs),
+                "final_batch_loss": rs[-1]["batch_loss"],
+                "time_s": rs[-1]["time"],
+                "epochs": rs[-1]["epoch"],
+            }
+    return {"methods": out}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'method':<14}{'final test acc':>15}{'best test acc':>15}{'time':>10}"]
+    for m, s in summary["methods"].items():
+        lines.append(f"{m:<14}{s['final_test_acc']:>15.4f}{s['best_test_acc']:>15.4f}{s['time_s']:>9.1f}s")
+    return "\n".join(lines)
+
+
+def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
+    name = runs[0].experiment.replace("-", "_")
+    panels = [
+        Panel("test accuracy", "epoch", "accuracy", curves(runs, "test_acc")),
+        Panel("training accuracy (mini-batches)", "epoch", "accuracy", curves(runs, "batch_acc")),
+        Panel("training loss (mini-batches)", "epoch", "loss", curves(runs, "batch_loss"), logy=True),
+        Panel("mean per-sample gradient norm", "epoch", "norm", curves(runs, "ps_norm_mean"), logy=True),
+        Panel("fraction clipped", "epoch", "fraction", curves(runs, "clipped_fraction")),
+        Panel("test accuracy vs time", "training time (s)", "accuracy", curves(runs, "test_acc", x="time", by="epoch")),
+    ]
+    return [save_panels(out_dir / f"{name}.png", panels, runs[0].experiment)]

@@ -1,0 +1,103 @@
+"""The robustclip command: demo, run, list, plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from robustclip.cli import main
+from robustclip.experiments import list_experiments
+from robustclip.experiments._methods import available_methods
+from robustclip.experiments._plot import curves
+from robustclip.experiments._run import load_run
+from robustclip.experiments.demo import DEMO_METHODS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_table_has_every_method(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--size", "tiny", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    methods = [m for m in DEMO_METHODS if m in available_methods()]
+    assert {"SGDM", "Clip-SGD", "NSGD", "PS-Clip-SGD"} <= set(methods)
+    table = [ln for ln in text.splitlines() if ln.startswith(("synthetic", "digits"))]
+    rows = {(ln.split()[0], ln.split()[1]) for ln in table}
+    assert rows == {(p, m) for p in ("synthetic", "digits") for m in methods}
+    for col in ("train loss", "test acc", "wall time", "time/step vs SGD"):
+        assert col in text
+    assert str(out) in text  # says where the run directory is
+    with (out / "results.csv").open() as fh:
+        res = list(csv.DictReader(fh))
+    assert len(res) == 2 * len(methods)
+    sgdm = [r for r in res if r["method"] == "SGDM"]
+    assert all(float(r["time_per_step_vs_sgd"]) == 1.0 for r in sgdm)
+    for r in res:
+        assert 0.0 <= float(r["test_acc"]) <= 1.0
+    assert (out / "demo_synthetic.png").is_file() and (out / "demo_digits.png").is_file()
+    assert (out / "metrics.csv").is_file() and (out / "metrics.jsonl").is_file()
+    # the table's test accuracy is the final epoch's, from the metrics
+    last = {}
+    for r in load_run(out).records:
+        if r.get("kind") == "epoch":
+            last[(r["problem"], r["method"])] = r["test_acc"]
+    for r in res:
+        assert float(r["test_acc"]) == pytest.approx(last[(r["problem"], r["method"])])
+
+
+def test_demo_rejects_unknown_method(tmp_path, capsys):
+    assert main(["demo", "--size", "tiny", "--out", str(tmp_path / "d"), "--set", "methods=SGDM,Adam"]) == 2
+    assert "unknown method 'Adam'" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    for name in list_experiments():
+        assert name in text
+    for m in ("SGDM", "Clip-SGD", "NSGD", "PS-Clip-SGD", "Micro-Clip"):
+        assert m in text
+    assert main(["list", "label-noise"]) == 0
+    assert "label_noise: float = 0.2" in capsys.readouterr().out
+
+
+def test_run_and_plot_overlay(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["run", "label-noise", "--no-progress", "--threads", "1", "--set", "epochs=2", "--set", "seeds=1",
+            "--set", "hidden=16", "--set", "methods=SGDM,Clip-SGD"]
+    assert main([*base, "--out", str(a)]) == 0
+    assert main([*base, "--out", str(b), "--set", "lr=0.2"]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    written = capsys.readouterr().out.split()
+    assert written and all(p.endswith(".png") for p in written)
+    assert (tmp_path / "cmp" / "label_noise.png").is_file()
+    # the overlay has one curve per (run, method), labelled by run
+    series = curves([load_run(a), load_run(b)], "test_acc")
+    assert sorted(s.label for s in series) == ["a: Clip-SGD", "a: SGDM", "b: Clip-SGD", "b: SGDM"]
+    assert json.loads((b / "config.json").read_text())["lr"] == 0.2
+
+
+def test_run_errors(tmp_path, capsys):
+    assert main(["run", "label-noise", "--set", "foo=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'foo'" in err and "epochs: int" in err
+    assert main(["run", "nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    assert main(["run", "label-noise", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "not a robustclip run directory" in capsys.readouterr().err
+    assert main(["run", "cifar10-resnet18", "--set", f"data_dir={tmp_path}", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()  # no run directory for a run that cannot start
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "downloads nothing" in err
