@@ -52,6 +52,26 @@ def test_demo_table_has_every_method(tmp_path, capsys):
             last[(r["problem"], r["method"])] = r["test_acc"]
     for r in res:
         assert float(r["test_acc"]) == pytest.approx(last[(r["problem"], r["method"])])
+    # the demo has no --resume: an existing directory is refused with advice that works
+    capsys.readouterr()
+    assert main(["demo", "--size", "tiny", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "another --out" in err and "--resume" not in err
+
+
+def test_demo_learning_rates_come_from_tuning_seeds(tmp_path):
+    from robustclip.experiments.demo import Config, tune
+
+    cfg = Config(methods=("SGDM", "PS-Clip-SGD"), problems=("synthetic",), scale=0.2, seeds=2)
+    with pytest.raises(ValueError, match="overlap the reported seeds"):
+        tune(tmp_path / "bad", cfg, seeds=(1, 100))
+    best = tune(tmp_path / "t", cfg, seeds=(100,), grid=(0.001, 0.1))
+    # the pick is the grid value with the best final accuracy on the held-out training part
+    final = {}
+    for r in load_run(tmp_path / "t").records:
+        final[(r["method"], r["lr"])] = r["test_acc"]  # the last epoch wins
+    for m in cfg.methods:
+        assert best["synthetic"][m] == max((0.001, 0.1), key=lambda lr: (final[(m, lr)], -lr))
 
 
 def test_demo_rejects_unknown_method(tmp_path, capsys):
@@ -85,6 +105,20 @@ def test_run_and_plot_overlay(tmp_path, capsys):
     series = curves([load_run(a), load_run(b)], "test_acc")
     assert sorted(s.label for s in series) == ["a: Clip-SGD", "a: SGDM", "b: Clip-SGD", "b: SGDM"]
     assert json.loads((b / "config.json").read_text())["lr"] == 0.2
+
+
+def test_curves_show_a_diverged_seed():
+    from pathlib import Path
+
+    from robustclip.experiments._run import RunData
+
+    recs = [{"kind": "epoch", "method": "M", "seed": s, "epoch": e, "loss": v}
+            for s, vals in ((0, [1.0, 0.5, 0.25]), (1, [1.0, float("inf"), float("nan")])) for e, v in enumerate(vals)]
+    recs.append({"kind": "epoch", "method": "M", "seed": 0, "epoch": 3})  # no reading: not a point
+    (series,) = curves([RunData(Path("r"), "x", {}, recs, {})], "loss")
+    assert series.x == [0.0, 1.0, 2.0]
+    # the survivor alone would read 0.5, 0.25: the diverged seed makes the mean NaN instead
+    assert series.y[0] == 1.0 and all(v != v for v in series.y[1:])
 
 
 def test_run_errors(tmp_path, capsys):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ import robustclip as rc
 from robustclip.data import write_fake_cifar
 from robustclip.experiments import list_experiments, load_problem, make_config
 from robustclip.experiments._config import apply_overrides, config_from_dict, parse_set_args
-from robustclip.experiments._run import TIME_KEYS, Interrupted, load_run
+from robustclip.experiments._methods import METHODS, MethodParams, available_methods, build_method
+from robustclip.experiments._run import TIME_KEYS, Interrupted, load_final_state, load_run
 from robustclip.experiments._runner import run_experiment as _run_experiment
 
 
@@ -54,7 +54,10 @@ def tiny(name: str, text_file: str = "", cifar_dir: str = "") -> dict[str, str]:
         },
         "spectral-mlp": {"n_train": "256", "n_test": "64", "width": "8", "depth": "2", "epochs": "1", "eval_every": "4"},
         "sgc": {"hidden": "32", "epochs": "2", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128"},
-        "cifar100-alexnet": {"data_dir": cifar_dir, "alexnet_hidden": "16", "epochs": "1", "batch_size": "16", "workers": "0", "log_every": "1"},
+        "cifar100-alexnet": {
+            "data_dir": cifar_dir, "alexnet_hidden": "16", "epochs": "1", "batch_size": "16", "workers": "0", "log_every": "1",
+            "amp": "true",  # bfloat16 autocast, on the CPU too
+        },
         "cifar10-resnet18": {"data_dir": cifar_dir, "width": "4", "epochs": "1", "batch_size": "16", "workers": "0"},
         "cifar10-spectral": {"data_dir": cifar_dir, "width": "4", "epochs": "1", "batch_size": "16", "workers": "0", "rank": "2"},
     }[name]
@@ -89,20 +92,58 @@ def test_each_experiment_end_to_end(name, tmp_path, text_file, cifar_dir):
 
 
 def test_label_noise_records(tmp_path):
-    out = run_experiment("label-noise", tiny("label-noise"), out=tmp_path / "ln", quiet=True)
+    out = run_experiment("label-noise", {**tiny("label-noise"), "seeds": "2"}, out=tmp_path / "ln", quiet=True)
     recs = [r for r in _records(out) if r["kind"] == "epoch"]
-    assert len(recs) == 3 * 2  # three methods, two epochs
-    ps = [r for r in recs if r["method"] == "PS-Clip-SGD"]
+    assert len(recs) == 3 * 3 * 2  # three methods, epochs 0..2, two seeds
+    assert all(r["time"] == 0.0 for r in recs if r["epoch"] == 0)  # the untrained model, at time 0
+    ps = [r for r in recs if r["method"] == "PS-Clip-SGD" and r["epoch"] > 0]
     assert all(r["ps_norm_mean"] > 0 and 0 <= r["clipped_fraction"] <= 1 for r in ps)
-    assert all("ps_norm_mean" not in r for r in recs if r["method"] == "SGDM")
+    # SGDM neither has per-sample norms nor clips: no reading rather than a made-up 0
+    assert all("ps_norm_mean" not in r and "clipped_fraction" not in r for r in recs if r["method"] == "SGDM")
+    assert all(r["clipped_fraction"] in (0.0, 0.5, 1.0) for r in recs if r["method"] == "Clip-SGD" and r["epoch"] > 0)
     summary = json.loads((out / "summary.json").read_text())
-    budget = summary["equal_time_budget_s"]
-    assert budget == pytest.approx(min(s["time_s"] for s in summary["methods"].values()))
+    # equal time, recomputed from the records: on each seed, walk the evaluations in time order
+    # and stop at the first method to finish; each method is read at its latest epoch by then
+    expected: dict[str, list[float]] = {}
+    for seed in (0, 1):
+        timeline = sorted((r for r in recs if r["seed"] == seed), key=lambda r: (r["time"], r["epoch"]))
+        seen: dict[str, dict] = {}
+        for r in timeline:
+            seen[r["method"]] = r
+            if r["epoch"] == 2:  # a method finished: the clock stops here
+                stop = r["time"]
+                break
+        for r in timeline:  # methods evaluated at exactly the stopping time count too
+            if r["time"] == stop:
+                seen[r["method"]] = r
+        assert summary["equal_time_budget_s"][str(seed)] == pytest.approx(stop)
+        for m, r in seen.items():
+            expected.setdefault(m, []).append(r["test_acc"])
     for m, s in summary["methods"].items():
-        # accuracy at equal time is the last evaluation within the budget
-        rs = [r for r in recs if r["method"] == m]
-        within = [r for r in rs if r["time"] <= budget * (1 + 1e-9)] or rs[:1]
-        assert s["test_acc_at_equal_time"] == within[-1]["test_acc"]
+        assert s["test_acc_at_equal_time"] == pytest.approx(sum(expected[m]) / 2)
+
+
+def test_label_noise_equal_time_is_per_seed():
+    """Hand-made records: seed 0's fastest method takes 2 s, seed 1's 6 s (one budget per seed)."""
+    from robustclip.experiments.label_noise import summarize
+
+    def arm(method, seed, times, accs):
+        return [{"kind": "epoch", "method": method, "seed": seed, "epoch": e, "time": t, "test_acc": a,
+                 "train_loss": 1.0, "train_acc": 0.5, "step_time": 0.1} for e, (t, a) in enumerate(zip(times, accs))]
+
+    records = (arm("A", 0, [0, 1, 2], [0.1, 0.5, 0.3]) + arm("B", 0, [0, 2, 4], [0.1, 0.7, 0.9])
+               + arm("A", 1, [0, 3, 6], [0.1, 0.6, 0.4]) + arm("B", 1, [0, 5, 10], [0.1, 0.6, 0.95]))
+    s = summarize(records, ["A", "B"])
+    assert s["equal_time_budget_s"] == {"0": 2, "1": 6}
+    # A: its own final epochs (0.3, 0.4); B: epoch 1 on both seeds (0.7 at 2 s, 0.6 at 5 s)
+    assert s["methods"]["A"]["test_acc_at_equal_time"] == pytest.approx(0.35)
+    assert s["methods"]["B"]["test_acc_at_equal_time"] == pytest.approx(0.65)
+    # the peak of the seed-averaged curve: A at epoch 1 (0.55), B at its end (0.925)
+    assert (s["methods"]["A"]["peak_test_acc"], s["methods"]["A"]["peak_epoch"]) == (pytest.approx(0.55), 1)
+    assert (s["methods"]["B"]["peak_test_acc"], s["methods"]["B"]["peak_epoch"]) == (pytest.approx(0.925), 2)
+    # a budget below every epoch falls back to the epoch-0 evaluation
+    late = arm("C", 0, [0, 9, 10], [0.2, 0.8, 0.9]) + arm("D", 0, [0, 1, 3], [0.1, 0.5, 0.6])
+    assert summarize(late, ["C", "D"])["methods"]["C"]["test_acc_at_equal_time"] == 0.2
 
 
 def test_synthetic_noise_gradient_is_the_analytic_one(tmp_path):
@@ -129,6 +170,84 @@ def test_synthetic_noise_gradient_is_the_analytic_one(tmp_path):
     assert set(q) == {"gaussian", "pareto:1.1"}
 
 
+# -- method labels: one step against the formula ----------------------------------------------------
+
+
+def _per_sample_grads(model, x, y):
+    """g_i for every sample, one backward each (the oracle): a list of [weight grad, bias grad]."""
+    out = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        ((model(x[i : i + 1]) - y[i : i + 1]) ** 2).sum().backward()
+        out.append([p.grad.detach().clone() for p in model.parameters()])
+    model.zero_grad()
+    return out
+
+
+def _norm(g):
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in g)).float()
+
+
+def _avg(gs):
+    return [torch.stack(parts).mean(0) for parts in zip(*gs)]
+
+
+def _scale(g, c):
+    return [t * min(1.0, float(c / _norm(g))) for t in g]
+
+
+@pytest.mark.parametrize("label", [m for m in METHODS if m in available_methods()])
+def test_method_labels_take_the_step_of_their_formula(label):
+    """One SGD step (lr 1) of each label on a linear model, K = 2 micro-batches of 3 samples,
+    against the label's formula computed from per-sample gradients."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    x[3:] *= 4.0  # the second micro-batch's gradients are much larger
+    model = torch.nn.Linear(3, 2)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    g = _per_sample_grads(model, x, y)
+    mean = _avg(g)
+    micro = [_avg(g[:3]), _avg(g[3:])]
+    norms = sorted(float(_norm(gi)) for gi in g)
+    # radii that make every clip bite somewhere but not everywhere
+    c = {
+        "Clip-SGD": 0.5 * float(_norm(mean)),
+        "Clip-after-acc": 0.5 * float(_norm(mean)),
+        "PS-Clip-SGD": (norms[2] + norms[3]) / 2,  # half the samples clipped
+        "Micro-Clip": (float(_norm(micro[0])) + float(_norm(micro[1]))) / 2,  # one micro-batch clipped
+    }.get(label, 1.0)
+    s = torch.linalg.svdvals(mean[0])
+    tau = float(s.mean())  # between the two singular values: the top one is clamped
+    assert s[0] > tau > s[1]
+    want = {
+        "SGD": mean,
+        "SGDM": mean,  # momentum's first step is the gradient itself
+        "Clip-SGD": _scale(mean, c),
+        "Clip-after-acc": _scale(mean, c),
+        "NSGD": [t / _norm(mean) for t in mean],
+        "PS-Clip-SGD": _avg([_scale(gi, c) for gi in g]),
+        "Micro-Clip": _avg([_scale(gk, c) for gk in micro]),
+    }
+    if label == "Spectral":
+        u, sv, vh = torch.linalg.svd(mean[0], full_matrices=False)
+        want["Spectral"] = [u @ torch.diag(sv.clamp(max=tau)) @ vh, mean[1]]  # vectors untouched
+    assert label in want, f"no oracle for the method label {label!r}; add its formula here"
+    for name, other in (("Clip-after-acc", "Micro-Clip"), ("Clip-SGD", "PS-Clip-SGD")):
+        if label == name:  # the radii bite: the two ways of clipping really differ here
+            alt = want[other] if other == "PS-Clip-SGD" else _avg([_scale(gk, c) for gk in micro])
+            assert not torch.allclose(want[name][0], alt[0], atol=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9 if label == "SGDM" else 0.0)
+    method = build_method(label, MethodParams(clip=c, tau=tau, spectral_head=None))
+    with rc.Clipper(model, opt, method) as clipper:
+        for k in range(2):
+            xb, yb = x[3 * k : 3 * k + 3], y[3 * k : 3 * k + 3]
+            clipper.backward(((model(xb) - yb) ** 2).sum(1))
+        clipper.step()
+    got = [a - p.detach() for a, p in zip(w0, model.parameters())]  # lr 1: the step is the gradient
+    for a, b in zip(got, want[label]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (label, a, b)
+
+
 def test_rank1_noise_transform():
     from robustclip.experiments.spectral_mlp import Rank1HeavyTailedNoise
 
@@ -145,22 +264,56 @@ def test_rank1_noise_transform():
     assert torch.equal(g2[0], torch.ones(6, 4))
 
 
-def test_sgc_sweep_finds_the_diverging_step(tmp_path):
-    out = run_experiment("sgc", tiny("sgc"), out=tmp_path / "sgc", quiet=True)
+def _rho_oracle(model, x, y):
+    """rho_hat = mean_i ||g_i||^2 / ||mean_i g_i||^2 with per-sample gradients from torch.func."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    per_sample_sq = sum(v.flatten(1).double().pow(2).sum(1) for v in g.values())
+    mean_sq = sum(v.double().mean(0).pow(2).sum() for v in g.values())
+    return float(per_sample_sq.mean() / mean_sq)
+
+
+def test_sgc_sweep_and_rho_every(tmp_path):
+    from robustclip.data import load_digits
+    from robustclip.models import MLP
+
+    overrides = {**tiny("sgc"), "epochs": "4", "rho_every": "2"}
+    out = run_experiment("sgc", overrides, out=tmp_path / "sgc", quiet=True)
     s = json.loads((out / "summary.json").read_text())
     # a step of 1000 on cross-entropy with plain SGD diverges or stalls: never "stable"
     assert s["sweep"]["SGD"]["1000"]["stable"] is False
-    rho = [r["rho_hat"] for r in _records(out) if r.get("part") == "main" and "rho_hat" in r]
-    assert len(rho) == 3 * 3 and all(v >= 1 for v in rho)  # epochs 0..2, rho_hat >= 1 (Jensen)
+    main = [r for r in _records(out) if r.get("part") == "main" and r["kind"] == "epoch"]
+    for m in ("SGD", "Clip-SGD", "NSGD"):
+        # every epoch is logged, rho_hat only every rho_every = 2 epochs
+        assert [r["epoch"] for r in main if r["method"] == m] == [0, 1, 2, 3, 4]
+        assert [r["epoch"] for r in main if r["method"] == m and "rho_hat" in r] == [0, 2, 4]
+    # rho_hat of the untrained model, against per-sample gradients computed independently
+    split = load_digits(0.0, seed=0)
+    torch.manual_seed(0)  # what the arm does before building its model
+    model = MLP([64, 32, 10])
+    want = _rho_oracle(model, split.x_train, split.y_train)
+    for r in main:
+        if r["epoch"] == 0:
+            assert r["rho_hat"] == pytest.approx(want, rel=1e-4)
 
 
 def _strip(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
 
 
-def _final_weights(path: Path) -> dict[str, torch.Tensor]:
-    ck = torch.load(path / "checkpoint.pt", weights_only=False)
-    return ck["last_finished"]["objects"]["model"]
+def _assert_same_final_weights(a: Path, b: Path) -> None:
+    """Every finished arm of run ``a`` has exactly the final model weights of run ``b``'s."""
+    done = torch.load(a / "checkpoint.pt", weights_only=False)["done"]
+    assert done == torch.load(b / "checkpoint.pt", weights_only=False)["done"] and done
+    for arm in done:
+        wa, wb = load_final_state(a, arm)["model"], load_final_state(b, arm)["model"]
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), arm
 
 
 @pytest.mark.parametrize(
@@ -171,6 +324,8 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
         ("synthetic-noise", {"seeds": "2", "steps": "12", "regimes": "student:1.5", "methods": "Clip-SGD,PS-Clip-SGD"}, 4, 30),
         ("spectral-mlp", {"n_train": "256", "n_test": "64", "width": "8", "depth": "2", "epochs": "2", "eval_every": "3", "arms": "Clip-SGD,Spectral-Q85"}, 4, 23),
         ("accumulation", None, 2, 5),
+        # mid second main arm: rho_hat records (every 2 epochs) and the sweep still to come
+        ("sgc", {"hidden": "32", "epochs": "3", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2"}, 4, 37),
     ],
 )
 def test_resume_gives_the_same_run(name, overrides, every, stop, tmp_path, text_file):
@@ -185,42 +340,96 @@ def test_resume_gives_the_same_run(name, overrides, every, stop, tmp_path, text_
     assert ck["arm"] is not None and len(_records(part)) >= ck["metrics_lines"]
     run_experiment(name, overrides, out=part, quiet=True, checkpoint_every=every, resume=True)
     assert _strip(_records(part)) == _strip(_records(full))
-    a, b = _final_weights(full), _final_weights(part)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_final_weights(full, part)
     assert json.loads((part / "summary.json").read_text()).keys() == json.loads((full / "summary.json").read_text()).keys()
+    # finished arms keep their state in final/, not in every checkpoint
+    assert torch.load(part / "checkpoint.pt", weights_only=False).keys() == {"experiment", "config", "done", "metrics_lines", "arm"}
+
+
+def test_resume_before_the_first_checkpoint(tmp_path):
+    """Killed before any arm checkpoint (and before the first arm ended): resume restarts it."""
+    overrides = {"methods": "SGDM,PS-Clip-SGD", "epochs": "2", "seeds": "1", "hidden": "16", "batch_size": "64"}
+    full = run_experiment("label-noise", overrides, out=tmp_path / "full", quiet=True)
+    part = tmp_path / "part"
+    with pytest.raises(Interrupted):
+        run_experiment("label-noise", overrides, out=part, quiet=True, checkpoint_every=1000, interrupt_after=5)
+    ck = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert ck["arm"] is None and ck["done"] == [] and ck["metrics_lines"] == 0
+    assert _records(part)  # the epoch-0 record of the first arm, to be dropped
+    # starting afresh is refused (the run is there), resuming works
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        run_experiment("label-noise", overrides, out=part, quiet=True)
+    run_experiment("label-noise", overrides, out=part, quiet=True, resume=True)
+    assert _strip(_records(part)) == _strip(_records(full))
+    _assert_same_final_weights(full, part)
+
+
+def test_resume_after_an_error_inside_the_run(tmp_path, monkeypatch):
+    from robustclip.experiments import label_noise
+
+    overrides = {"methods": "SGDM", "epochs": "1", "seeds": "1", "hidden": "16", "batch_size": "64"}
+    real = label_noise.load_digits
+
+    def broken(*args, **kwargs):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(label_noise, "load_digits", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        run_experiment("label-noise", overrides, out=tmp_path / "r", quiet=True)
+    monkeypatch.setattr(label_noise, "load_digits", real)
+    run_experiment("label-noise", overrides, out=tmp_path / "r", quiet=True, resume=True)
+    clean = run_experiment("label-noise", overrides, out=tmp_path / "clean", quiet=True)
+    assert _strip(_records(tmp_path / "r")) == _strip(_records(clean))
+
+
+def test_machine_and_config_checks_come_before_the_run_directory(tmp_path, cifar_dir):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            run_experiment("label-noise", {"device": "cuda"}, out=tmp_path / "gpu", quiet=True)
+        assert not (tmp_path / "gpu").exists()
+    with pytest.raises(ValueError, match="norm=batch cannot train .*PS-Clip-SGD"):
+        make_config("cifar10-resnet18", {"data_dir": cifar_dir, "norm": "batch", "methods": "SGD,PS-Clip-SGD"})
+    assert make_config("cifar10-resnet18", {"norm": "batch"}).norm == "batch"  # SGD, Clip-SGD, NSGD: fine
+    with pytest.raises(ValueError, match="dataset must be 'cifar10' or 'cifar100'"):
+        make_config("cifar100-alexnet", {"dataset": "mnist"})
+    # each CIFAR experiment picks its data set by name; the field can change it deliberately
+    assert [make_config(n).dataset for n in ("cifar100-alexnet", "cifar10-resnet18", "cifar10-spectral")] == ["cifar100", "cifar10", "cifar10"]
+
+
+def test_nsgd_step_size_convention():
+    from robustclip.experiments._methods import step_size
+
+    assert step_size("Clip-SGD", 0.1, 3.0) == 0.1
+    assert step_size("NSGD", 0.1, 3.0) == pytest.approx(0.3)  # 0: lr * clip
+    assert step_size("NSGD", 0.1, 3.0, nsgd_lr=0.5) == 0.5
+    # both experiments with an NSGD step size use the same convention, and default to it
+    assert make_config("synthetic-noise").nsgd_lr == 0.0 and make_config("cifar10-resnet18").nsgd_lr == 0.0
 
 
 def test_resume_after_a_real_kill(tmp_path):
-    """SIGKILL a ``robustclip run`` process mid-arm, resume it, and compare with a clean run."""
-    overrides = {"methods": "PS-Clip-SGD", "epochs": "40", "seeds": "1", "hidden": "16", "batch_size": "64"}
-    args = [f"{k}={v}" for k, v in overrides.items()]
+    """SIGKILL a ``robustclip run`` process mid-arm, resume it, and compare with a clean run.
+
+    The process kills itself after a fixed number of steps (``--kill-after``, a testing aid), so
+    the kill always lands between two checkpoints, whatever the machine's speed.
+    """
+    overrides = {"methods": "SGDM,PS-Clip-SGD", "epochs": "2", "seeds": "1", "hidden": "16", "batch_size": "64"}
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "robustclip", "run", "label-noise", "--out", str(out), "--no-progress", "--checkpoint-every", "50"]
-    for a in args:
-        cmd += ["--set", a]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            ck = out / "checkpoint.pt"
-            if ck.exists() and torch.load(ck, weights_only=False)["arm"] is not None:
-                break
-            if proc.poll() is not None:
-                pytest.skip("the run finished before it could be killed (machine too fast)")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if (out / "summary.json").exists():
-        pytest.skip("the run finished before it could be killed (machine too fast)")
+    # 21 steps per epoch, 42 per arm: the kill lands at step 13 of the second arm, after its
+    # checkpoint at step 10, with metric lines written since
+    cmd = [sys.executable, "-m", "robustclip", "run", "label-noise", "--out", str(out), "--no-progress",
+           "--threads", "1", "--checkpoint-every", "10", "--kill-after", "55"]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["done"] == ["SGDM/seed0"] and ck["arm"]["id"] == "PS-Clip-SGD/seed0" and ck["arm"]["step"] == 10
+    assert not (out / "summary.json").exists()
     run_experiment("label-noise", overrides, out=out, resume=True, quiet=True)
     clean = run_experiment("label-noise", overrides, out=tmp_path / "clean", quiet=True)
     assert _strip(_records(out)) == _strip(_records(clean))
-    a, b = _final_weights(out), _final_weights(clean)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_final_weights(out, clean)
 
 
 # -- config errors --------------------------------------------------------------------------------

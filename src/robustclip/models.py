@@ -184,9 +184,11 @@ class AlexNet(nn.Module):
 
     Args:
         num_classes: outputs.
-        dropout: dropout before the hidden fully connected layers (torchvision: 0.5). The
-            default is 0: dropout draws a new mask for every forward pass, which the vmap
-            per-sample engine refuses (it recomputes samples one at a time).
+        dropout: dropout before the hidden fully connected layers (torchvision: 0.5; here 0
+            by default, the setting of the experiments). Dropout works with PS-Clip-SGD's
+            default hook engine (and the loop engine): they reuse the batch's own forward pass,
+            so each sample's gradient carries the mask that sample saw. The vmap engine refuses
+            it: it re-runs the forward pass and would draw new masks.
         hidden: width of the two hidden fully connected layers (torchvision: 4096).
     """
 

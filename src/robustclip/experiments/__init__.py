@@ -28,19 +28,24 @@ from typing import Any
 
 from robustclip.experiments._config import apply_overrides
 from robustclip.experiments._problem import Problem
+from robustclip.experiments._run import load_final_state, load_run
 
-__all__ = ["Problem", "describe", "get_experiment", "list_experiments", "load_problem", "make_config"]
+__all__ = [
+    "Problem", "describe", "get_experiment", "list_experiments", "load_final_state", "load_problem", "load_run",
+    "make_config",
+]
 
-#: experiment name -> module (relative to this package) and the keyword its module reads
-_REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
-    "synthetic-noise": ("synthetic_noise", {}),
-    "label-noise": ("label_noise", {}),
-    "accumulation": ("accumulation", {}),
-    "spectral-mlp": ("spectral_mlp", {}),
-    "sgc": ("sgc", {}),
-    "cifar100-alexnet": ("cifar", {"variant": "cifar100-alexnet"}),
-    "cifar10-resnet18": ("cifar", {"variant": "cifar10-resnet18"}),
-    "cifar10-spectral": ("cifar", {"variant": "cifar10-spectral"}),
+#: experiment name -> its module (relative to this package); a module serving several names
+#: (cifar) gives each its defaults through ``default_config(name)``
+_REGISTRY: dict[str, str] = {
+    "synthetic-noise": "synthetic_noise",
+    "label-noise": "label_noise",
+    "accumulation": "accumulation",
+    "spectral-mlp": "spectral_mlp",
+    "sgc": "sgc",
+    "cifar100-alexnet": "cifar",
+    "cifar10-resnet18": "cifar",
+    "cifar10-spectral": "cifar",
 }
 
 
@@ -53,7 +58,7 @@ def get_experiment(name: str) -> ModuleType:
     """The module of experiment ``name`` (with ``Config``, ``run``, ``plot``)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown experiment {name!r}; choose one of {list_experiments()}.")
-    return importlib.import_module(f"robustclip.experiments.{_REGISTRY[name][0]}")
+    return importlib.import_module(f"robustclip.experiments.{_REGISTRY[name]}")
 
 
 def describe(name: str) -> str:

@@ -20,14 +20,15 @@ Spectral           ``rc.spectral_clip(tau)``: clip singular values (2605.11838),
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import robustclip as rc
 
-__all__ = ["METHODS", "MethodParams", "MethodSpec", "available_methods", "build_method", "check_methods"]
+__all__ = [
+    "METHODS", "MethodParams", "MethodSpec", "available_methods", "build_method", "check_methods", "step_size",
+]
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,7 @@ def _spectral(p: MethodParams) -> Any:
 
 
 def _spectral_fn() -> Callable[..., Any] | None:
-    fn = getattr(rc, "spectral_clip", None)
-    if fn is not None:
-        return fn
-    try:
-        mod = importlib.import_module("robustclip._spectral")
-    except ImportError:
-        return None
-    return getattr(mod, "spectral_clip", None)
+    return getattr(rc, "spectral_clip", None)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -126,3 +120,18 @@ def build_method(label: str, params: MethodParams | None = None) -> Any:
     """The robustclip method for ``label`` (see the table in the module docstring)."""
     check_methods([label])
     return METHODS[label].build(params or MethodParams())
+
+
+def step_size(label: str, lr: float, clip: float, nsgd_lr: float = 0.0) -> float:
+    """The SGD step size an experiment gives method ``label``.
+
+    Every method gets ``lr`` except NSGD, whose step ``lr * g/||g||`` always has length ``lr``:
+    it gets ``nsgd_lr``, or, when that is 0, ``lr * clip`` -- the length of a clipped Clip-SGD
+    step, so that under heavy noise (where Clip-SGD clips almost every step) the two compare at
+    the same step length.
+    """
+    if label != "NSGD":
+        return lr
+    if nsgd_lr < 0:
+        raise ValueError(f"nsgd_lr must be >= 0 (0: lr * clip), got {nsgd_lr}.")
+    return nsgd_lr if nsgd_lr > 0 else lr * clip

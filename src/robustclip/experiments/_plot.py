@@ -52,8 +52,12 @@ def color_for(label: Any) -> str:
     return f"C{sum(map(ord, text)) % 10}"
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _number(v) and math.isfinite(v)
 
 
 def curves(
@@ -69,7 +73,9 @@ def curves(
     """One series per (run, ``group`` value), averaged over seeds.
 
     Records sharing ``x`` are averaged; with ``by`` (e.g. ``by="epoch"`` for ``x="time"``, which
-    differs between seeds) records sharing ``by`` are averaged in both ``x`` and ``y``.
+    differs between seeds) records sharing ``by`` are averaged in both ``x`` and ``y``. A
+    non-finite ``y`` (a diverged seed) makes the mean at that point NaN, so the line breaks
+    where a seed diverged instead of quietly averaging the survivors.
     """
     out = []
     for i, run in enumerate(runs):
@@ -78,12 +84,13 @@ def curves(
         for r in run.records:
             if r.get("kind") != kind or (where is not None and not where(r)):
                 continue
-            if not (_finite(r.get(x)) and _finite(r.get(y))):
-                continue
+            if not (_finite(r.get(x)) and _number(r.get(y))):
+                continue  # records without this metric (e.g. rho_hat only every k epochs)
             g = r.get(group)
             order.setdefault(g, None)
             key = float(r[by]) if by is not None else float(r[x])
-            acc[g][key].append((float(r[x]), float(r[y])))
+            # inf (an overflowed loss) counts as diverged too: NaN keeps it off the axes
+            acc[g][key].append((float(r[x]), float(r[y]) if math.isfinite(r[y]) else math.nan))
         for g in order:
             pts = [
                 (sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v))

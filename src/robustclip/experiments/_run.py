@@ -9,12 +9,14 @@ directory holds::
     metrics.csv       the same records as a table (written when the run finishes)
     summary.json      the experiment's headline numbers
     checkpoint.pt     the state to continue from (see below)
+    final/ARM.pt      each finished arm's final state (model, optimizer, clipper), once per arm
     *.png             plots
 
 The checkpoint holds which arms are finished, how many metric lines were written, and, for the
 arm in progress, the ``state_dict`` of every registered object (model, optimizer, clipper), the
 arm's own accumulators, the step to continue from and every random number generator's state.
-It is written atomically every ``checkpoint_every`` steps and at the end of every arm. Resuming
+It is written atomically when the run starts (before any metric line, so a run killed at any
+moment can be resumed), every ``checkpoint_every`` steps and at the end of every arm. Resuming
 drops metric lines written after the checkpoint, restores everything and continues, so on CPU a
 resumed run reproduces an uninterrupted one exactly (wall-clock fields aside).
 """
@@ -26,6 +28,8 @@ import json
 import os
 import platform
 import random
+import re
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,10 +41,11 @@ import torch
 
 from robustclip.experiments._config import config_to_dict, dump_toml
 
-__all__ = ["Arm", "RunContext", "RunData", "Interrupted", "load_run"]
+__all__ = ["Arm", "RunContext", "RunData", "Interrupted", "final_state_path", "holds_run", "load_final_state", "load_run"]
 
 _CKPT = "checkpoint.pt"
 _METRICS = "metrics.jsonl"
+_FINAL = "final"
 #: record keys that measure wall-clock time and so differ between a resumed and a fresh run
 TIME_KEYS = ("time", "step_time", "wall_time", "eval_time")
 
@@ -105,6 +110,33 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` already holds a run (its metrics or checkpoint)."""
+    p = Path(path)
+    return (p / _METRICS).exists() or (p / _CKPT).exists()
+
+
+def final_state_path(path: str | Path, arm_id: str) -> Path:
+    """Where the final state of arm ``arm_id`` of the run in ``path`` is written."""
+    # "/" separates the parts of an arm id ("pareto:1.1/NSGD/seed3"): keep it visible as "__"
+    name = re.sub(r"[^A-Za-z0-9.=+-]", "_", arm_id.replace("/", "__"))
+    return Path(path) / _FINAL / f"{name}.pt"
+
+
+def load_final_state(path: str | Path, arm_id: str) -> dict[str, Any]:
+    """The final ``state_dict`` of every object of a finished arm: ``{"model": ..., ...}``."""
+    f = final_state_path(path, arm_id)
+    if not f.is_file():
+        raise FileNotFoundError(f"arm {arm_id!r} of the run in {str(path)!r} has no final state ({f} is missing); is it finished?")
+    return torch.load(f, map_location="cpu", weights_only=False)["objects"]
+
+
+def _atomic_save(obj: Any, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, target)  # atomic: a kill never leaves half a file
+
+
 class RunContext:
     """The run directory of one experiment run, with logging and checkpointing.
 
@@ -117,6 +149,8 @@ class RunContext:
         progress: show tqdm progress bars (``None``: only on a terminal).
         interrupt_after: testing aid -- raise :class:`Interrupted` after this many steps in this
             session, *without* saving, as if the process had been killed.
+        interrupt_by_kill: testing aid -- at ``interrupt_after``, send this process ``SIGKILL``
+            instead (a real kill: buffered metric lines are lost, as they would be).
     """
 
     def __init__(
@@ -129,6 +163,7 @@ class RunContext:
         checkpoint_every: int = 200,
         progress: bool | None = None,
         interrupt_after: int | None = None,
+        interrupt_by_kill: bool = False,
         quiet: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -137,30 +172,33 @@ class RunContext:
         self.checkpoint_every = int(checkpoint_every)
         self.progress = progress
         self.interrupt_after = interrupt_after
+        self.interrupt_by_kill = interrupt_by_kill
         self.quiet = quiet
         self.session_steps = 0
         self.records: list[dict[str, Any]] = []
         self.done: list[str] = []
         self._pending: dict[str, Any] | None = None
-        #: the snapshot of the last finished arm (its final weights), kept in the checkpoint
-        self._last_finished: dict[str, Any] | None = None
+        self._metrics_fh: Any = None
         self.path.mkdir(parents=True, exist_ok=True)
         metrics = self.path / _METRICS
         if resume:
             self._load_checkpoint()
         else:
-            if metrics.exists() or (self.path / _CKPT).exists():
+            if holds_run(self.path):
                 raise ValueError(
                     f"{str(self.path)!r} already holds a run; pass --resume to continue it, or "
                     "choose another --out directory."
                 )
-            metrics.write_text("")
             cfg = config_to_dict(config)
             (self.path / "config.toml").write_text(
                 f"# robustclip run {experiment}: the config this run used\n" + dump_toml(cfg)
             )
             (self.path / "config.json").write_text(json.dumps(_jsonable(cfg), indent=2) + "\n")
             self._write_run_json("running")
+            # the empty checkpoint comes before the first metric line: from here on, a run
+            # killed (or failing) at any moment can be resumed, restarting from scratch if need be
+            self._save_checkpoint(None)
+            metrics.write_text("")
         self._metrics_fh = metrics.open("a")
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -193,30 +231,41 @@ class RunContext:
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ValueError(
-                f"the config differs from the one the run in {str(self.path)!r} was started with "
-                f"(keys {diff}); resume without --set, or start a new run."
+                f"--resume continues the run in {str(self.path)!r} with the config it was started "
+                f"with, and these keys differ: {diff}; drop the --set/--config values that differ, "
+                "or start a new run in another --out directory."
             )
         self.done = list(ck["done"])
         self._pending = ck["arm"]
-        self._last_finished = ck.get("last_finished")
-        lines = (self.path / _METRICS).read_text().splitlines(keepends=True)[: ck["metrics_lines"]]
-        (self.path / _METRICS).write_text("".join(lines))
+        metrics = self.path / _METRICS
+        text = metrics.read_text() if metrics.exists() else ""
+        lines = text.splitlines(keepends=True)[: ck["metrics_lines"]]
+        if len(lines) < ck["metrics_lines"]:
+            raise ValueError(
+                f"{str(metrics)!r} has fewer lines than the checkpoint recorded; the run directory "
+                "was changed by hand. Start a new run in another --out directory."
+            )
+        metrics.write_text("".join(lines))
         self.records = [json.loads(ln) for ln in lines]
         self._write_run_json("running", resumed=True)
 
     def _save_checkpoint(self, arm: Arm | None) -> None:
-        self._metrics_fh.flush()
+        if self._metrics_fh is not None:
+            self._metrics_fh.flush()
         ck = {
             "experiment": self.experiment,
             "config": _jsonable(config_to_dict(self.config)),
             "done": list(self.done),
             "metrics_lines": len(self.records),
             "arm": arm._snapshot() if arm is not None else None,
-            "last_finished": self._last_finished,
         }
-        tmp = self.path / (_CKPT + ".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, self.path / _CKPT)  # atomic: a kill never leaves half a checkpoint
+        _atomic_save(ck, self.path / _CKPT)
+
+    def _interrupt(self) -> None:
+        if self.interrupt_by_kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._metrics_fh.flush()
+        raise Interrupted(f"stopped after {self.session_steps} steps (interrupt_after)")
 
     # -- what experiments call ---------------------------------------------------------------------
     def log(self, record: Mapping[str, Any]) -> None:
@@ -333,15 +382,17 @@ class Arm:
             self.step = s + 1
             ctx.session_steps += 1
             if ctx.interrupt_after is not None and ctx.session_steps >= ctx.interrupt_after:
-                ctx._metrics_fh.flush()
-                raise Interrupted(f"stopped after {ctx.session_steps} steps (interrupt_after)")
+                ctx._interrupt()
             if ctx.checkpoint_every and self.step % ctx.checkpoint_every == 0 and self.step < total:
                 ctx._save_checkpoint(self)
 
     def finish(self) -> None:
-        """Mark the arm done and checkpoint; its final state stays as ``last_finished``."""
+        """Write the arm's final state to ``final/ARM.pt``, mark it done and checkpoint."""
+        target = final_state_path(self.ctx.path, self.id)
+        target.parent.mkdir(exist_ok=True)
+        # before the checkpoint: a kill in between re-runs the arm and rewrites the same file
+        _atomic_save({"arm": self.id, "step": self.step, "objects": {k: o.state_dict() for k, o in self.objects.items()}}, target)
         self.ctx.done.append(self.id)
-        self.ctx._last_finished = self._snapshot()
         self.ctx._save_checkpoint(None)
 
 

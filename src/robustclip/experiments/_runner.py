@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from robustclip.experiments import get_experiment, make_config
-from robustclip.experiments._config import apply_overrides, config_to_dict, load_toml
-from robustclip.experiments._run import RunContext, default_run_dir, load_run
+from robustclip.experiments._config import apply_overrides, load_toml
+from robustclip.experiments._run import RunContext, default_run_dir, load_run, resolve_device
 
 __all__ = ["plot_runs", "run_experiment"]
 
@@ -28,6 +28,7 @@ def run_experiment(
     checkpoint_every: int = 200,
     progress: bool | None = None,
     interrupt_after: int | None = None,
+    interrupt_by_kill: bool = False,
     quiet: bool = False,
     threads: int | None = None,
 ) -> Path:
@@ -37,10 +38,12 @@ def run_experiment(
         overrides: ``{"key": "value"}`` strings, parsed to the config fields' types.
         out: the run directory (default ``runs/<name>-<time>``).
         resume: continue the run in ``out`` from its checkpoint (its saved config is used;
-            overrides must agree with it).
+            overrides must agree with it). A run stopped before its first arm's first checkpoint
+            restarts from the beginning.
         config_file: a TOML file of overrides, applied before ``overrides``.
         checkpoint_every: steps between checkpoints within an arm (arms always end with one).
         interrupt_after: testing aid: stop after this many steps without a checkpoint, as a kill.
+        interrupt_by_kill: testing aid: at ``interrupt_after``, ``SIGKILL`` this process.
         threads: torch CPU threads for the run (restored afterwards). ``None``: the experiment's
             ``DEFAULT_THREADS`` (1 for the small-model experiments: intra-op threads do not
             speed up tiny matrices, and on a shared machine they spin against each other), else
@@ -56,29 +59,30 @@ def run_experiment(
         info = json.loads((Path(out) / "run.json").read_text()) if (Path(out) / "run.json").is_file() else {}
         if info.get("experiment", name) != name:
             raise ValueError(f"{str(out)!r} holds a run of {info['experiment']!r}, not {name!r}.")
+        # the saved config with any overrides on top; the checkpoint then refuses a config that
+        # differs from the one the run was started with, naming the keys
         cfg = make_config(name, json.loads(saved.read_text()), from_string=False)
-        wanted = cfg
-        if config_file:
-            wanted = apply_overrides(wanted, load_toml(config_file), from_string=False)
-        if overrides:
-            wanted = apply_overrides(wanted, overrides)
-        if config_to_dict(wanted) != config_to_dict(cfg):
-            raise ValueError(
-                "--resume continues a run with the config it was started with; drop the "
-                "--set/--config values that differ, or start a new run in another --out directory."
-            )
     else:
         cfg = make_config(name)
-        if config_file:
-            cfg = apply_overrides(cfg, load_toml(config_file), from_string=False)
-        if overrides:
-            cfg = apply_overrides(cfg, overrides)
-    preflight = getattr(mod, "preflight", None)
-    if preflight is not None:
-        preflight(cfg)  # e.g. missing data: fail before a run directory is made
+    if config_file:
+        cfg = apply_overrides(cfg, load_toml(config_file), from_string=False)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    preflight_checks(mod, cfg)
     path = Path(out) if out is not None else default_run_dir(name)
     with cpu_threads(threads if threads is not None else getattr(mod, "DEFAULT_THREADS", None)):
-        return _execute(mod, name, cfg, path, resume, checkpoint_every, progress, interrupt_after, quiet)
+        return _execute(mod, name, cfg, path, resume, checkpoint_every, progress, interrupt_after,
+                        interrupt_by_kill, quiet)
+
+
+def preflight_checks(mod: Any, cfg: Any) -> None:
+    """Checks that need the machine (the device) or the disk (the data), before anything is
+    written: a run that cannot start leaves no run directory behind."""
+    if isinstance(getattr(cfg, "device", None), str):
+        resolve_device(cfg.device)
+    preflight = getattr(mod, "preflight", None)
+    if preflight is not None:
+        preflight(cfg)
 
 
 @contextlib.contextmanager
@@ -125,16 +129,18 @@ def quiet_skips() -> Iterator[None]:
 
 
 def _execute(mod: Any, name: str, cfg: Any, path: Path, resume: bool, checkpoint_every: int,
-             progress: bool | None, interrupt_after: int | None, quiet: bool) -> Path:
+             progress: bool | None, interrupt_after: int | None, interrupt_by_kill: bool, quiet: bool) -> Path:
     with quiet_skips():
-        return _execute_inner(mod, name, cfg, path, resume, checkpoint_every, progress, interrupt_after, quiet)
+        return _execute_inner(mod, name, cfg, path, resume, checkpoint_every, progress, interrupt_after,
+                              interrupt_by_kill, quiet)
 
 
 def _execute_inner(mod: Any, name: str, cfg: Any, path: Path, resume: bool, checkpoint_every: int,
-                   progress: bool | None, interrupt_after: int | None, quiet: bool) -> Path:
+                   progress: bool | None, interrupt_after: int | None, interrupt_by_kill: bool,
+                   quiet: bool) -> Path:
     ctx = RunContext(
         path, name, cfg, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
-        interrupt_after=interrupt_after, quiet=quiet,
+        interrupt_after=interrupt_after, interrupt_by_kill=interrupt_by_kill, quiet=quiet,
     )
     try:
         ctx.note(f"robustclip run {name}: writing to {path}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import robustclip as rc
 from robustclip.experiments._run import RunContext, seed_everything
 
-__all__ = ["ArmSpec", "TensorBatches", "evaluate", "fit"]
+__all__ = ["ArmSpec", "TensorBatches", "check_amp", "clip_reading", "evaluate", "fit", "steps_with_batches"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -80,11 +80,20 @@ def evaluate(
     return float(tot_loss) / n, float(correct) / n
 
 
+def check_amp(device: torch.device) -> None:
+    """``amp`` means bfloat16 autocast; refuse a GPU without bfloat16 (float16 would need a
+    ``GradScaler``, whose loss scaling the per-sample norms and clip radii would see)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            "amp=true uses bfloat16 autocast, which this GPU does not support; set amp=false."
+        )
+
+
 def _autocast(device: torch.device, amp: bool) -> Any:
     if not amp:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    check_amp(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -111,9 +120,28 @@ class ArmSpec:
     log_every: int = 0  # also log a "step" record every this many steps (0: epochs only)
     eval_batch: int = 1024
     extra: dict[str, Any] | None = None  # added to every record (e.g. the seed, the lr)
-    #: called with the model at each epoch's end (and before training, epoch 0); its dict is
-    #: added to the epoch record (e.g. the strong-growth constant of the sgc experiment)
-    on_epoch: Callable[[nn.Module], dict[str, Any]] | None = None
+    #: also log an epoch-0 record (train/test evaluation of the untrained model, time 0)
+    eval_at_start: bool = False
+    #: called as ``on_epoch(model, epoch)`` at each epoch's end (and before training, epoch 0,
+    #: which implies ``eval_at_start``); its dict is added to the epoch record (e.g. the
+    #: strong-growth constant of the sgc experiment)
+    on_epoch: Callable[[nn.Module, int], dict[str, Any]] | None = None
+
+
+def steps_with_batches(arm: Any, batches: Any, total: int, desc: str) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``arm.steps(total)`` with each step's mini-batch ``(step, x, y)``.
+
+    Step ``s`` takes batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so a run
+    resumed mid-epoch continues with the very batch an uninterrupted one would take.
+    """
+    spe = batches.steps_per_epoch
+    it: Iterator[tuple[Tensor, Tensor]] | None = None
+    for step in arm.steps(total, desc=desc):
+        epoch, b = divmod(step, spe)
+        if it is None or b == 0:
+            it = batches.epoch(epoch, b)
+        x, y = next(it)
+        yield step, x, y
 
 
 def fit(ctx: RunContext, spec: ArmSpec) -> dict[str, Any] | None:
@@ -142,15 +170,10 @@ def fit(ctx: RunContext, spec: ArmSpec) -> dict[str, Any] | None:
         objects["clipper"] = clipper
         arm = ctx.arm(spec.arm_id, objects, state=_fresh_epoch_state(spec.device))
         arm.state.setdefault("train_time", 0.0)
-        if arm.start == 0 and spec.on_epoch is not None:
+        if arm.start == 0 and (spec.eval_at_start or spec.on_epoch is not None):
             ctx.log({**base, "kind": "epoch", "epoch": 0, "step": 0, "time": 0.0, **_initial(spec, model)})
         t_epoch = time.perf_counter()
-        batches: Iterator[tuple[Tensor, Tensor]] | None = None
-        for step in arm.steps(total, desc=spec.arm_id):
-            epoch, b = divmod(step, spe)
-            if batches is None or b == 0:
-                batches = spec.batches.epoch(epoch, b)
-            x, y = next(batches)
+        for step, x, y in steps_with_batches(arm, spec.batches, total, spec.arm_id):
             with _autocast(spec.device, spec.amp):
                 out = model(x)
             out = out.float()
@@ -181,8 +204,8 @@ def _initial(spec: ArmSpec, model: nn.Module) -> dict[str, Any]:
         rec["train_loss"], rec["train_acc"] = evaluate(model, *spec.train_eval, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
     if spec.test is not None:
         rec["test_loss"], rec["test_acc"] = evaluate(model, *spec.test, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
-    assert spec.on_epoch is not None
-    rec.update(spec.on_epoch(model))
+    if spec.on_epoch is not None:
+        rec.update(spec.on_epoch(model, 0))
     return rec
 
 
@@ -196,24 +219,43 @@ def _fresh_epoch_state(device: torch.device) -> dict[str, Any]:
         "seen": 0,
         "samples": 0,
         "steps": 0,
-        "skipped": 0,
+        "skipped": 0,  # steps the clipper skipped (non-finite loss or gradient)
+        "clip_steps": 0,  # steps with a clipping reading (none for SGD, SGDM, NSGD)
     }
 
 
+def clip_reading(info: rc.StepInfo) -> Tensor | None:
+    """This step's share clipped, or None if the method does not clip.
+
+    Samples (per-sample clipping), micro-batches (micro-batch clipping), the step itself (0 or
+    1, global norm clipping) or weight matrices (spectral clipping); device tensors, no sync.
+    """
+    if info.clipped_fraction is not None:
+        return info.clipped_fraction
+    tr = info.transforms or {}
+    if "clip_by_global_norm" in tr:
+        return tr["clip_by_global_norm"]["clipped"]
+    if "spectral_clip" in tr:
+        return tr["spectral_clip"]["clipped_fraction"]
+    return None
+
+
 def _accumulate(state: dict[str, Any], info: rc.StepInfo) -> None:
-    # device tensors only: no host read per step
+    # device tensors only: no host read per step (``skipped`` is a bool the clipper already read)
     state["steps"] += 1
+    if info.skipped:
+        # nothing was applied; its loss is not finite and would poison the epoch's mean
+        state["skipped"] += 1
+        return
     if info.loss is not None:
         state["loss_sum"] += info.loss.double()
     if info.per_sample_norms is not None:
         state["norm_sum"] += info.per_sample_norms.double().sum()
         state["samples"] += int(info.per_sample_norms.numel())
-    if info.clipped_fraction is not None:
-        state["clip_sum"] += info.clipped_fraction.double()
-    else:
-        clipped = info.transforms.get("clip_by_global_norm", {}).get("clipped") if info.transforms else None
-        if clipped is not None:
-            state["clip_sum"] += clipped.double()
+    clipped = clip_reading(info)
+    if clipped is not None:
+        state["clip_sum"] += clipped.double()
+        state["clip_steps"] += 1
 
 
 def _step_reading(info: rc.StepInfo) -> dict[str, Any]:
@@ -230,14 +272,17 @@ def _end_epoch(
     ctx: RunContext, spec: ArmSpec, model: nn.Module, state: dict[str, Any], base: dict[str, Any],
     epoch: int, step: int,
 ) -> dict[str, Any]:
-    n = max(state["steps"], 1)
+    applied = state["steps"] - state["skipped"]
     rec: dict[str, Any] = {
         **base, "kind": "epoch", "epoch": epoch, "step": step,
-        "batch_loss": float(state["loss_sum"]) / n,
-        "clipped_fraction": float(state["clip_sum"]) / n,
+        # the mean over the steps applied (NaN if the method skipped every step: it diverged)
+        "batch_loss": float(state["loss_sum"]) / applied if applied else float("nan"),
+        "skipped_steps": state["skipped"],
         "time": state["train_time"],
         "step_time": state["train_time"] / max(step, 1),
     }
+    if state["clip_steps"]:
+        rec["clipped_fraction"] = float(state["clip_sum"]) / state["clip_steps"]
     if state["seen"]:
         rec["batch_acc"] = int(state["correct"]) / state["seen"]
     if state["samples"]:
@@ -247,7 +292,7 @@ def _end_epoch(
     if spec.test is not None:
         rec["test_loss"], rec["test_acc"] = evaluate(model, *spec.test, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
     if spec.on_epoch is not None:
-        rec.update(spec.on_epoch(model))
+        rec.update(spec.on_epoch(model, epoch))
     ctx.log(rec)
     state.update({k: v for k, v in _fresh_epoch_state(spec.device).items()})
     return rec

@@ -29,6 +29,7 @@ from robustclip.experiments._methods import MethodParams, build_method, check_me
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, resolve_device, seed_everything
+from robustclip.experiments._train import clip_reading
 from robustclip.models import CharGPT, sequence_losses
 
 DESCRIPTION = "char-level GPT with K micro-batches: clip each micro-batch vs clip after accumulation vs none"
@@ -111,7 +112,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
         data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
         with rc.Clipper(model, opt, build_method(method, MethodParams(clip=cfg.clip))) as clipper:
             arm = ctx.arm(arm_id, {"model": model, "optimizer": opt, "clipper": clipper}, {"data": data_gen},
-                          state={"train_time": 0.0, "count": 0, **_sums(device)})
+                          state={"train_time": 0.0, "count": 0, "clip_steps": 0, **_sums(device)})
             if arm.start == 0:
                 ctx.log({"arm": arm_id, "method": method, "kind": "eval", "step": 0, "val_loss": _val_loss(model, val), "time": 0.0})
             t0 = time.perf_counter()
@@ -123,23 +124,25 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
                     # device tensors: no host read per step
                     arm.state["loss_sum"] += losses.detach().double().mean() / cfg.accumulation
                 info = clipper.step()
-                clipped = info.clipped_fraction  # Micro-Clip: share of micro-batches clipped
-                if clipped is None and not info.skipped:  # Clip-after-acc: was the step clipped
-                    clipped = info.transforms.get("clip_by_global_norm", {}).get("clipped")
+                # Micro-Clip: share of micro-batches clipped; Clip-after-acc: was the step
+                # clipped; no reading for the methods that do not clip
+                clipped = None if info.skipped else clip_reading(info)
                 if clipped is not None:
                     arm.state["clip_sum"] += clipped.double()
+                    arm.state["clip_steps"] += 1
                 arm.state["count"] += 1
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     arm.state["train_time"] += time.perf_counter() - t0
                     n = max(arm.state["count"], 1)
-                    ctx.log({
+                    rec = {
                         "arm": arm_id, "method": method, "kind": "eval", "step": step + 1,
                         "train_loss": float(arm.state["loss_sum"]) / n,
                         "val_loss": _val_loss(model, val), "time": arm.state["train_time"],
-                        # share of micro-batches (Micro-Clip) or steps (Clip-after-acc) clipped
-                        "clipped_fraction": float(arm.state["clip_sum"]) / n,
-                    })
-                    arm.state.update(count=0, **_sums(device))
+                    }
+                    if arm.state["clip_steps"]:
+                        rec["clipped_fraction"] = float(arm.state["clip_sum"]) / arm.state["clip_steps"]
+                    ctx.log(rec)
+                    arm.state.update(count=0, clip_steps=0, **_sums(device))
                     t0 = time.perf_counter()
             arm.finish()
     return summarize(ctx.records, cfg.methods)

@@ -11,10 +11,13 @@
 
 The data are the standard python-format CIFAR files, read from ``data_dir`` (the
 ``cifar-10-batches-py``/``cifar-100-python`` folders or their ``.tar.gz`` archives); nothing is
-downloaded. ResNet-18 uses GroupNorm by default so that per-sample gradients are defined (set
-``norm=batch`` for the original with methods that do not need them). Training runs on the GPU
-when there is one, loads batches with ``workers`` processes, and uses bfloat16 autocast with
-``amp=true``. Augmentation (4-pixel padded random crop, horizontal flip) is drawn from a
+downloaded. The experiment's name picks the defaults (``dataset``, model, methods, step sizes);
+every one is a config field. ResNet-18 uses GroupNorm by default so that per-sample gradients
+are defined (set ``norm=batch`` for the original with methods that do not need them; the config
+refuses it with PS-Clip-SGD). Training runs on the GPU when there is one, loads batches with
+``workers`` processes, and with ``amp=true`` uses bfloat16 autocast (bfloat16 only: float16
+would need loss scaling, which the per-sample norms and radii would see; a GPU without bfloat16
+is refused before the run starts). Augmentation (4-pixel padded random crop, horizontal flip) is drawn from a
 generator seeded by (seed, epoch, sample), so any number of workers and a resumed run give the
 same images.
 """
@@ -32,11 +35,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from robustclip.data import Split, find_cifar, load_cifar, normalize_images
-from robustclip.experiments._methods import MethodParams, build_method, check_methods
+from robustclip.experiments._methods import (
+    METHODS,
+    MethodParams,
+    build_method,
+    check_methods,
+    step_size,
+)
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, resolve_device
-from robustclip.experiments._train import ArmSpec, epoch_permutation, fit
+from robustclip.experiments._train import ArmSpec, check_amp, epoch_permutation, fit
 from robustclip.models import AlexNet, ResNet18, SmallCNN
 
 DESCRIPTIONS = {
@@ -49,7 +58,7 @@ DESCRIPTION = "CIFAR experiments (see DESCRIPTIONS)"
 
 @dataclass
 class Config:
-    variant: str = "cifar100-alexnet"  # which of the three experiments (set by the name)
+    dataset: str = "cifar100"  # "cifar10" or "cifar100" (each experiment's name sets its own)
     data_dir: str = "data"  # holds cifar-10-batches-py / cifar-100-python or their .tar.gz
     model: str = "alexnet"  # "alexnet", "resnet18" or "smallcnn"
     norm: str = "group"  # ResNet-18's normalisation: "group" (per-sample safe) or "batch"
@@ -68,7 +77,7 @@ class Config:
     rank: int = 10  # spectral clipping's rank (0: exact SVD)
     augment: bool = True
     workers: int = 2  # DataLoader worker processes (0: load in the main process)
-    amp: bool = False  # bfloat16 autocast
+    amp: bool = False  # bfloat16 autocast (GPUs without bfloat16 are refused)
     limit_train: int = 0  # use only the first N training images (0: all)
     limit_test: int = 0  # use only the first N test images (0: all)
     log_every: int = 50  # steps between step records
@@ -77,12 +86,20 @@ class Config:
 
     def check(self) -> None:
         check_methods(self.methods)
-        if self.variant not in DESCRIPTIONS:
-            raise ValueError(f"variant must be one of {list(DESCRIPTIONS)}, got {self.variant!r}.")
+        if self.dataset not in ("cifar10", "cifar100"):
+            raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {self.dataset!r}.")
         if self.model not in ("alexnet", "resnet18", "smallcnn"):
             raise ValueError(f"model must be 'alexnet', 'resnet18' or 'smallcnn', got {self.model!r}.")
         if self.norm not in ("group", "batch"):
             raise ValueError(f"norm must be 'group' or 'batch', got {self.norm!r}.")
+        per_sample = [m for m in self.methods if METHODS[m].per_sample]
+        if self.model == "resnet18" and self.norm == "batch" and per_sample:
+            raise ValueError(
+                f"norm=batch cannot train {per_sample}: BatchNorm mixes the samples of a batch, so "
+                "per-sample gradients are not defined; use norm=group (the default) or drop them."
+            )
+        if self.nsgd_lr < 0:
+            raise ValueError(f"nsgd_lr must be >= 0 (0: lr * clip), got {self.nsgd_lr}.")
         for k in ("width", "alexnet_hidden", "epochs", "batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}.")
@@ -94,31 +111,30 @@ class Config:
 def default_config(name: str) -> Config:
     """The defaults of each CIFAR experiment."""
     if name == "cifar100-alexnet":
-        return Config(variant=name)
+        return Config(dataset="cifar100")
     if name == "cifar10-resnet18":
         return Config(
-            variant=name, model="resnet18", methods=("SGD", "Clip-SGD", "NSGD"), epochs=50,
+            dataset="cifar10", model="resnet18", methods=("SGD", "Clip-SGD", "NSGD"), epochs=50,
             lr=0.1, momentum=0.0, clip=5.0,
         )
     if name == "cifar10-spectral":
         return Config(
-            variant=name, model="resnet18", methods=("SGDM", "Clip-SGD", "Spectral"), epochs=30,
+            dataset="cifar10", model="resnet18", methods=("SGDM", "Clip-SGD", "Spectral"), epochs=30,
             batch_size=512, lr=0.1, clip=1.0, tau=1.0, rank=10,
         )
     raise ValueError(f"unknown CIFAR experiment {name!r}; choose from {list(DESCRIPTIONS)}.")
 
 
-def _dataset_name(cfg: Config) -> str:
-    return "cifar100" if cfg.variant.startswith("cifar100") else "cifar10"
-
-
 def preflight(cfg: Config) -> None:
-    """Fail early, with where to put the files, if the data are missing."""
-    find_cifar(_dataset_name(cfg), cfg.data_dir)
+    """Fail before a run directory is made: missing data (saying where to put the files), and
+    ``amp`` on a GPU without bfloat16."""
+    find_cifar(cfg.dataset, cfg.data_dir)
+    if cfg.amp:
+        check_amp(resolve_device(cfg.device))
 
 
 def load(cfg: Config) -> Split:
-    split = load_cifar(_dataset_name(cfg), cfg.data_dir)
+    split = load_cifar(cfg.dataset, cfg.data_dir)
     if cfg.limit_train:
         split.x_train, split.y_train = split.x_train[: cfg.limit_train], split.y_train[: cfg.limit_train]
     if cfg.limit_test:
@@ -196,22 +212,20 @@ def problem(cfg: Config) -> Problem:
     split = load(cfg)
     torch.manual_seed(cfg.seed)
     return Problem(
-        cfg.variant, build_model(cfg, split.num_classes),
+        f"{cfg.dataset}-{cfg.model}", build_model(cfg, split.num_classes),
         (normalize_images(split.x_train), split.y_train), (normalize_images(split.x_test), split.y_test),
         _loss, cfg.batch_size, cfg.lr,
     )
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
-    if cfg.variant != ctx.experiment:
-        raise ValueError(f"variant={cfg.variant!r} does not match the experiment {ctx.experiment!r}; leave variant unset.")
     device = resolve_device(cfg.device)
     split = load(cfg)
-    ctx.note(f"{_dataset_name(cfg)}: {len(split.x_train)} training, {len(split.x_test)} test images; device {device}")
+    ctx.note(f"{cfg.dataset}: {len(split.x_train)} training, {len(split.x_test)} test images; device {device}")
     ds = AugmentedCIFAR(split.x_train, split.y_train, cfg.augment, cfg.seed)
     test = (normalize_images(split.x_test), split.y_test)
     for method in ctx.iterate(list(cfg.methods), "methods"):
-        lr = (cfg.nsgd_lr or cfg.lr * cfg.clip) if method == "NSGD" else cfg.lr
+        lr = step_size(method, cfg.lr, cfg.clip, cfg.nsgd_lr)
         fit(ctx, ArmSpec(
             arm_id=method,
             method_label=method,

@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: 1 for the small-model experiments, else torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # a testing aid, not part of the documented interface: SIGKILL this process after N steps
+    p.add_argument("--kill-after", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
 
     p = subparsers.add_parser("list", help="list the experiments, their configs and the methods",
@@ -78,6 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         args.experiment, parse_set_args(args.sets), out=args.out, resume=args.resume,
         config_file=args.config, checkpoint_every=args.checkpoint_every,
         progress=False if args.no_progress else None, threads=args.threads,
+        interrupt_after=args.kill_after, interrupt_by_kill=args.kill_after is not None,
     )
     return 0
 

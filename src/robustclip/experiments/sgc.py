@@ -52,7 +52,7 @@ class Config:
     sweep_lrs: tuple[float, ...] = (0.1, 0.3, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
     sweep_epochs: int = 10
     stable_ratio: float = 0.5  # stable: final training loss < stable_ratio * initial loss
-    rho_every: int = 1  # epochs between rho_hat estimates in the main runs
+    rho_every: int = 1  # epochs between rho_hat estimates in the main runs (epochs 0, k, 2k, ...)
     seed: int = 0
     device: str = "auto"
 
@@ -90,8 +90,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     split = load_digits(0.0, seed=cfg.seed)
     x_tr, y_tr = split.x_train.to(device), split.y_train.to(device)
 
-    def rho(model: nn.Module, every: int = cfg.rho_every) -> dict[str, Any]:
-        # the finite-sum rho_hat over the whole training set, as the paper estimates it
+    def rho(model: nn.Module, epoch: int) -> dict[str, Any]:
+        # the finite-sum rho_hat over the whole training set, as the paper estimates it: one
+        # per-sample gradient of every training sample, so only every rho_every epochs
+        if epoch % cfg.rho_every:
+            return {}
         est = estimate_strong_growth(model, _loss, x_tr, y_tr)
         return {"rho_hat": est.rho, "grad_norm": math.sqrt(est.grad_sq_norm)}
 
@@ -109,13 +112,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
             train_eval=(split.x_train, split.y_train),
             device=device,
             extra={"part": part, "lr": lr},
-            on_epoch=rho if part == "main" else _initial_loss_only,
+            # the sweep needs the initial training loss (epoch 0) to judge stability
+            eval_at_start=True,
+            on_epoch=rho if part == "main" else None,
         ))
     return summarize(ctx.records, cfg)
-
-
-def _initial_loss_only(model: nn.Module) -> dict[str, Any]:
-    return {}
 
 
 def summarize(records: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:

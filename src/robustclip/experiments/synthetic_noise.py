@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import robustclip as rc
 from robustclip.data import NOISE_KINDS, heavy_tailed
-from robustclip.experiments._methods import MethodParams, build_method, check_methods
+from robustclip.experiments._methods import MethodParams, build_method, check_methods, step_size
 from robustclip.experiments._plot import Panel, Series, color_for, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, seed_everything
@@ -53,7 +53,7 @@ class Config:
     steps: int = 100  # T
     batch_size: int = 8  # B
     lr: float = 0.1  # step size of Clip-SGD and PS-Clip-SGD
-    nsgd_lr: float = 0.3  # step size of NSGD: lr * clip, the length of a clipped Clip-SGD step
+    nsgd_lr: float = 0.0  # step size of NSGD (0: lr * clip, the length of a clipped Clip-SGD step)
     clip: float = 3.0  # radius c (about the norm of a Gaussian sample's noise, sqrt(d))
     momentum: float = 0.0  # the papers' plain methods
     seeds: int = 200  # runs per (method, regime): the quantiles need many
@@ -67,6 +67,8 @@ class Config:
         for k in ("dim", "steps", "batch_size", "seeds"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}.")
+        if self.nsgd_lr < 0:
+            raise ValueError(f"nsgd_lr must be >= 0 (0: lr * clip), got {self.nsgd_lr}.")
 
 
 def parse_regime(text: str) -> tuple[str, float]:
@@ -137,7 +139,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
             continue
         seed_everything(seed)
         model = NoisyObjective(cfg.dim, cfg.a, cfg.sigma, cfg.x0)
-        lr = cfg.nsgd_lr if method == "NSGD" else cfg.lr
+        lr = step_size(method, cfg.lr, cfg.clip, cfg.nsgd_lr)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
         # the same noise stream for every method at a given (regime, seed): paired comparison
         g = torch.Generator().manual_seed(10_007 * seed + cfg.regimes.index(regime))
