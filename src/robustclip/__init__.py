@@ -30,6 +30,7 @@ from robustclip._norm_transforms import (
 )
 from robustclip._spectral import spectral_clip
 from robustclip._transform import GradientTransform, StepContext, chain, identity
+from robustclip.per_sample import PerSampleFallbackWarning
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "Estimator",
     "GradientTransform",
     "Method",
+    "PerSampleFallbackWarning",
     "StepContext",
     "StepInfo",
     "chain",

@@ -317,8 +317,9 @@ def per_sample_clip(
             from layer-group name (a module path such as ``"fc1"``) to its own ``c_l``.
         per_layer: clip each layer's part of ``g_i`` to its own radius instead of using the
             flat norm over the whole model.
-        engine: ``"auto"`` (the fastest available), ``"vmap"`` (torch.func) or ``"loop"`` (one
-            backward per sample; the reference).
+        engine: ``"auto"`` (the fastest available: ``"hooks"``), ``"hooks"`` (one forward and
+            one backward, no per-sample gradients held), ``"vmap"`` (torch.func) or ``"loop"``
+            (one backward per sample; the reference).
         max_chunk_elements: memory cap of the vmap engine: samples are processed in chunks so
             that chunk x parameters never exceeds this many elements.
 

@@ -1,0 +1,188 @@
+"""Per-sample gradients of a module no rule covers: replay it per sample with torch.func.
+
+The unit's recorded inputs are split by sample and its forward is replayed under
+``vmap(vjp(functional_call(...)))``, with the recorded output gradients as cotangents. This
+needs only the module, not the rest of the model, so a custom layer costs about one extra
+forward and backward of that layer. The first replay of each unit is checked against the
+recorded outputs (one host read); a unit whose replay cannot reproduce them (randomness, such
+as dropout inside it, or mixing of samples) switches to *graph mode*: one backward per sample
+through the unit's own part of the batch's graph, which reuses the real forward pass.
+
+Per-sample gradients of a chunk are materialised and dropped after use: if the unit's
+``B x params`` fit in the budget they are kept for the weighted sum, otherwise they are replayed
+a second time with the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+from robustclip.per_sample._engine import acc_dtype
+from robustclip.per_sample._hooks.capture import Call
+from robustclip.per_sample.rules._terms import DenseTerm, Term
+
+
+class ReplayError(RuntimeError):
+    """The replay cannot reproduce the unit's forward pass (randomness, samples mixing)."""
+
+
+class Replay:
+    """Per-sample gradients of one fallback call, for every trainable parameter of its subtree."""
+
+    def __init__(
+        self,
+        call: Call,
+        grads: list[Tensor],
+        batch: int,
+        params: list[Tensor],
+        budget: int,
+        check: bool,
+        engine: Any,
+    ) -> None:
+        self.call, self.batch, self.engine = call, batch, engine
+        unit = call.unit
+        self.idxs = sorted(set(unit.params.values()))
+        self.pos = {idx: j for j, idx in enumerate(self.idxs)}
+        self.names_of: dict[int, list[str]] = {}
+        for n, idx in unit.params.items():
+            self.names_of.setdefault(idx, []).append(n)
+        self.vals = tuple(params[i].detach() for i in self.idxs)
+        self.grads = grads
+        numel = sum(v.numel() for v in self.vals)
+        self.chunk = max(1, min(batch, budget // max(numel, 1)))
+        self.keep = batch * numel <= budget
+        self.stored: list[Tensor] | None = None
+        self.sq: Tensor | None = None
+        self.weights: dict[int, Tensor] = {}
+        self._weighted: dict[int, Tensor] | None = None
+        self.check = check
+        leaves, self.spec = pytree.tree_flatten((call.args, call.kwargs))
+        self.leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+        self.batched = [
+            i for i, t in enumerate(self.leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch
+        ]
+        self._fn = vmap(self._per_sample, in_dims=(None, 0, 0), randomness="error")
+
+    # -- the vmapped replay ------------------------------------------------------------------------
+    def _per_sample(self, vals: tuple, xs: list, gs: list) -> tuple:
+        call = self.call
+        mod = call.unit.module
+
+        def f(v: tuple) -> list:
+            mapping = {n: t for idx, t in zip(self.idxs, v) for n in self.names_of[idx]}
+            leaves = list(self.leaves)
+            for i, x in zip(self.batched, xs):
+                leaves[i] = x.unsqueeze(0)
+            a, kw = pytree.tree_unflatten(leaves, self.spec)
+            dev, on, dt = call.autocast or ("cpu", False, torch.bfloat16)
+            with torch.autocast(dev, dtype=dt, enabled=on):
+                out = functional_call(mod, mapping, tuple(a), kw)
+            ol = pytree.tree_leaves(out)
+            return [ol[i] for i in call.out_positions]
+
+        primal, pull = vjp(f, vals)
+        (g,) = pull([x.unsqueeze(0) for x in gs])
+        return g, [p.squeeze(0) for p in primal]
+
+    def _chunk(self, sl: slice) -> list[Tensor]:
+        xs = [self.leaves[i][sl] for i in self.batched]
+        gs = [g[sl] for g in self.grads]
+        with self.engine.replaying():
+            try:
+                grads, primal = self._fn(self.vals, xs, gs)
+            except RuntimeError as e:
+                if "random" in str(e):
+                    raise ReplayError(str(e)) from e
+                raise
+        if self.check:
+            for got, ref, ver in zip(primal, self.call.out_values, self.call.out_versions):
+                if ref._version == ver:  # an output changed in place later cannot be compared
+                    _check(got, ref[sl])
+        return list(grads)
+
+    # -- what the engine asks -------------------------------------------------------------------------
+    def run(self) -> None:
+        """First pass: squared norms of every parameter (and the gradients, if they fit)."""
+        sq = torch.zeros(len(self.idxs), self.batch, dtype=acc_dtype(self.vals[0].dtype), device=self.vals[0].device)
+        stored: list[list[Tensor]] = [[] for _ in self.idxs]
+        for s in range(0, self.batch, self.chunk):
+            sl = slice(s, min(s + self.chunk, self.batch))
+            gs = self._chunk(sl)
+            self.check = False
+            for j, g in enumerate(gs):
+                sq[j, sl] = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=sq.dtype).square()
+                if self.keep:
+                    stored[j].append(g)
+        self.sq = sq
+        if self.keep:
+            self.stored = [torch.cat(s) for s in stored]
+
+    def materialize(self, idx: int, sl: slice) -> Tensor:
+        if self.stored is not None:
+            return self.stored[self.pos[idx]][sl]
+        return self._chunk(sl)[self.pos[idx]]
+
+    def weighted(self, idx: int) -> Tensor:
+        if self.stored is not None:
+            g = self.stored[self.pos[idx]]
+            return torch.tensordot(self.weights[idx].to(g.dtype), g, dims=1)
+        if self._weighted is None:  # second replay, every parameter at once
+            acc = [torch.zeros_like(v) for v in self.vals]
+            for s in range(0, self.batch, self.chunk):
+                sl = slice(s, min(s + self.chunk, self.batch))
+                for j, g in enumerate(self._chunk(sl)):
+                    acc[j] += torch.tensordot(self.weights[self.idxs[j]][sl].to(g.dtype), g, dims=1)
+            self._weighted = dict(zip(self.idxs, acc))
+        return self._weighted[idx]
+
+
+class ReplayTerm(Term):
+    def __init__(self, replay: Replay, idx: int) -> None:
+        v = replay.vals[replay.pos[idx]]
+        super().__init__(replay.batch, v.shape, v.dtype)
+        self.replay, self.idx = replay, idx
+        assert replay.sq is not None
+        self.precomputed_sq = replay.sq[replay.pos[idx]]
+
+    def materialize(self, sl: slice) -> Tensor:
+        return self.replay.materialize(self.idx, sl)
+
+    def weighted(self, w: Tensor) -> Tensor:
+        self.replay.weights[self.idx] = w
+        return self.replay.weighted(self.idx)
+
+
+def graph_mode_terms(call: Call, grads: list[Tensor], batch: int, params: list[Tensor]) -> dict[int, Term]:
+    """One backward per sample through the unit's part of the batch's own graph.
+
+    Exact whatever the unit does (dropout included), at ``B`` backward passes of the unit; the
+    graph must still be alive (the engine retains it for units in this mode).
+    """
+    idxs = sorted(set(call.unit.params.values()))
+    ps = [params[i] for i in idxs]
+    outs = list(call.out_edges)
+    per: list[list[Tensor]] = [[] for _ in idxs]
+    for i in range(batch):
+        gi = []
+        for g in grads:
+            m = torch.zeros_like(g)
+            m[i] = g[i]
+            gi.append(m)
+        got = torch.autograd.grad(outs, ps, grad_outputs=gi, retain_graph=True, allow_unused=True)
+        for j, (p, g) in enumerate(zip(ps, got)):
+            per[j].append(torch.zeros_like(p) if g is None else g)
+    return {idx: DenseTerm(torch.stack(per[j])) for j, idx in enumerate(idxs)}
+
+
+def _check(got: Tensor, ref: Tensor) -> None:
+    got, ref = got.detach().float(), ref.detach().float()
+    scale = max(float(ref.abs().amax()) if ref.numel() else 0.0, 1.0)
+    half = ref.dtype in (torch.float16, torch.bfloat16)
+    tol = (1e-2 if half else 1e-4) * scale
+    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=0, atol=tol):
+        raise ReplayError("the replay of the module one sample at a time does not reproduce its output")

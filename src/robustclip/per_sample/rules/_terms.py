@@ -1,0 +1,324 @@
+"""What a layer rule hands the hook engine: each sample's gradient of one parameter, in factored form.
+
+A rule never returns ``B x params`` per-sample gradients. It returns a *term* per parameter and
+per call of the layer, a lazy description of the per-sample gradients ``g_i`` from which the
+engine can get, at its choice,
+
+* the per-sample squared norms ``||g_i||^2`` (several ways, priced by :func:`plan`),
+* the per-sample gradients of a chunk of samples (to check, or to keep when that is cheaper),
+* the weighted sum ``sum_i w_i g_i`` (the clipped gradient), in one matmul or scatter.
+
+Two kinds of term cover every layer robustclip knows:
+
+:class:`OuterTerm`
+    ``g_i = sum_{k,t} u_{i,k,t} (x) v_{i,k,t}`` reshaped to the parameter: a sum of outer
+    products over ``T`` positions (tokens, pixels) in ``K`` independent blocks (convolution
+    groups). Linear: ``u`` = output gradient, ``v`` = input; Conv: ``v`` = unfolded input
+    patches; Embedding: ``u`` = one-hot of the token index (stored as the index), ``v`` = output
+    gradient. Its squared norm has the "ghost" form ``<U_i U_i^T, V_i V_i^T>`` (Goodfellow 2015,
+    arXiv:1510.01799; Li et al., arXiv:2110.05679, for sequences) that costs ``T^2 (n_u + n_v)``
+    instead of materialising ``T n_u n_v`` (Bu et al., mixed ghost clipping, arXiv:2205.10683).
+:class:`DenseTerm`
+    the per-sample gradients themselves, ``(B, *shape)``, when they are no larger than the
+    activations they come from (biases, normalisation scales, fallbacks).
+
+Several terms for the same parameter (tied embeddings, a layer called twice) add up: the
+per-sample gradient is their sum, and the ghost form then needs the cross Grams
+``<U_a U_b^T, V_a V_b^T>``, which :func:`gram` computes for any pair of dense or index factors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from robustclip.per_sample._engine import acc_dtype
+
+
+class Term:
+    """One use of one parameter by one call: the per-sample gradients ``g_i``, lazily."""
+
+    #: squared norms computed on the way (fallback replays), or None
+    precomputed_sq: Tensor | None = None
+
+    def __init__(self, batch: int, shape: torch.Size, dtype: torch.dtype) -> None:
+        self.batch = batch
+        self.shape = torch.Size(shape)
+        self.dtype = dtype  # the dtype the layer computed in (bf16 under autocast)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def hold_bytes(self) -> int:
+        """Bytes of activations and output gradients this term keeps alive."""
+        return 0
+
+    def materialize(self, sl: slice) -> Tensor:
+        """Per-sample gradients of samples ``sl``: ``(b, *shape)``."""
+        raise NotImplementedError
+
+    def transient_per_sample(self) -> int:
+        """Elements per sample that :meth:`materialize` allocates (its output and scratch)."""
+        return self.numel
+
+    def weighted(self, w: Tensor) -> Tensor:
+        """``sum_i w_i g_i`` (shape ``shape``) for weights ``w`` of shape ``(B,)``."""
+        raise NotImplementedError
+
+    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
+        """``out += sum_i w_i g_i``; subclasses fuse the sum into ``out`` when they can."""
+        out.add_(self.weighted(w).to(out.dtype))
+
+    def materialize_cost(self) -> float:
+        """Multiply-adds to materialise every sample's gradient."""
+        return float(self.batch * self.numel)
+
+
+class DenseTerm(Term):
+    """Per-sample gradients already materialised: ``g`` of shape ``(B, *shape)``."""
+
+    def __init__(self, g: Tensor) -> None:
+        super().__init__(g.shape[0], g.shape[1:], g.dtype)
+        self.g = g
+
+    def hold_bytes(self) -> int:
+        return self.g.numel() * self.g.element_size()
+
+    def materialize(self, sl: slice) -> Tensor:
+        return self.g[sl]
+
+    def weighted(self, w: Tensor) -> Tensor:
+        return torch.tensordot(w.to(self.g.dtype), self.g, dims=1)
+
+    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
+        add_weighted_rows_(out, self.g, w)
+
+
+def add_weighted_rows_(out: Tensor, g: Tensor, w: Tensor) -> None:
+    """``out += sum_i w_i g[i]`` in one matrix-vector product, without a temporary."""
+    if g.dtype == out.dtype and out.is_contiguous():
+        out.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), w.to(g.dtype))
+    else:
+        out.add_(torch.tensordot(w.to(g.dtype), g, dims=1).to(out.dtype))
+
+
+class OuterTerm(Term):
+    """``g_i = reshape(sum_{k,t} u[i,k,t] (x) v[i,k,t], shape)``; see the module docstring.
+
+    Args:
+        u: ``(B, K, T, n_u)`` dense factor, or ``(B, K, T)`` integer indices into ``n_u`` (a
+            one-hot factor stored as its index; rows to ignore must have ``v`` zeroed).
+        v: ``(B, K, T, n_v)`` dense factor.
+        n_u: size of the ``u`` side (needed for index factors).
+        shape: the parameter's shape; ``(K, n_u, n_v)`` must reshape to it.
+    """
+
+    def __init__(self, u: Tensor, v: Tensor | None, n_u: int, shape: torch.Size, dtype: torch.dtype) -> None:
+        super().__init__(u.shape[0], shape, dtype)
+        self.u = u
+        self.v = v
+        self.index = not u.is_floating_point()
+        self.n_u = int(n_u)
+
+    # -- geometry (subclasses with lazy factors override these) -------------------------------
+    @property
+    def K(self) -> int:  # noqa: N802 - the paper's symbol
+        return self.u.shape[1]
+
+    @property
+    def T(self) -> int:  # noqa: N802
+        return self.u.shape[2]
+
+    @property
+    def n_v(self) -> int:
+        return self.numel // (self.K * self.n_u)
+
+    def u_chunk(self, sl: slice) -> Tensor:
+        return self.u[sl]
+
+    def v_chunk(self, sl: slice) -> Tensor:
+        assert self.v is not None
+        return self.v[sl]
+
+    def u_gram(self, sl: slice) -> Tensor:
+        """``<u_t, u_s>`` for samples ``sl``: ``(b, K, T, T)`` in float32 at least."""
+        return self_gram(self.u_chunk(sl))
+
+    def v_gram(self, sl: slice) -> Tensor:
+        return self_gram(self.v_chunk(sl))
+
+    def hold_bytes(self) -> int:
+        n = self.u.numel() * self.u.element_size()
+        if self.v is not None:
+            n += self.v.numel() * self.v.element_size()
+        return n
+
+    # -- per-sample gradients -------------------------------------------------------------------
+    def materialize(self, sl: slice) -> Tensor:
+        u, v = self.u_chunk(sl), self.v_chunk(sl)
+        b = u.shape[0]
+        if self.index:
+            out = v.new_zeros((b, self.K, self.n_u, v.shape[-1]))
+            out.scatter_add_(2, u.unsqueeze(-1).expand(*u.shape, v.shape[-1]), v)
+        else:
+            out = torch.matmul(u.to(self.dtype).transpose(-1, -2), v.to(self.dtype))
+        return out.reshape(b, *self.shape)
+
+    def materialize_cost(self) -> float:
+        if self.index:  # zero-fill plus a scatter of the T rows
+            return float(self.batch * self.K * (self.n_u * self.n_v + self.T * self.n_v))
+        return float(self.batch * self.K * self.T * self.n_u * self.n_v)
+
+    def weighted(self, w: Tensor) -> Tensor:
+        b, k, t = self.batch, self.K, self.T
+        u, v = self.u_chunk(slice(None)), self.v_chunk(slice(None))
+        dt = self.dtype
+        if self.index:
+            vw = v.to(dt) * w.to(dt).view(b, 1, 1, 1)
+            offs = (torch.arange(k, device=u.device) * self.n_u).view(1, k, 1)
+            out = vw.new_zeros((k * self.n_u, vw.shape[-1]))
+            out.index_add_(0, (u + offs).reshape(-1), vw.reshape(-1, vw.shape[-1]))
+            return out.reshape(self.shape)
+        u, v = self._scaled(u, v, w)
+        if k == 1:
+            out = u.reshape(b * t, -1).t() @ v.reshape(b * t, -1)
+        else:
+            out = torch.einsum("bktn,bktm->knm", u, v)
+        return out.reshape(self.shape)
+
+    def _scaled(self, u: Tensor, v: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        # scale whichever factor is smaller: one elementwise pass, then ONE matmul over B*T
+        dt, b = self.dtype, self.batch
+        u, v = u.to(dt), v.to(dt)
+        if u.shape[-1] <= v.shape[-1]:
+            return u * w.to(dt).view(b, 1, 1, 1), v
+        return u, v * w.to(dt).view(b, 1, 1, 1)
+
+    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
+        if self.index or self.K != 1 or out.dtype != self.dtype or not out.is_contiguous():
+            return super().add_weighted_(out, w)
+        u, v = self._scaled(self.u_chunk(slice(None)), self.v_chunk(slice(None)), w)
+        bt = self.batch * self.T
+        out.view(self.n_u, -1).addmm_(u.reshape(bt, -1).t(), v.reshape(bt, -1))
+
+
+# -- norms ---------------------------------------------------------------------------------------
+
+
+def gram(x: Tensor, y: Tensor) -> Tensor:
+    """``<x_t, y_s>`` for all position pairs: ``(b, K, Tx, n)``, ``(b, K, Ty, n)`` -> ``(b, K, Tx, Ty)``.
+
+    Integer tensors ``(b, K, T)`` stand for one-hot rows, so index/index is an equality test and
+    index/dense a gather: neither builds the one-hot matrix.
+    """
+    xi, yi = not x.is_floating_point(), not y.is_floating_point()
+    if xi and yi:
+        return (x.unsqueeze(-1) == y.unsqueeze(-2)).float()
+    if xi:
+        return gram(y, x).transpose(-1, -2)
+    dt = acc_dtype(x.dtype)
+    if yi:
+        # <x_t, e_{y_s}> = x_t[y_s]
+        b, k, tx, _ = x.shape
+        idx = y.unsqueeze(-2).expand(b, k, tx, y.shape[-1])
+        return x.to(dt).gather(-1, idx)
+    if x.shape[-2] == 1 and y.shape[-2] == 1:  # 2-D inputs: a row dot product, no matmul
+        return (x.to(dt) * y.to(dt)).sum(-1, keepdim=True)
+    return torch.matmul(x.to(dt), y.to(dt).transpose(-1, -2))
+
+
+def self_gram(x: Tensor) -> Tensor:
+    """``gram(x, x)``; for a single position (2-D inputs) the squared row norms, no temporary."""
+    if x.is_floating_point() and x.shape[-2] == 1:
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype(x.dtype)).square()
+    return gram(x, x)
+
+
+def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
+    """``||sum_a g_{a,i}||^2`` from the factors only: ``sum_{a,b} <U_a U_b^T, V_a V_b^T>``."""
+    batch = terms[0].batch
+    tt = sum(t.T for t in terms)
+    per_sample = 2 * terms[0].K * tt * tt + 1
+    chunk = max(1, min(batch, budget // per_sample))
+    dt = acc_dtype(terms[0].dtype)
+    out = []
+    for s in range(0, batch, chunk):
+        sl = slice(s, min(s + chunk, batch))
+        acc = None
+        if len(terms) == 1:  # a term may know a cheaper way to its own Grams
+            acc = (terms[0].u_gram(sl) * terms[0].v_gram(sl)).sum(dim=(1, 2, 3))
+        else:
+            us = [t.u_chunk(sl) for t in terms]
+            vs = [t.v_chunk(sl) for t in terms]
+            for a in range(len(terms)):
+                for b in range(a, len(terms)):
+                    val = (gram(us[a], us[b]) * gram(vs[a], vs[b])).sum(dim=(1, 2, 3))
+                    if b != a:
+                        val = 2 * val
+                    acc = val if acc is None else acc + val
+        assert acc is not None
+        out.append(acc.to(dt))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def index_sq_norms(term: OuterTerm) -> Tensor:
+    """Exact squared norms of an embedding-like term in ``O(B T n_v)``, without ``T^2`` or ``n_u``.
+
+    Sample ``i``'s gradient has one row per *distinct* index: the sum of the ``v`` rows that share
+    it. Sorting each sample's indices finds, for every position, the group of equal indices it
+    belongs to; scattering ``v`` into those groups and squaring gives the norm. No host sync:
+    every shape is fixed.
+    """
+    u, v = term.u, term.v
+    assert v is not None
+    b, k, t = u.shape
+    flat_u = u.reshape(b * k, t)
+    srt, perm = flat_u.sort(dim=1)
+    new = torch.ones_like(srt, dtype=torch.long)
+    new[:, 1:] = (srt[:, 1:] != srt[:, :-1]).long()
+    gid_sorted = new.cumsum(1) - 1
+    gid = torch.empty_like(gid_sorted).scatter_(1, perm, gid_sorted)
+    vv = v.reshape(b * k, t, -1).to(acc_dtype(v.dtype))
+    sums = torch.zeros_like(vv).scatter_add_(1, gid.unsqueeze(-1).expand_as(vv), vv)
+    return sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1)
+
+
+def sum_materialized(terms: Sequence[Term], sl: slice) -> Tensor:
+    g = terms[0].materialize(sl)
+    for t in terms[1:]:
+        g = g + t.materialize(sl)
+    return g
+
+
+def plan(terms: Sequence[Term], keep_ok: bool) -> str:
+    """How to get one parameter's per-sample norms, by a cost model.
+
+    * ``"keep"``: materialise every sample's gradient and keep it for the weighted sum. Chosen
+      when it is no larger than the activations and output gradients it lets the engine free
+      (``keep_ok``), because then it is the cheapest in time (one batched matmul replaces the
+      weight-gradient matmul) *and* does not raise the peak memory.
+    * ``"index"``: the sort-based exact norm of a single embedding term.
+    * ``"ghost"``: the Gram form, when ``T^2 (n_u + n_v)`` beats ``T n_u n_v``.
+    * ``"chunks"``: materialise a chunk of samples at a time, take the norms, free.
+    """
+    if all(isinstance(t, DenseTerm) for t in terms):
+        return "keep"
+    if keep_ok:
+        return "keep"
+    if not all(isinstance(t, OuterTerm) for t in terms):
+        return "chunks"
+    outer = [t for t in terms if isinstance(t, OuterTerm)]
+    if len(outer) == 1 and outer[0].index:
+        return "index"
+    mat = sum(t.materialize_cost() for t in outer) + outer[0].batch * outer[0].numel
+    ghost = 0.0
+    for a in outer:
+        for b in outer:
+            cu = a.n_u if not (a.index or b.index) else 1
+            cv = a.n_v
+            ghost += a.batch * a.K * a.T * b.T * (cu + cv + 1)
+    return "ghost" if ghost < mat else "chunks"

@@ -1,0 +1,445 @@
+"""The hook engine on whole models, against the reference loop (one backward per sample).
+
+Every comparison runs the same model (a deep copy, same weights) through the reference
+``LoopEngine`` and the ``HookEngine`` and asks for equal clipped sums and per-sample norms,
+relative error <= 1e-5 in float32, directly and through ``rc.Clipper``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robustclip as rc
+from robustclip.models import MLP, CharGPT, SmallCNN, sequence_losses
+from robustclip.per_sample import (
+    HookEngine,
+    LoopEngine,
+    ParamLayout,
+    PerSampleFallbackWarning,
+    VmapEngine,
+)
+
+RTOL = 1e-5
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+class GatedCustom(nn.Module):
+    """A layer no rule covers: its own weight used through a matmul, and a gate."""
+
+    def __init__(self, d: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) * 0.3)
+        self.gate = nn.Parameter(torch.ones(d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(torch.tanh(x @ self.w)) * self.gate
+
+
+class Mixed(nn.Module):
+    """Conv1d, GroupNorm, RMSNorm, an Embedding with padding_idx tied to the output head, an
+    unsupported custom layer, and bare parameters (a layer scale and a bias)."""
+
+    def __init__(self, vocab: int = 13, d: int = 12, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.conv = nn.Conv1d(d, d, 3, padding=1)
+        self.gn = nn.GroupNorm(3, d)
+        self.rms = nn.RMSNorm(d)
+        self.custom = GatedCustom(d, dropout)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.beta = nn.Parameter(torch.linspace(-0.1, 0.1, d))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = self.gn(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        h = self.custom(self.rms(h)) * self.gamma + self.beta
+        return self.head(h)
+
+
+class SharedTwice(nn.Module):
+    """One Linear called twice in a forward pass: its per-sample gradient sums both calls."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(torch.relu(self.lin(x)))))
+
+
+class BareMatmul(nn.Module):
+    """A bare weight used through a matmul: no rule models it, the whole model falls back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.w = nn.Parameter(torch.randn(4, 3) * 0.5)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) @ self.w
+
+
+class SeqFirst(nn.Module):
+    """Keeps the batch in dimension 1 around a Linear (like batch_first=False layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (B, T, 4)
+        return self.lin(torch.tanh(x.transpose(0, 1)) * x.transpose(0, 1).mean(1, keepdim=True)).transpose(0, 1)
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.lin(x)
+        x.mul_(2.0)  # changes the input the layer saw
+        return y
+
+
+def mlp_case(inplace=False, dropout=0.0):
+    model = MLP([10, 8, 8, 4], inplace=inplace)
+    if dropout:
+        model.insert(2, nn.Dropout(dropout))
+    x, y = torch.randn(7, 10), torch.randint(0, 4, (7,))
+    return model, x, lambda out: F.cross_entropy(out, y, reduction="none")
+
+
+def cnn_case(norm=None):
+    model = SmallCNN(channels=(4, 8), hidden=16, num_classes=5, image_size=16, norm=norm)
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 5, (5,))
+    return model, x, lambda out: F.cross_entropy(out, y, reduction="none")
+
+
+def gpt_case(tied=False):
+    model = CharGPT(vocab=11, block_size=8, d=16, layers=2, heads=2, tied=tied)
+    x, y = torch.randint(0, 11, (5, 8)), torch.randint(0, 11, (5, 8))
+    return model, x, lambda out: sequence_losses(out, y)
+
+
+def mixed_case(dropout=0.0):
+    model = Mixed(dropout=dropout)
+    x = torch.randint(0, 13, (6, 7))
+    x[0, :3] = 0  # padding tokens
+    y = torch.randint(0, 13, (6, 7))
+    return model, x, lambda out: sequence_losses(out, y)
+
+
+def shared_case():
+    model = SharedTwice()
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    return model, x, lambda out: F.cross_entropy(out, y, reduction="none")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def clip_weights(c):
+    def weight_fn(sq):
+        return torch.clamp(c / sq.sum(0, keepdim=True).sqrt().clamp_min(1e-30), max=1.0)
+
+    return weight_fn
+
+
+def run_engine(engine_cls, model, x, losses_fn, weight_fn, seed=0, steps=1):
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = engine_cls(model, ParamLayout.build(model, params))
+    engine.attach()
+    outs, norms = [], []
+    try:
+        for s in range(steps):
+            torch.manual_seed(seed + s)  # the same dropout masks for every engine
+            out = [torch.zeros_like(p) for p in params]
+            norms.append(engine.accumulate(losses_fn(model(x)), weight_fn, out))
+            outs.append(out)
+    finally:
+        engine.detach()
+    return outs, norms, engine
+
+
+def assert_rel_close(got, ref, rtol=RTOL, what=""):
+    """Per tensor: ``||g - r|| <= rtol ||r|| + 0.1 rtol ||ref||`` (the second term absorbs the
+    rounding noise of gradients that are zero in exact arithmetic, e.g. a bias before a norm)."""
+    total = sum(float(r.double().pow(2).sum()) for r in ref) ** 0.5
+    for g, r in zip(got, ref):
+        err = float((g.double() - r.double()).norm())
+        scale = float(r.double().norm())
+        assert err <= rtol * scale + 0.1 * rtol * total + 1e-30, (
+            f"{what}: relative error {err / max(scale, 1e-30):.2e} (tensor norm {scale:.2e}, all {total:.2e})"
+        )
+
+
+def compare_engines(case, c=None, steps=1, **kw):
+    model, x, losses_fn = case
+    ref_model = copy.deepcopy(model)
+    if c is None:  # clip about half of the samples
+        _, n, _ = run_engine(LoopEngine, copy.deepcopy(model), x, losses_fn, clip_weights(1e30))
+        c = float(n[0].pow(2).sum(0).sqrt().median())
+    wf = clip_weights(c)
+    ref_out, ref_norms, _ = run_engine(LoopEngine, ref_model, x, losses_fn, wf, steps=steps)
+    out, norms, engine = run_engine(HookEngine, model, x, losses_fn, wf, steps=steps, **kw)
+    for s in range(steps):
+        assert_rel_close(out[s], ref_out[s], what=f"clipped sum, step {s}")
+        assert_rel_close([norms[s]], [ref_norms[s]], what=f"norms, step {s}")
+        assert norms[s].dtype == torch.float32
+    return engine
+
+
+# -- whole models against the reference loop ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(mlp_case, id="mlp"),
+        pytest.param(lambda: mlp_case(inplace=True), id="mlp-inplace-relu"),
+        pytest.param(cnn_case, id="cnn"),
+        pytest.param(lambda: cnn_case(norm="group"), id="cnn-groupnorm"),
+        pytest.param(gpt_case, id="gpt"),
+        pytest.param(lambda: gpt_case(tied=True), id="gpt-tied"),
+        pytest.param(shared_case, id="module-called-twice"),
+    ],
+)
+def test_models_match_reference_loop(case):
+    compare_engines(case(), steps=2)
+
+
+def test_mixed_model_with_fallback_bare_and_tied_parameters():
+    with pytest.warns(PerSampleFallbackWarning, match="'custom' \\(GatedCustom\\)"):
+        compare_engines(mixed_case(), steps=2)
+
+
+def test_fallback_module_with_dropout_uses_the_real_graph():
+    with pytest.warns(PerSampleFallbackWarning, match="custom"):
+        compare_engines(mixed_case(dropout=0.3), steps=2)
+
+
+def test_input_that_requires_grad():
+    # the first layer's input is a leaf that requires grad (e.g. adversarial training)
+    model, x, losses_fn = mlp_case()
+    compare_engines((model, x.requires_grad_(True), losses_fn), steps=2)
+
+
+def test_frozen_parameters_that_still_require_grad():
+    # an embedding that requires grad but is not trained: no requested gradient lies below the
+    # trained layer, whose output gradient must then be requested explicitly
+    emb, lin = nn.Embedding(9, 5), nn.Linear(5, 3)
+    model = nn.Sequential(emb, lin)
+    x = torch.randint(0, 9, (6, 4))
+    ref = copy.deepcopy(model)
+    wf = clip_weights(0.05)
+    results = []
+    for cls, m in ((LoopEngine, ref), (HookEngine, model)):
+        params = list(m[1].parameters())
+        engine = cls(m, ParamLayout.build(m, params))
+        engine.attach()
+        out = [torch.zeros_like(p) for p in params]
+        norms = engine.accumulate(m(x).pow(2).sum((1, 2)), wf, out)
+        engine.detach()
+        results.append((out, norms))
+    assert_rel_close(results[1][0], results[0][0], what="clipped sum")
+    assert_rel_close([results[1][1]], [results[0][1]], what="norms")
+
+
+def test_dropout_in_the_model():
+    compare_engines(mlp_case(dropout=0.4), steps=2)
+
+
+def test_bare_parameter_in_a_matmul_falls_back_for_the_whole_model():
+    model = BareMatmul()
+    x, y = torch.randn(5, 5), torch.randint(0, 3, (5,))
+
+    def losses_fn(out):
+        return F.cross_entropy(out, y, reduction="none")
+
+    with pytest.warns(PerSampleFallbackWarning, match="'w' is used directly by MmBackward0"):
+        engine = compare_engines((model, x, losses_fn), steps=2)
+    assert isinstance(engine._delegate, VmapEngine)
+
+
+def test_unbatched_layer_output_used_by_a_matmul_falls_back():
+    class Basis(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.register_buffer("basis", torch.eye(4))
+
+        def forward(self, x):
+            return x @ self.proj(self.basis)  # proj's output has no batch dimension
+
+    model = Basis()
+    x = torch.randn(6, 4)
+    with pytest.warns(PerSampleFallbackWarning, match="without a batch dimension"):
+        compare_engines((model, x, lambda out: out.pow(2).sum(1)), steps=2)
+
+
+def test_batch_not_first_is_never_silently_wrong():
+    # T != B: the layer's output is recognised as not batch-first and the model falls back
+    model = SeqFirst()
+    x = torch.randn(3, 5, 4)
+    with pytest.warns(PerSampleFallbackWarning):
+        compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))))
+    # T == B: shapes cannot tell; the first-step check against autograd raises
+    x = torch.randn(4, 4, 4)
+    with pytest.raises(ValueError, match="disagrees with autograd"):
+        compare_engines((SeqFirst(), x, lambda out: out.pow(2).sum((1, 2))))
+
+
+def test_input_changed_in_place_after_the_layer_raises():
+    # autograd would catch this only when computing the weight gradient, which the engine skips
+    model = InPlaceAfter()
+    params = list(model.parameters())
+    engine = HookEngine(model, ParamLayout.build(model, params), verify=False)
+    engine.attach()
+    with pytest.raises(ValueError, match="modified in place"):
+        engine.accumulate(model(torch.randn(3, 4)).pow(2).sum(1), clip_weights(1.0), [torch.zeros_like(p) for p in params])
+    engine.detach()
+
+
+def test_batchnorm_in_eval_mode_falls_back_per_module():
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    model[1].eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(7, 5)
+    with pytest.warns(PerSampleFallbackWarning, match="BatchNorm1d"):
+        compare_engines((model, x, lambda out: out.pow(2).sum(1)), steps=2)
+
+
+def test_bf16_autocast_norms_in_float32():
+    model, x, losses_fn = gpt_case()
+    ref = copy.deepcopy(model)
+
+    def autocast_losses(m):
+        def f(out):
+            return losses_fn(out.float())
+
+        return f
+
+    wf = clip_weights(0.05)
+    results = []
+    for cls, m in ((LoopEngine, ref), (HookEngine, model)):
+        params = list(m.parameters())
+        engine = cls(m, ParamLayout.build(m, params))
+        engine.attach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(x)
+        out = [torch.zeros_like(p) for p in params]
+        norms = engine.accumulate(autocast_losses(m)(logits), wf, out)
+        engine.detach()
+        results.append((out, norms))
+    (ref_out, ref_norms), (out, norms) = results
+    assert norms.dtype == torch.float32
+    assert all(o.dtype == torch.float32 for o in out)
+    assert_rel_close([norms], [ref_norms], rtol=3e-2, what="bf16 norms")
+    assert_rel_close([torch.cat([o.flatten() for o in out])], [torch.cat([o.flatten() for o in ref_out])], rtol=5e-2, what="bf16 clipped sum")
+
+
+# -- through the Clipper ---------------------------------------------------------------------------------
+
+
+def clipper_grads(model, x, y, estimator, micro=1):
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), estimator)
+    torch.manual_seed(0)
+    for xb, yb in zip(x.chunk(micro), y.chunk(micro)):
+        clipper.backward(sequence_losses(model(xb), yb))
+    info = clipper.step()
+    clipper.close()
+    return [p.grad.clone() for p in model.parameters()], info
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda engine: rc.per_sample_clip(0.05, engine=engine), id="clip"),
+        pytest.param(lambda engine: rc.per_sample_clip(0.02, per_layer=True, engine=engine), id="per-layer"),
+        pytest.param(lambda engine: rc.per_sample_normalize(0.01, engine=engine), id="normalize"),
+        pytest.param(
+            lambda engine: rc.chain(rc.per_sample_clip(0.05, engine=engine), rc.clip_by_global_norm(0.01)),
+            id="chain",
+        ),
+    ],
+)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_clipper_with_hooks_matches_loop(make, micro):
+    model = CharGPT(vocab=11, block_size=6, d=8, layers=1, heads=2, tied=True)
+    x, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 11, (6, 6))
+    ref, ref_info = clipper_grads(copy.deepcopy(model), x, y, make("loop"), micro)
+    got, info = clipper_grads(model, x, y, make("hooks"), micro)
+    assert_rel_close(got, ref, what="clipper gradient")
+    assert_rel_close([info.per_sample_norms], [ref_info.per_sample_norms], what="per-sample norms")
+    assert torch.equal(info.clipped_fraction, ref_info.clipped_fraction)
+
+
+def test_auto_engine_is_the_hook_engine():
+    model, _, _ = mlp_case()
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(1.0))
+    assert isinstance(clipper.engine, HookEngine)
+    clipper.close()
+
+
+def test_close_removes_the_hooks():
+    model, x, losses_fn = mlp_case()
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(1.0, engine="hooks"))
+    engine = clipper.engine
+    clipper.close()
+    model(x)
+    assert engine._calls == [] and engine._handles == []
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_evaluation_passes_are_not_recorded():
+    model, x, losses_fn = mlp_case()
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.per_sample_clip(1.0, engine="hooks"))
+    with torch.no_grad():
+        model(x)
+    assert clipper.engine._calls == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipper.backward(losses_fn(model(x)))
+        clipper.step()
+    clipper.close()
+
+
+# -- DDP ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    import torch.multiprocessing as tmp
+
+    from tests import _ddp_hooks_worker as w
+
+    tmp.spawn(w.worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model, xs, ys = w.make_problem()
+    w.train(model, xs, ys, engine="loop")
+    ref = [p.detach() for p in model.parameters()]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_rel_close(got, ref, what=f"rank {rank} parameters")
+
+
+def test_forward_passes_without_backward_warn():
+    model, x, _ = mlp_case()
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.per_sample_clip(1.0, engine="hooks"))
+    with pytest.warns(RuntimeWarning, match="without a clipper.backward"):
+        for _ in range(64):
+            model(x)
+    clipper.close()

@@ -1,0 +1,271 @@
+"""Each layer rule of the hook engine against the batch-of-one oracle, shapes drawn by hypothesis.
+
+The oracle runs the layer on one sample at a time (a batch of one) and differentiates that
+sample's loss: the definition of a per-sample gradient, sharing nothing with the engine. Every
+norm strategy the engine may pick ("keep", "ghost", "chunks", "index") is forced in turn, with
+chunks of one sample and of the whole batch, so each code path meets the oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from robustclip.per_sample import HookEngine, ParamLayout
+from robustclip.per_sample.rules import RULES, rule_for
+from robustclip.per_sample.rules._terms import gram
+from robustclip.per_sample.rules.conv import ConvTerm
+
+SETTINGS = settings(max_examples=15, deadline=None)
+PLANS = (None, "keep", "ghost", "chunks", "index")
+
+
+def _losses(out: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # a nonlinear per-sample loss: the output gradient differs from sample to sample
+    return (torch.tanh(out) * r).flatten(1).sum(1)
+
+
+def check_rule(layer: nn.Module, x: torch.Tensor, unbatched_ok: bool = False) -> None:
+    """The engine's per-sample norms and clipped sum equal the batch-of-one oracle's."""
+    model = nn.Sequential(layer).double()
+    if x.is_floating_point():
+        x = x.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = x.shape[0]
+    with torch.no_grad():
+        r = torch.randn_like(model(x))
+    grads = []
+    for i in range(batch):  # the oracle: a batch of one
+        loss = _losses(model(x[i : i + 1]), r[i : i + 1]).sum()
+        got = torch.autograd.grad(loss, params, allow_unused=True)
+        grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, got)])
+    norms = torch.stack([sum(g.pow(2).sum() for g in gi) for gi in grads]).sqrt()
+    c = float(norms.median()) + 1e-12
+    w = torch.clamp(c / norms.clamp_min(1e-30), max=1.0)
+    ref = [sum(w[i] * grads[i][k] for i in range(batch)) for k in range(len(params))]
+
+    def weight_fn(sq: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(c / sq.sum(0, keepdim=True).sqrt().clamp_min(1e-30), max=1.0)
+
+    layout = ParamLayout.build(model, params)
+    for plan in PLANS:
+        for transient in (1, 2**23):
+            engine = HookEngine(model, layout)
+            engine._plan_override = plan
+            engine.transient_elements = transient
+            engine.attach()
+            try:
+                out = [torch.zeros_like(p) for p in params]
+                got_norms = engine.accumulate(_losses(model(x), r), weight_fn, out)
+            finally:
+                engine.detach()
+            flat = got_norms.pow(2).sum(0).sqrt()
+            torch.testing.assert_close(flat, norms, rtol=1e-9, atol=1e-12, msg=f"norms, plan={plan}")
+            for o, e in zip(out, ref):
+                torch.testing.assert_close(o, e, rtol=1e-9, atol=1e-12, msg=f"clipped sum, plan={plan}")
+
+
+@contextlib.contextmanager
+def conv_matmul_path():
+    """The im2col + matmul path that non-CPU devices take, exercised on CPU."""
+    with mock.patch.object(ConvTerm, "grouped", new=property(lambda self: False)):
+        yield
+
+
+# -- Linear ---------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    bias=st.booleans(),
+    frozen_weight=st.booleans(),
+)
+def test_linear(batch, mid, d_in, d_out, bias, frozen_weight):
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    if frozen_weight and bias:
+        layer.weight.requires_grad_(False)  # bias-only training (BitFit)
+    check_rule(layer, torch.randn(batch, *mid, d_in))
+
+
+# -- Conv1d / Conv2d ------------------------------------------------------------------------------
+
+
+@st.composite
+def conv_cases(draw, nd: int):
+    groups = draw(st.sampled_from([1, 2]))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    mode = draw(st.sampled_from(["zeros", "reflect", "circular", "same"]))
+    stride = (1,) * nd if mode == "same" else tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    size = tuple(draw(st.integers(4, 7)) for _ in range(nd))
+    if mode == "same":
+        padding: object = "same"
+        padding_mode = "zeros"
+    else:
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
+        padding_mode = mode
+        if mode == "reflect":
+            padding = tuple(min(p, s - 1) for p, s in zip(padding, size))
+    for i in range(nd):  # the output must not be empty
+        pad = 2 * padding[i] if padding != "same" else dilation[i] * (k[i] - 1)
+        if size[i] + pad < dilation[i] * (k[i] - 1) + 1:
+            size = size[:i] + (dilation[i] * (k[i] - 1) + 1,) + size[i + 1 :]
+    cls = nn.Conv1d if nd == 1 else nn.Conv2d
+    layer = cls(
+        c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=draw(st.booleans()), padding_mode=padding_mode,
+    )  # fmt: skip
+    batch = draw(st.integers(1, 3))
+    return layer, torch.randn(batch, c_in, *size), draw(st.booleans())
+
+
+SAME_PADDING_WARNING = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+@SAME_PADDING_WARNING
+@SETTINGS
+@given(case=conv_cases(1))
+def test_conv1d(case):
+    layer, x, matmul_path = case
+    with conv_matmul_path() if matmul_path else contextlib.nullcontext():
+        check_rule(layer, x)
+
+
+@SAME_PADDING_WARNING
+@SETTINGS
+@given(case=conv_cases(2))
+def test_conv2d(case):
+    layer, x, matmul_path = case
+    with conv_matmul_path() if matmul_path else contextlib.nullcontext():
+        check_rule(layer, x)
+
+
+@SAME_PADDING_WARNING
+@SETTINGS
+@given(case=conv_cases(2))
+def test_conv_patch_gram_without_unfolding(case):
+    """The pixel-Gram shortcut equals the Gram of the unfolded patches."""
+    layer, x, _ = case
+    layer = layer.double()
+    x = x.double()
+    out = layer(x)
+    term = ConvTerm(layer, x, torch.randn_like(out))
+    v = term.v_chunk(slice(None))
+    ref = gram(v, v)
+    got = term.v_gram(slice(None), pixels_first=True)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+# -- Embedding ------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    length=st.integers(1, 6),
+    vocab=st.integers(2, 7),
+    dim=st.integers(1, 4),
+    pad=st.booleans(),
+    transposed=st.booleans(),
+    max_norm=st.booleans(),
+)
+def test_embedding(batch, length, vocab, dim, pad, transposed, max_norm):
+    layer = nn.Embedding(vocab, dim, padding_idx=0 if pad else None, max_norm=1.0 if max_norm else None)
+    if transposed:  # a non-contiguous index tensor
+        idx = torch.randint(0, vocab, (length, batch)).t()
+    else:
+        idx = torch.randint(0, vocab, (batch, length))
+    check_rule(layer, idx)
+
+
+# -- normalisation layers ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+    bias=st.booleans(),
+)
+def test_layer_norm(batch, mid, shape, bias):
+    layer = nn.LayerNorm(shape, elementwise_affine=True, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_()
+        if bias:
+            layer.bias.normal_()
+    check_rule(layer, torch.randn(batch, *mid, *shape))
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    groups=st.integers(1, 3),
+    per_group=st.integers(2, 3),  # GroupNorm needs more than one value per group
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+)
+def test_group_norm(batch, groups, per_group, spatial):
+    c = groups * per_group
+    layer = nn.GroupNorm(groups, c)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    check_rule(layer, torch.randn(batch, c, *spatial))
+
+
+@SETTINGS
+@given(
+    batch=st.integers(1, 4),
+    mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+    eps=st.sampled_from([None, 1e-5]),
+)
+def test_rms_norm(batch, mid, shape, eps):
+    layer = nn.RMSNorm(shape, eps=eps)
+    with torch.no_grad():
+        layer.weight.normal_()
+    check_rule(layer, torch.randn(batch, *mid, *shape))
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+
+def test_registry_covers_the_issue_layers():
+    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
+        assert cls in RULES
+
+
+def test_rule_for_refuses_what_it_does_not_model():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Renamed(nn.Linear):  # same forward: the rule still applies
+        pass
+
+    assert rule_for(Scaled(2, 2))[0] is None
+    assert "overrides forward" in rule_for(Scaled(2, 2))[1]
+    assert rule_for(Renamed(2, 2))[0] is RULES[nn.Linear]
+    assert rule_for(nn.Embedding(3, 2, scale_grad_by_freq=True))[0] is None
+    assert rule_for(nn.Embedding(3, 2, sparse=True))[0] is None
+    assert rule_for(nn.BatchNorm1d(3))[0] is None
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_index_norm_is_exact_with_repeats(padding_idx):
+    """Repeated tokens within a sample add up before the norm (the sorted-groups path)."""
+    layer = nn.Embedding(5, 3, padding_idx=padding_idx)
+    idx = torch.tensor([[1, 1, 2, 1, 4, 2], [0, 0, 0, 0, 0, 0], [2, 2, 2, 3, 3, 1]])
+    check_rule(layer, idx)
