@@ -127,7 +127,8 @@ class MicroBatchClip(Estimator):
         norm = global_norm(g)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
-        torch._foreach_add_(out, torch._foreach_mul(g, coef.to(g[0].dtype)))
+        torch._foreach_mul_(g, coef.to(g[0].dtype))  # g is ours: scale in place, no copy
+        torch._foreach_add_(out, g)
         th = self.threshold.observe(state.threshold, norm.reshape(1))
         return (
             Contribution(1, micro_batch_norm=norm.reshape(1), clipped=(coef < 1).float().reshape(1)),
