@@ -127,8 +127,9 @@ class MicroBatchClip(Estimator):
         norm = global_norm(g)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
-        torch._foreach_mul_(g, coef.to(g[0].dtype))  # g is ours: scale in place, no copy
-        torch._foreach_add_(out, g)
+        # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
+        c = coef.to(g[0].dtype)
+        torch._foreach_addcmul_(out, g, [c] * len(g))
         th = self.threshold.observe(state.threshold, norm.reshape(1))
         return (
             Contribution(1, micro_batch_norm=norm.reshape(1), clipped=(coef < 1).float().reshape(1)),
