@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from robustclip.diagnostics._gradients import probe_gradients
+from robustclip.diagnostics._tail import _as_float64
 
 __all__ = ["StrongGrowth", "strong_growth", "estimate_strong_growth"]
 
@@ -48,11 +48,7 @@ class StrongGrowth:
 
 
 def _vector(x: object, name: str) -> Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}.")
-    return x.detach().to(torch.float64).cpu()
+    return _as_float64(x, name).cpu()
 
 
 def strong_growth(

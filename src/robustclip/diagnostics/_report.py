@@ -53,22 +53,9 @@ def write_all(diag: Diagnostics, out: Path, *, plots: bool, extra: dict[str, Any
     paths["diagnostics.json"] = p
 
     probe_cols = ["step", "epoch", "loss", "grad_norm", "tail_index", "rho", "smoothness", "norm_mean"]
-    p = out / "probes.csv"
-    with p.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(probe_cols)
-        for r in summary["probes"]:
-            w.writerow([_csv(r[c]) for c in probe_cols])
-    paths["probes.csv"] = p
-
+    paths["probes.csv"] = _write_csv(out / "probes.csv", probe_cols, summary["probes"])
     epoch_cols = ["epoch", "steps", "samples", "mean_norm", "fraction_clipped", "mean_loss"]
-    p = out / "epochs.csv"
-    with p.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(epoch_cols)
-        for r in summary["epochs"]:
-            w.writerow([_csv(r[c]) for c in epoch_cols])
-    paths["epochs.csv"] = p
+    paths["epochs.csv"] = _write_csv(out / "epochs.csv", epoch_cols, summary["epochs"])
 
     p = out / "metrics.jsonl"
     with p.open("w") as f:
@@ -92,6 +79,15 @@ def write_all(diag: Diagnostics, out: Path, *, plots: bool, extra: dict[str, Any
 
 def _nan(v: float | None) -> float:
     return float("nan") if v is None else v
+
+
+def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([_csv(r[c]) for c in cols])
+    return path
 
 
 def _csv(v: Any) -> Any:
