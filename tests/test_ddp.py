@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from . import _ddp_worker as W
+from ._spawn import spawn
 
 
 @pytest.mark.distributed
 def test_ddp_equals_single_process(tmp_path):
     result = tmp_path / "ddp.pt"
-    mp.spawn(W.worker, args=(str(tmp_path / "init"), str(result)), nprocs=W.WORLD, join=True)
+    spawn(W.worker, lambda a: (str(tmp_path / f"init{a}"), str(result)), W.WORLD)
     got = torch.load(result, weights_only=True)
     ref = W.single_process()
     assert got.keys() == ref.keys()

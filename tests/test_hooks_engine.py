@@ -423,16 +423,21 @@ def test_evaluation_passes_are_not_recorded():
 
 @pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    import torch.multiprocessing as tmp
-
     from tests import _ddp_hooks_worker as w
+    from tests._spawn import spawn
 
-    tmp.spawn(w.worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    def args_for(attempt):
+        out = tmp_path / f"attempt{attempt}"
+        out.mkdir()
+        return (2, str(out))
+
+    spawn(w.worker, args_for, 2)
+    out = sorted(tmp_path.glob("attempt*"))[-1]  # the attempt that finished
     model, xs, ys = w.make_problem()
     w.train(model, xs, ys, engine="loop")
     ref = [p.detach() for p in model.parameters()]
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(out / f"rank{rank}.pt")
         assert_rel_close(got, ref, what=f"rank {rank} parameters")
 
 
