@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import robustclip as rc
 from robustclip import thresholds as th
 from robustclip._spectral import spectral_clip
 from robustclip._transform import StepContext
+from robustclip.data import stdlib_corpus
 from robustclip.models import CharGPT, sequence_losses
 
 VOCAB = 96  # printable ASCII (95 characters) and the newline
@@ -51,17 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def text_ids(max_chars: int = 1_000_000) -> torch.Tensor:
     """The standard library's source as ids in [0, 96): printable ASCII, newline; rest dropped."""
-    parts, total = [], 0
-    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            t = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        parts.append(t)
-        total += len(t)
-        if total >= max_chars:
-            break
-    codes = [10 if c == "\n" else ord(c) for c in "".join(parts)[:max_chars]]
+    codes = [10 if c == "\n" else ord(c) for c in stdlib_corpus(max_chars)]
     ids = [95 if c == 10 else c - 32 for c in codes if c == 10 or 32 <= c < 127]
     return torch.tensor(ids, dtype=torch.long)
 
