@@ -9,6 +9,7 @@ chunks of one sample and of the whole batch, so each code path meets the oracle.
 from __future__ import annotations
 
 import contextlib
+import math
 from unittest import mock
 
 import pytest
@@ -197,7 +198,9 @@ def test_embedding(batch, length, vocab, dim, pad, transposed, max_norm):
 @given(
     batch=st.integers(1, 4),
     mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
-    shape=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+    # over a single value LayerNorm's output is the constant bias and its weight gradient is
+    # pure rounding noise, which no two computations reproduce alike
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=2).filter(lambda s: math.prod(s) > 1),
     bias=st.booleans(),
 )
 def test_layer_norm(batch, mid, shape, bias):
