@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustclip import _distributed
 from robustclip._batchnorm import check_no_training_batchnorm
@@ -129,6 +130,8 @@ class Clipper:
         est = self.method.estimator
         if est.per_sample:
             check_no_training_batchnorm(unwrap_model(model), repr(est))
+        # BatchNorms allowed now (eval mode) must still be in eval mode at each backward()
+        self._batchnorms = [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm)]
         self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
         if self.engine is not None:
             self.engine.attach()
@@ -158,8 +161,10 @@ class Clipper:
 
     def _reset_cycle(self) -> None:
         self._count = 0
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._clipped_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # per backward(): (losses, count) and the clipped flags, reduced once in step() (a few
+        # small ops per step instead of per micro-batch)
+        self._losses: list[tuple[Tensor, int]] = []
+        self._clipped: list[Tensor] = []
         self._sample_norms: list[Tensor] = []
         self._micro_norms: list[Tensor] = []
         self._state_at_cycle_start = self._est_state
@@ -174,8 +179,8 @@ class Clipper:
                 take a scalar mean loss.
         """
         est = self.method.estimator
-        losses = check_losses(losses, per_sample=est.per_sample, method=repr(est))
-        if est.per_sample:
+        losses = check_losses(losses, per_sample=est.per_sample, method=est)
+        if est.per_sample and any(m.training for m in self._batchnorms):
             check_no_training_batchnorm(unwrap_model(self.model), repr(est))
         if not self._checked_unused:
             self._check_unused(losses)
@@ -189,15 +194,30 @@ class Clipper:
         out = [p.grad for p in self.params]
         contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)  # type: ignore[arg-type]
         self._count += contrib.count
-        # the loss is weighted by the count, so the step's loss is the mean over its samples
-        # (micro-batch clipping counts a micro-batch as one unit, weighted by its mean loss)
-        self._loss_sum += losses.detach().double().mean() * contrib.count
+        self._losses.append((losses.detach(), contrib.count))
         if contrib.clipped is not None:
-            self._clipped_sum += contrib.clipped.double().sum()
+            self._clipped.append(contrib.clipped)
         if contrib.per_sample_norms is not None:
             self._sample_norms.append(contrib.per_sample_norms)
         if contrib.micro_batch_norm is not None:
             self._micro_norms.append(contrib.micro_batch_norm)
+
+    def _sum_losses(self) -> Tensor:
+        """Sum of the backward() calls' mean losses, each weighted by its count: divided by the
+        total count, the step's mean loss per sample (micro-batch clipping counts a micro-batch
+        as one unit, weighted by its mean loss)."""
+        # the means in float64: a bf16 or fp16 mean of many losses would round
+        means = [l if l.dim() == 0 else l.double().mean() for l, _ in self._losses]
+        counts = [c for _, c in self._losses]
+        stacked = torch.stack(means).double()
+        if all(c == counts[0] for c in counts):
+            return stacked.sum() * counts[0]
+        return stacked @ torch.tensor(counts, dtype=torch.float64, device=stacked.device)
+
+    def _sum_clipped(self) -> Tensor:
+        if not self._clipped:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.cat([c.reshape(-1) for c in self._clipped]).double().sum()
 
     def _check_unused(self, losses: Tensor) -> None:
         reached = {id(t) for t in reached_leaves([losses.grad_fn])}
@@ -218,8 +238,8 @@ class Clipper:
             raise RuntimeError("step() was called before any backward(losses) in this step.")
         grads = [p.grad for p in self.params]
         count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
-        clipped_sum = self._clipped_sum
-        loss_sum = self._loss_sum
+        clipped_sum = self._sum_clipped()
+        loss_sum = self._sum_losses()
         if self._group is not None:
             # the scalars travel in float64: a count or loss sum in the gradients' dtype
             # (fp16, bf16) would round or overflow

@@ -43,7 +43,7 @@ class Contribution:
     per_sample_norms: Tensor | None = None  # (B,) flat norms, per-sample methods
     group_norms: Tensor | None = None  # (G, B) per-layer norms, per-sample methods
     micro_batch_norm: Tensor | None = None  # (1,) micro-batch clipping
-    clipped: Tensor | None = None  # (B,) or (1,) float flags: scaled down or not
+    clipped: Tensor | None = None  # (B,) or (1,) flags (bool or 0/1 float): scaled down or not
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,11 +130,9 @@ class MicroBatchClip(Estimator):
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
         c = coef.to(g[0].dtype)
         torch._foreach_addcmul_(out, g, [c] * len(g))
-        th = self.threshold.observe(state.threshold, norm.reshape(1))
-        return (
-            Contribution(1, micro_batch_norm=norm.reshape(1), clipped=(coef < 1).float().reshape(1)),
-            MicroBatchClipState(th),
-        )
+        norm1 = norm.reshape(1)
+        th = self.threshold.observe(state.threshold, norm1)
+        return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)
 
     def __repr__(self) -> str:
         return f"micro_batch_clip({self.threshold!r})"

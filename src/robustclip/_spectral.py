@@ -65,6 +65,28 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX, via oneDNN)."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.backends.mkldnn.is_available())
+    except (AttributeError, RuntimeError):  # private helpers: absent on some builds
+        return False
+
+
+#: Run the power iterations of the randomized mode in bfloat16 for float32 matrices on the CPU.
+#: Decided once, from the CPU's features: on CPUs with native bfloat16 matmuls (AVX512-BF16 or
+#: AMX) a bfloat16 product costs about a quarter of a float32 one; elsewhere bfloat16 matmuls
+#: are emulated and slower, so the iterations stay in the matrix's own precision.
+BF16_POWER_ITERATIONS = _cpu_has_fast_bf16()
+
+
+def _iteration_dtype(g: Tensor) -> torch.dtype:
+    if g.dtype == torch.float32 and g.device.type == "cpu" and BF16_POWER_ITERATIONS:
+        return torch.bfloat16
+    return g.dtype
+
+
 def _exact(g: Tensor, tau: Tensor) -> _Decomposition:
     finite = torch.isfinite(g).flatten(1).all(1)
     # never hand a non-finite matrix to the SVD: its slot decomposes as zero instead
@@ -86,41 +108,62 @@ def _randomized(
     if not w.is_contiguous():
         w, row_major = g.contiguous(), True
 
-    def g_at(x: Tensor) -> Tensor:  # G @ x
-        return w @ x if row_major else (x.mT @ w).mT
+    def g_at(a: Tensor, x: Tensor) -> Tensor:  # G @ x, with G stored as a
+        return a @ x if row_major else (x.mT @ a).mT
 
-    def gt_at(x: Tensor) -> Tensor:  # G^T @ x
-        return (x.mT @ w).mT if row_major else w @ x
+    def gt_at(a: Tensor, x: Tensor) -> Tensor:  # G^T @ x
+        return (x.mT @ a).mT if row_major else a @ x
 
     omega = torch.randn(k, n, q, generator=generator, device=generator.device, dtype=g.dtype)
-    y = g_at(omega.to(g.device))
-    # A non-finite entry of G makes its whole row of Y = G omega non-finite, so the sketch tells
-    # which matrices are not finite at no extra pass over G. Only the small products are then
-    # zeroed for those matrices: no QR or SVD ever sees a NaN, and their correction is zero.
-    finite = torch.isfinite(y).flatten(1).all(1)
-    keep = finite[:, None, None]
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-
-    def safe(x: Tensor) -> Tensor:
-        return torch.where(keep, x, zero)
-
-    qm = _orthonormal(safe(y))
+    z = omega.to(g.device)
+    finite = None
+    # Power iterations on the row space, Z <- orth(G^T G Z), in bfloat16 where the CPU has native
+    # bfloat16 matmuls (see BF16_POWER_ITERATIONS). They only steer the subspace: its rounding
+    # (~2e-3) is damped by the products in G's own precision that follow, which alone fix the
+    # result, so a matrix of rank below q still comes out exactly.
+    low = _iteration_dtype(g)
+    a = w.to(low)
     for _ in range(niter):
-        # re-orthonormalize between the products, or the columns collapse onto the top
-        # singular vector and the rest of the top-r subspace is lost to rounding
-        qm = _orthonormal(safe(g_at(_orthonormal(safe(gt_at(qm))))))
-    b = safe(gt_at(qm)).mT  # Q^T G, (k, q, n)
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)  # (k,q,q), (k,q), (k,q,n)
-    delta = torch.minimum(s, tau[:, None]) - s
-    delta[:, rank:] = 0.0  # only the top r singular values are clipped
-    # Q Ub diag(delta) with all q columns: the zero columns cost little and keep the inner
-    # dimension of the matmuls at q (>= 16 by default) instead of r
-    left = qm @ (ub * delta[:, None, :])
+        t = g_at(a, z.to(low))
+        scale = t.abs().amax(dim=(-2, -1), keepdim=True)  # NaN or inf iff T is not finite
+        if finite is None:
+            # A non-finite entry of G makes its whole row of G Omega non-finite, so the sketch
+            # tells which matrices are not finite at no extra pass over G. Only the small
+            # products are then zeroed for those matrices: no QR or eigensolver ever sees a
+            # NaN, and their correction is zero.
+            finite = torch.isfinite(scale).view(k)
+            keep = finite[:, None, None]
+        # T scaled to max|T| = 1, so that G^T T stays in range (a non-finite G gives a
+        # non-finite G^T T whatever T is, and that is zeroed below)
+        t = t / scale.clamp_min(torch.finfo(low).tiny)
+        z = _orthonormal(torch.where(keep, gt_at(a, t).to(g.dtype), 0.0))
+    y = g_at(w, z)  # spans the left space of Halko's range finder with niter iterations
+    if finite is None:
+        finite = torch.isfinite(y).flatten(1).all(1)
+        keep = finite[:, None, None]
+    qm = _orthonormal(torch.where(keep, y, 0.0))
+    bt = torch.where(keep, gt_at(w, qm), 0.0)  # B^T = G^T Q, (k, n, q)
+    # the SVD of the small B = Q^T G from the eigendecomposition of its q x q Gram B B^T, in
+    # float64 (accurate to ~1e-8 relative even for singular values 1e4 below the top one)
+    bd = bt.double()
+    lam, ub = torch.linalg.eigh(bd.mT @ bd)  # ascending
+    s = lam.flip(-1).clamp_min(0.0).sqrt()
+    ub = ub.flip(-1).to(g.dtype)
+    tau_d = tau.to(s.dtype)[:, None]
+    # G + Q Ub diag(min(s, tau) / s - 1) Ub^T B: only the top r values clipped, a factor of
+    # exactly 0 (so a zero correction) where s <= tau
+    factor = torch.where(s > tau_d, tau_d / s - 1.0, 0.0)
+    factor[:, rank:] = 0.0
+    # all q columns kept: the zero ones cost little and keep the inner dimension of the
+    # matmuls at q (>= 16 by default) instead of r
+    left = qm @ (ub * factor.to(g.dtype)[:, None, :])
+    right = (bt @ ub).mT  # Ub^T B = diag(s) V^T, (k, q, n)
+    s = s.to(g.dtype)
     # the largest singular value left: the clipped top one, or the first one not corrected
     after = torch.minimum(s[:, 0], tau)
     if q > rank:
         after = torch.maximum(after, s[:, rank])
-    return _Decomposition(left, vh, s[:, 0], after, finite)
+    return _Decomposition(left, right, s[:, 0], after, finite)
 
 
 def clip_singular_values(

@@ -230,4 +230,6 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
         return torch.zeros(())
     norms = torch._foreach_norm(list(tensors), 2.0)
     dtype = torch.promote_types(norms[0].dtype, torch.float32)
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2.0)
+    if any(n.dtype != dtype for n in norms):
+        norms = [n.to(dtype) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)

@@ -60,11 +60,12 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
-def check_losses(losses: object, *, per_sample: bool, method: str) -> Tensor:
+def check_losses(losses: object, *, per_sample: bool, method: object) -> Tensor:
     """Check the losses handed to :meth:`robustclip.Clipper.backward`.
 
     Per-sample methods need a 1-D tensor with one loss per sample; the others also accept a
-    scalar (treated as the mean loss of the micro-batch).
+    scalar (treated as the mean loss of the micro-batch). ``method`` is only formatted into
+    the error messages (so a method object costs no ``repr`` on the hot path).
     """
     if not isinstance(losses, Tensor):
         raise TypeError(

@@ -7,9 +7,13 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
 
 * patches are cut from a strided view of the padded input, a chunk of samples at a time, and
   only for the Gram ("ghost") norm or the matmul path;
-* every sample's gradient at once (when the engine keeps or checks them) is ONE weight-gradient
-  convolution with the batch folded into ``B * groups`` groups on CPU, where oneDNN runs it
-  several times faster than im2col plus a batched matmul; elsewhere, im2col plus a matmul;
+* every sample's gradient (when the engine keeps or checks them) comes either from ONE
+  weight-gradient convolution with the batch folded into ``B * groups`` groups, or from im2col
+  plus a batched matmul over cache-sized chunks of samples. Which is faster depends on the layer
+  and the machine (on a 2-core CPU: im2col is 2.5x faster for a 3-channel input layer, the
+  grouped convolution 2x faster for 32 input channels), so on CPU the first call for each
+  layer shape times both and remembers the faster (:func:`materialize_choice`); on other
+  devices im2col is used;
 * the clipped sum is ONE weight-gradient convolution on the weight-scaled output gradient, as
   in the plain backward pass.
 """
@@ -17,6 +21,7 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,36 @@ from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import register
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
 from robustclip.per_sample.rules._util import sum_positions
+
+#: elements of unfolded patches per im2col chunk: small enough to stay in cache between the
+#: strided copy that builds them and the matmul that consumes them
+IM2COL_CHUNK_ELEMENTS = 2**18
+
+#: (signature of a layer call) -> True if the grouped convolution was the faster way to
+#: materialise its per-sample gradients when it was timed (CPU only; see materialize_choice)
+_GROUPED_FASTER: dict[tuple, bool] = {}
+
+
+def materialize_choice(key: tuple, run_grouped, run_im2col) -> tuple[bool, Tensor]:
+    """Time both ways of materialising per-sample gradients once for ``key`` (twice each; the
+    first grouped call pays oneDNN's primitive creation) and remember the faster.
+
+    Returns (grouped is faster, a result). Like ``torch.backends.cudnn.benchmark``: the choice
+    is measured on this machine instead of guessed from operation counts, which mispredict
+    small convolutions badly in both directions.
+    """
+    best: dict[bool, float] = {}
+    out = None
+    for _ in range(2):
+        for grouped, fn in ((True, run_grouped), (False, run_im2col)):
+            t0 = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t0
+            best[grouped] = min(best.get(grouped, dt), dt)
+    choice = best[True] <= best[False]
+    _GROUPED_FASTER[key] = choice
+    assert out is not None
+    return choice, out
 
 
 class ConvTerm(OuterTerm):
@@ -59,8 +94,19 @@ class ConvTerm(OuterTerm):
         return self._t
 
     @property
-    def grouped(self) -> bool:
-        return self.x.device.type == "cpu"
+    def grouped(self) -> bool | None:
+        """Materialise by grouped convolution (True), im2col (False), or not known yet (None:
+        CPU, first call for this layer shape; the call times both)."""
+        if self.x.device.type != "cpu":
+            return False
+        return _GROUPED_FASTER.get(self._signature())
+
+    def _signature(self) -> tuple:
+        m = self.module
+        return (
+            tuple(self.x.shape), tuple(self.g.shape), m.stride, tuple(self.padding), m.dilation,
+            m.groups, self.dtype, self.x.dtype,
+        )  # fmt: skip
 
     def hold_bytes(self) -> int:
         return self.x.numel() * self.x.element_size() + self.g.numel() * self.g.element_size()
@@ -68,7 +114,8 @@ class ConvTerm(OuterTerm):
     def transient_per_sample(self) -> int:
         # the grouped convolution reorders its input and output gradient; im2col unfolds
         per_sample_io = self.x[0].numel() + self.g[0].numel()
-        extra = per_sample_io if self.grouped else self.K * self.T * self.n_v
+        # im2col unfolds at most IM2COL_CHUNK_ELEMENTS at a time; its result may be copied once
+        extra = per_sample_io if self.grouped is not False else self.numel
         return self.numel + extra
 
     def _padded(self, sl: slice) -> Tensor:
@@ -129,11 +176,29 @@ class ConvTerm(OuterTerm):
         return out.reshape(b, self.K, self.T, self.T)
 
     def materialize(self, sl: slice) -> Tensor:
-        if self.grouped:
-            return self._materialize_grouped(sl)
-        g = self.u[sl]
-        out = torch.matmul(g, self._patches(sl).transpose(-1, -2))
-        return out.reshape(g.shape[0], *self.shape)
+        grouped = self.grouped
+        if grouped is None:
+            if len(range(*sl.indices(self.batch))) < 2:  # a check of one sample: not worth timing
+                return self._materialize_grouped(sl)
+            _, out = materialize_choice(
+                self._signature(), lambda: self._materialize_grouped(sl), lambda: self._materialize_im2col(sl)
+            )
+            return out
+        return self._materialize_grouped(sl) if grouped else self._materialize_im2col(sl)
+
+    def _materialize_im2col(self, sl: slice) -> Tensor:
+        """Patches times output gradients, per sample, a cache-sized chunk of samples at a time."""
+        idx = range(*sl.indices(self.batch))
+        b = len(idx)
+        # (patches)(G^T) is the faster operand order for thin channel counts; its (n_v, n_u)
+        # blocks are transposed into the parameter's layout once at the end
+        out = torch.empty((b, self.K, self.n_v, self.n_u), dtype=self.dtype, device=self.x.device)
+        step = max(1, IM2COL_CHUNK_ELEMENTS // max(1, self.K * self.T * self.n_v))
+        for s in range(0, b, step):
+            e = min(s + step, b)
+            chunk = slice(idx.start + s * idx.step, idx.start + e * idx.step, idx.step)
+            torch.matmul(self._patches(chunk), self.u[chunk].to(self.dtype).transpose(-1, -2), out=out[s:e])
+        return out.transpose(-1, -2).reshape(b, *self.shape)
 
     def _weight_grad(self, g: Tensor, x: Tensor, out_channels: int, groups: int) -> Tensor:
         m = self.module
