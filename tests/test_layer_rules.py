@@ -272,3 +272,36 @@ def test_embedding_index_norm_is_exact_with_repeats(padding_idx):
     layer = nn.Embedding(5, 3, padding_idx=padding_idx)
     idx = torch.tensor([[1, 1, 2, 1, 4, 2], [0, 0, 0, 0, 0, 0], [2, 2, 2, 3, 3, 1]])
     check_rule(layer, idx)
+
+
+def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkeypatch):
+    """The first call for a layer shape times both per-sample kernels and remembers the faster;
+    both give the same per-sample gradients; deterministic mode always takes im2col."""
+    from robustclip.per_sample.rules import conv as conv_rule
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    out = layer(x)
+    g = torch.randn_like(out)
+    monkeypatch.setattr(conv_rule, "_GROUPED_FASTER", {})
+    term = conv_rule.ConvTerm(layer, x, g)
+    assert term.grouped is None  # not timed yet
+    got = term.materialize(slice(None))
+    assert term.grouped in (True, False) and len(conv_rule._GROUPED_FASTER) == 1
+    grouped = term._materialize_grouped(slice(None))
+    im2col = term._materialize_im2col(slice(None))
+    # oracle: each sample's weight gradient by autograd, one sample at a time
+    for i in range(5):
+        (ref,) = torch.autograd.grad(layer(x[i : i + 1]), layer.weight, g[i : i + 1])
+        for mine in (got, grouped, im2col):
+            torch.testing.assert_close(mine[i], ref, rtol=1e-10, atol=1e-12)
+    # a chunk of samples in the middle (the im2col path slices its own sub-chunks)
+    monkeypatch.setattr(conv_rule, "IM2COL_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(term._materialize_im2col(slice(1, 4)), im2col[1:4], rtol=1e-12, atol=1e-14)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert term.grouped is False
+    finally:
+        torch.use_deterministic_algorithms(prev)

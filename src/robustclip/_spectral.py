@@ -8,9 +8,10 @@ threshold ``tau``:
 
 * exact mode: ``G <- U diag(min(S, tau)) V^T`` (full SVD);
 * randomized mode: only the top ``r`` singular triplets are computed, with a randomized range
-  finder (Halko, Martinsson, Tropp, arXiv:0909.4061, Alg. 4.4: a Gaussian sketch with ``p``
-  extra columns and ``niter`` power iterations), and only that part is corrected:
-  ``G <- G + U_r diag(min(S_r, tau) - S_r) V_r^T``.
+  finder (Halko, Martinsson, Tropp, arXiv:0909.4061, Alg. 4.4 and 5.1: a Gaussian sketch with
+  ``q = r + p`` columns, ``niter`` power iterations, a Rayleigh-Ritz step on the small matrix
+  ``Q^T G``), and only that part is corrected: ``G <- G + U_r diag(min(S_r, tau) - S_r) V_r^T``
+  (see :func:`_randomized` for how the products with ``G`` are arranged).
 
 Clipping only shrinks the singular values above ``tau`` and keeps every singular direction;
 with ``tau`` below all of them the result is ``tau U V^T``, the orthogonalized direction Muon
@@ -99,6 +100,33 @@ def _exact(g: Tensor, tau: Tensor) -> _Decomposition:
 def _randomized(
     g: Tensor, tau: Tensor, rank: int, q: int, niter: int, generator: torch.Generator
 ) -> _Decomposition:
+    """Top-``rank`` clipping by a randomized range finder (Halko et al., arXiv:0909.4061).
+
+    The subspace is the one of Halko's Alg. 4.4 with ``niter`` power iterations, ``Q = orth(Y)``
+    with ``Y = (G G^T)^niter G Omega``, reached from the row space (their Alg. 4.4 written for
+    ``G^T``, re-orthonormalized after each ``G^T G`` as in their Alg. 4.4's QR steps):
+
+    1. ``Z <- Omega`` (Gaussian, ``n x q``); ``niter`` times ``Z <- orth(G^T (G Z))``, so that
+       ``span Z = span (G^T G)^niter Omega``;
+    2. ``Y = G Z`` (spans the same left space as Halko's), ``Q = orth(Y)`` (Householder QR);
+    3. ``B^T = G^T Q`` and the Rayleigh-Ritz step (their Alg. 5.1): the SVD of the ``q x n``
+       matrix ``B = Q^T G`` from the eigendecomposition of its ``q x q`` Gram ``B B^T =
+       Ub diag(s^2) Ub^T`` in float64;
+    4. the correction ``G + Q Ub diag(min(s, tau) / s - 1) Ub^T B`` (``Ub^T B = diag(s) V^T``),
+       nonzero only for the top ``rank`` values above ``tau``, added by the caller in one pass.
+
+    That is ``2 niter + 2`` products with ``G`` and the correction, as in Halko's scheme. Where
+    the CPU multiplies bfloat16 natively (:data:`BF16_POWER_ITERATIONS`), the ``2 niter``
+    products of step 1 use a bfloat16 copy of a float32 ``G`` (one conversion pass, then each
+    product costs about a quarter of a float32 one). They only steer ``Z``: its rounding (about
+    ``2^-9``) reaches the result through ``Y = G Z`` in ``G``'s own precision, damped there by
+    ``sigma_j / sigma_i`` for the directions ``j`` the sketch leaves out, and ``Q`` spans
+    ``G``'s range exactly whatever ``Z`` is when ``rank(G) <= q``, so a rank-deficient matrix
+    is still clipped exactly; steps 2-4 are in ``G``'s precision (float64 for the Gram).
+
+    A non-finite ``G`` is recognised from the first product (see below), and only the small
+    products are zeroed for it, so no QR or eigensolver sees a NaN and its correction is zero.
+    """
     k, _, n = g.shape
     # Products with G go through its row-major layout: on the CPU a column-major (transposed)
     # left operand of a thin matmul is about twice as slow, and a wide gradient reaches here
@@ -108,19 +136,27 @@ def _randomized(
     if not w.is_contiguous():
         w, row_major = g.contiguous(), True
 
-    def g_at(a: Tensor, x: Tensor) -> Tensor:  # G @ x, with G stored as a
-        return a @ x if row_major else (x.mT @ a).mT
+    def g_at(a: Tensor, x: Tensor, keep: Tensor | None = None) -> Tensor:  # G @ x, G stored as a
+        # (with the rows of a matrix that is not finite zeroed, on the product's own layout)
+        if row_major:
+            out = a @ x
+            return out if keep is None else torch.where(keep, out, 0.0)
+        out = x.mT @ a
+        return (out if keep is None else torch.where(keep, out, 0.0)).mT
 
-    def gt_at(a: Tensor, x: Tensor) -> Tensor:  # G^T @ x
-        return (x.mT @ a).mT if row_major else a @ x
+    def gt_at(a: Tensor, x: Tensor, keep: Tensor | None = None) -> Tensor:  # G^T @ x
+        if not row_major:
+            out = a @ x
+            return out if keep is None else torch.where(keep, out, 0.0)
+        out = x.mT @ a
+        return (out if keep is None else torch.where(keep, out, 0.0)).mT
 
-    omega = torch.randn(k, n, q, generator=generator, device=generator.device, dtype=g.dtype)
-    z = omega.to(g.device)
-    finite = None
-    # Power iterations on the row space, Z <- orth(G^T G Z), in bfloat16 where the CPU has native
-    # bfloat16 matmuls (see BF16_POWER_ITERATIONS). They only steer the subspace: its rounding
-    # (~2e-3) is damped by the products in G's own precision that follow, which alone fix the
-    # result, so a matrix of rank below q still comes out exactly.
+    # the sketch, drawn as (q, n) and used transposed: a row-major left operand of the thin
+    # matmuls below
+    omega = torch.randn(k, q, n, generator=generator, device=generator.device, dtype=g.dtype)
+    z = omega.to(g.device).mT
+    finite = keep = None
+    # step 1: power iterations on the row space, in bfloat16 where the CPU has it natively
     low = _iteration_dtype(g)
     a = w.to(low)
     for _ in range(niter):
@@ -134,29 +170,32 @@ def _randomized(
             finite = torch.isfinite(scale).view(k)
             keep = finite[:, None, None]
         # T scaled to max|T| = 1, so that G^T T stays in range (a non-finite G gives a
-        # non-finite G^T T whatever T is, and that is zeroed below)
+        # non-finite G^T T whatever T is, and that is zeroed)
         t = t / scale.clamp_min(torch.finfo(low).tiny)
-        z = _orthonormal(torch.where(keep, gt_at(a, t).to(g.dtype), 0.0))
-    y = g_at(w, z)  # spans the left space of Halko's range finder with niter iterations
-    if finite is None:
+        z = _orthonormal(gt_at(a, t, keep).to(g.dtype))
+    if keep is None:
+        y = g_at(w, z)
         finite = torch.isfinite(y).flatten(1).all(1)
         keep = finite[:, None, None]
-    qm = _orthonormal(torch.where(keep, y, 0.0))
-    bt = torch.where(keep, gt_at(w, qm), 0.0)  # B^T = G^T Q, (k, n, q)
-    # the SVD of the small B = Q^T G from the eigendecomposition of its q x q Gram B B^T, in
-    # float64 (accurate to ~1e-8 relative even for singular values 1e4 below the top one)
+        y = torch.where(keep, y, 0.0)
+    else:
+        y = g_at(w, z, keep)
+    qm = _orthonormal(y)  # step 2
+    bt = gt_at(w, qm, keep)  # step 3: B^T = G^T Q, (k, n, q)
+    # the Gram in float64 gives the singular values of B to ~1e-8 relative even 1e4 below the
+    # top one, and costs a q x q eigensolver instead of a q x n SVD
     bd = bt.double()
     lam, ub = torch.linalg.eigh(bd.mT @ bd)  # ascending
     s = lam.flip(-1).clamp_min(0.0).sqrt()
     ub = ub.flip(-1).to(g.dtype)
     tau_d = tau.to(s.dtype)[:, None]
-    # G + Q Ub diag(min(s, tau) / s - 1) Ub^T B: only the top r values clipped, a factor of
-    # exactly 0 (so a zero correction) where s <= tau
+    # step 4: a factor of exactly 0 (so a zero correction) where s <= tau, and for all but the
+    # top r values
     factor = torch.where(s > tau_d, tau_d / s - 1.0, 0.0)
     factor[:, rank:] = 0.0
     # all q columns kept: the zero ones cost little and keep the inner dimension of the
-    # matmuls at q (>= 16 by default) instead of r
-    left = qm @ (ub * factor.to(g.dtype)[:, None, :])
+    # matmuls at q (>= 16 by default) instead of r; Q^T is the row-major side of the QR
+    left = ((ub * factor.to(g.dtype)[:, None, :]).mT @ qm.mT).mT
     right = (bt @ ub).mT  # Ub^T B = diag(s) V^T, (k, q, n)
     s = s.to(g.dtype)
     # the largest singular value left: the clipped top one, or the first one not corrected

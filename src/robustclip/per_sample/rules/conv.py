@@ -97,7 +97,9 @@ class ConvTerm(OuterTerm):
     def grouped(self) -> bool | None:
         """Materialise by grouped convolution (True), im2col (False), or not known yet (None:
         CPU, first call for this layer shape; the call times both)."""
-        if self.x.device.type != "cpu":
+        if self.x.device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
+            # deterministic mode: one fixed kernel, so that a run resumed in a new process
+            # rounds exactly as the original did (a timed choice could differ between them)
             return False
         return _GROUPED_FASTER.get(self._signature())
 
