@@ -66,6 +66,24 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
+def _basis(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """An orthonormal basis of the columns of ``x`` (k, p, q), one column per singular direction.
+
+    ``x P diag(e)^(-1/2)`` from the eigendecomposition ``x^T x = P diag(e) P^T`` of the Gram in
+    float64; directions below 1e-6 of the largest singular value are dropped (zero columns), so
+    a zero or rank-deficient ``x`` is safe. Each column holds one singular direction of ``x``, so
+    rounding it (or the next product) to bfloat16 costs each direction ~2^-9 of its own size,
+    not of the largest one's.
+    """
+    xd = x.double()
+    e, p = torch.linalg.eigh(xd.mT @ xd)
+    inv = torch.where(e > 1e-12 * e[..., -1:], e.rsqrt(), 0.0)
+    c = p * inv[..., None, :]
+    if xd.mT.is_contiguous():  # a column-major x: multiply on its row-major side
+        return (c.mT @ xd.mT).mT.to(dtype)
+    return (xd @ c).to(dtype)
+
+
 def _cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX, via oneDNN)."""
     try:
@@ -161,18 +179,15 @@ def _randomized(
     a = w.to(low)
     for _ in range(niter):
         t = g_at(a, z.to(low))
-        scale = t.abs().amax(dim=(-2, -1), keepdim=True)  # NaN or inf iff T is not finite
-        if finite is None:
+        if keep is None:
             # A non-finite entry of G makes its whole row of G Omega non-finite, so the sketch
             # tells which matrices are not finite at no extra pass over G. Only the small
             # products are then zeroed for those matrices: no QR or eigensolver ever sees a
             # NaN, and their correction is zero.
-            finite = torch.isfinite(scale).view(k)
+            finite = torch.isfinite(t.abs().amax(dim=(-2, -1)))
             keep = finite[:, None, None]
-        # T scaled to max|T| = 1, so that G^T T stays in range (a non-finite G gives a
-        # non-finite G^T T whatever T is, and that is zeroed)
-        t = t / scale.clamp_min(torch.finfo(low).tiny)
-        z = _orthonormal(gt_at(a, t, keep).to(g.dtype))
+        t = _basis(torch.where(keep, t, 0.0), low)
+        z = _basis(gt_at(a, t, keep), g.dtype)
     if keep is None:
         y = g_at(w, z)
         finite = torch.isfinite(y).flatten(1).all(1)
