@@ -155,9 +155,10 @@ def test_conv2d(case):
 
 @SAME_PADDING_WARNING
 @SETTINGS
-@given(case=conv_cases(2))
+@given(case=st.one_of(conv_cases(1), conv_cases(2)))
 def test_conv_patch_gram_without_unfolding(case):
-    """The pixel-Gram shortcut equals the Gram of the unfolded patches."""
+    """The pixel-Gram shortcut (its separable sum over taps) equals the Gram of the unfolded
+    patches, for 1-D and 2-D convolutions."""
     layer, x, _ = case
     layer = layer.double()
     x = x.double()

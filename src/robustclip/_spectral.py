@@ -39,6 +39,9 @@ from robustclip.thresholds import NoClip, Threshold, _select, as_threshold
 
 __all__ = ["spectral_clip", "SpectralClip", "SpectralClipState", "clip_singular_values"]
 
+#: ``scratch(shape, dtype, device) -> Tensor``: an uninitialised buffer, reused across calls.
+Scratch = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
+
 #: ``select(name, param, module) -> bool``: whether a parameter is spectrally clipped.
 Selector = Callable[[str, Tensor, "nn.Module | None"], bool]
 
@@ -116,7 +119,13 @@ def _exact(g: Tensor, tau: Tensor) -> _Decomposition:
 
 
 def _randomized(
-    g: Tensor, tau: Tensor, rank: int, q: int, niter: int, generator: torch.Generator
+    g: Tensor,
+    tau: Tensor,
+    rank: int,
+    q: int,
+    niter: int,
+    generator: torch.Generator,
+    scratch: Scratch | None = None,
 ) -> _Decomposition:
     """Top-``rank`` clipping by a randomized range finder (Halko et al., arXiv:0909.4061).
 
@@ -144,6 +153,9 @@ def _randomized(
 
     A non-finite ``G`` is recognised from the first product (see below), and only the small
     products are zeroed for it, so no QR or eigensolver sees a NaN and its correction is zero.
+
+    ``scratch(shape, dtype, device)``, if given, returns a buffer for the bfloat16 copy (reused from
+    step to step: a fresh allocation of that size can cost more page faults than the copy).
     """
     k, _, n = g.shape
     # Products with G go through its row-major layout: on the CPU a column-major (transposed)
@@ -176,7 +188,10 @@ def _randomized(
     finite = keep = None
     # step 1: power iterations on the row space, in bfloat16 where the CPU has it natively
     low = _iteration_dtype(g)
-    a = w.to(low)
+    a = w
+    if low != w.dtype:
+        a = torch.empty(w.shape, dtype=low, device=w.device) if scratch is None else scratch(w.shape, low, w.device)
+        a.copy_(w)
     for _ in range(niter):
         t = g_at(a, z.to(low))
         if keep is None:
@@ -272,7 +287,13 @@ def _sketch_columns(rank: int | None, oversample: int | None) -> int:
 
 
 def _decompose(
-    g: Tensor, tau: Tensor, rank: int | None, q: int, niter: int, generator: torch.Generator
+    g: Tensor,
+    tau: Tensor,
+    rank: int | None,
+    q: int,
+    niter: int,
+    generator: torch.Generator,
+    scratch: Scratch | None = None,
 ) -> _Decomposition:
     """Pick the mode: a sketch as wide as the matrix would not be cheaper than the full SVD."""
     tall = g.shape[-2] < g.shape[-1]
@@ -281,7 +302,7 @@ def _decompose(
     if rank is None or q >= g.shape[-1]:
         dec = _exact(g, tau)
     else:
-        dec = _randomized(g, tau, rank, q, niter, generator)
+        dec = _randomized(g, tau, rank, q, niter, generator, scratch)
     if tall:  # (left right)^T = right^T left^T
         dec = dec._replace(left=dec.right.mT, right=dec.left.mT)
     return dec
@@ -380,6 +401,7 @@ class SpectralClip(GradientTransform):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
         self.seed = seed
         self._plans: dict[Any, _Plan] = {}
+        self._buffer: Tensor | None = None  # see _scratch
 
     # -- selection ---------------------------------------------------------------------------------
     def _auto_head(self, params: Sequence[Tensor], modules: Sequence[nn.Module | None]) -> int | None:
@@ -473,6 +495,17 @@ class SpectralClip(GradientTransform):
         self._plans[key] = plan
         return plan
 
+    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer for the randomized mode's low-precision copy of a group, kept from step to
+        step and shared by the groups, which are clipped one after the other."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._buffer
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
     # -- GradientTransform ------------------------------------------------------------------------
     def _threshold_for(self, p: Tensor) -> Threshold:
         if p.dim() < 2:  # never spectrally clipped: a vector threshold, or a 1-number state
@@ -535,7 +568,7 @@ class SpectralClip(GradientTransform):
         g = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
         g = g.to(torch.promote_types(g.dtype, torch.float32))
         tau = torch.stack([self.threshold.value(ths[i]) for i in grp.indices]).to(g.dtype)
-        dec = _decompose(g, tau, self.rank, self.q, self.niter, gen)  # type: ignore[arg-type]
+        dec = _decompose(g, tau, self.rank, self.q, self.niter, gen, self._scratch)  # type: ignore[arg-type]
         for j, (i, t) in enumerate(zip(grp.indices, grp.transposed)):
             left, right = dec.left[j], dec.right[j]
             if t:  # this member was used as its transpose

