@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustclip as rc
+from robustclip import _spectral
 from robustclip import thresholds as th
 from robustclip._spectral import clip_singular_values, spectral_clip
 from robustclip._transform import StepContext
@@ -58,14 +59,35 @@ def apply(transform, grads, names=None, modules=None, state=None):
     return out, state
 
 
-MODES = [pytest.param(None, id="exact"), pytest.param(4, id="randomized")]
+# (rank, power iterations in bfloat16): the randomized mode with both precisions of its power
+# iterations, whatever this CPU would pick (see _spectral.BF16_POWER_ITERATIONS)
+MODES = [
+    pytest.param((None, None), id="exact"),
+    pytest.param((4, True), id="randomized-bf16"),
+    pytest.param((4, False), id="randomized"),
+]
 SHAPES = [(40, 30), (30, 40), (48, 48)]
+
+
+@pytest.fixture
+def rank(request, monkeypatch):
+    """The rank of a MODES entry (parametrized indirectly), with its iteration precision set."""
+    r, bf16 = request.param
+    if bf16 is not None:
+        monkeypatch.setattr(_spectral, "BF16_POWER_ITERATIONS", bf16)
+    return r
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-iterations", "input-precision-iterations"])
+def bf16_iterations(request, monkeypatch):
+    monkeypatch.setattr(_spectral, "BF16_POWER_ITERATIONS", request.param)
+    return request.param
 
 
 # -- the maths ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rank", MODES)
+@pytest.mark.parametrize("rank", MODES, indirect=True)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_tau_above_sigma_max_is_a_no_op(shape, rank):
     g = torch.randn(shape)
@@ -94,7 +116,7 @@ def test_tau_below_all_singular_values_gives_tau_u_vt(shape):
     assert float(state.sigma_after[0]) == pytest.approx(tau)
 
 
-def test_orthogonalized_limit_in_randomized_mode_on_a_low_rank_matrix():
+def test_orthogonalized_limit_in_randomized_mode_on_a_low_rank_matrix(bf16_iterations):
     # rank 3 < r: the randomized mode sees the whole spectrum, so tau U V^T again
     g = with_spectrum(60, 50, torch.tensor([5.0, 3.0, 2.0]))
     out, _ = apply(spectral_clip(1.0, rank=4), [g])
@@ -116,7 +138,7 @@ def test_exact_mode_matches_oracle(shape):
 
 @pytest.mark.parametrize("r", [3, 5])
 @pytest.mark.parametrize("shape", [(80, 50), (50, 80)])
-def test_randomized_equals_exact_when_r_covers_the_rank(shape, r):
+def test_randomized_equals_exact_when_r_covers_the_rank(shape, r, bf16_iterations):
     g = with_spectrum(*shape, torch.tensor([9.0, 4.0, 2.5][:3]))  # rank 3 <= r
     tau = 3.0
     out, state = apply(spectral_clip(tau, rank=r), [g])
@@ -125,7 +147,7 @@ def test_randomized_equals_exact_when_r_covers_the_rank(shape, r):
 
 
 @pytest.mark.parametrize("shape", [(200, 120), (120, 200)])
-def test_randomized_error_is_small_on_decaying_spectra(shape):
+def test_randomized_error_is_small_on_decaying_spectra(shape, bf16_iterations):
     s = 10.0 * 0.7 ** torch.arange(min(shape), dtype=torch.float64)
     g = with_spectrum(*shape, s, seed=1)
     r, tau = 8, 0.3  # tau below sigma_8 = 0.82: all top r are clipped
@@ -140,7 +162,7 @@ def test_randomized_error_is_small_on_decaying_spectra(shape):
     assert float(state.sigma_after[0]) == pytest.approx(float(s[r]), rel=1e-3)
 
 
-def test_randomized_sigma1_on_a_flat_tail_spectrum():
+def test_randomized_sigma1_on_a_flat_tail_spectrum(bf16_iterations):
     # a realistic shape: a few strong directions over a broad noisy bulk
     gen = torch.Generator().manual_seed(3)
     bulk = torch.randn(300, 200, generator=gen, dtype=torch.float64) / 30
@@ -148,6 +170,115 @@ def test_randomized_sigma1_on_a_flat_tail_spectrum():
     g = (bulk + spikes).float()
     _, state = apply(spectral_clip(1.0, rank=8, niter=2), [g])
     assert float(state.sigma_before[0]) == pytest.approx(sigma1(g), rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["tall", "wide"])  # wide: decomposed as a transposed view
+def test_randomized_on_a_batch_with_rank_deficient_and_zero_members(dtype, layout, bf16_iterations):
+    m, n = 90, 60
+    mats = [
+        with_spectrum(m, n, torch.tensor([7.0]), seed=1),  # rank 1
+        with_spectrum(m, n, torch.tensor([5.0, 4.0, 2.0, 1.5]), seed=2),  # rank 4 = r
+        torch.zeros(m, n),
+        with_spectrum(m, n, 6.0 * 0.6 ** torch.arange(n, dtype=torch.float64), seed=3),  # full rank
+    ]
+    g = torch.stack(mats).to(dtype)
+    if layout == "wide":
+        g = g.mT.contiguous()
+    taus = torch.tensor([3.0, 1.0, 1.0, 0.5])
+    out, before, after = clip_singular_values(g, taus, rank=4, oversample=12)  # q = 16
+    assert out.dtype == dtype
+    atol = 1e-5 if dtype == torch.float32 else 1e-9
+    for i in range(4):
+        ref = oracle_topr(g[i], float(taus[i]), 4)
+        torch.testing.assert_close(out[i].double(), ref, rtol=0, atol=atol)
+        assert float(before[i]) == pytest.approx(sigma1(g[i]), rel=atol, abs=atol)
+    assert torch.equal(out[2], g[2])  # zero stays zero
+    assert float(after[3]) == pytest.approx(6.0 * 0.6**4, rel=1e-4)  # sigma_5, not clipped
+
+
+def test_randomized_without_power_iterations(bf16_iterations):
+    g = with_spectrum(80, 50, torch.tensor([9.0, 4.0, 2.5]))
+    out, before, _ = clip_singular_values(g, 3.0, rank=4, niter=0)
+    torch.testing.assert_close(out.double(), oracle_clip(g, 3.0), rtol=0, atol=1e-5)
+    assert float(before) == pytest.approx(9.0, rel=1e-5)
+
+
+def test_randomized_mode_on_bf16_gradients(bf16_iterations):
+    g = with_spectrum(64, 96, torch.tensor([8.0, 5.0, 3.0]), seed=5).bfloat16()
+    out, state = apply(spectral_clip(4.0, rank=4), [g])
+    assert out[0].dtype == torch.bfloat16
+    torch.testing.assert_close(out[0].double(), oracle_clip(g.float(), 4.0), rtol=2e-2, atol=2e-2)
+    assert float(state.sigma_before[0]) == pytest.approx(sigma1(g), rel=1e-5)
+
+
+def test_bf16_power_iterations_keep_the_accuracy_of_the_subspace(monkeypatch):
+    # one strong direction, a few weaker ones and a flat bulk, as in real gradients, and all top 8
+    # clipped: the iterations' rounding must not cost the smaller ones (it would, by
+    # (sigma_1 / sigma_i)^2 in bfloat16, were the first sketch only scaled and not orthonormalized)
+    gen = torch.Generator().manual_seed(3)
+    bulk = torch.randn(400, 200, generator=gen, dtype=torch.float64) / 250
+    spikes = torch.tensor([8.0, 0.66, 0.25, 0.23, 0.18, 0.17, 0.16, 0.15])
+    g = (bulk + with_spectrum(400, 200, spikes, seed=4).double()).float()
+    tau = 0.5 * float(torch.linalg.svdvals(g.double())[7])
+    ref = oracle_topr(g, tau, 8)
+    errs = {}
+    for bf16 in (True, False):
+        monkeypatch.setattr(_spectral, "BF16_POWER_ITERATIONS", bf16)
+        worst = 0.0
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            out, _, _ = clip_singular_values(g, tau, rank=8, oversample=8, generator=gen)
+            worst = max(worst, float((out.double() - ref).norm() / (ref - g.double()).norm()))
+        errs[bf16] = worst
+    assert errs[False] < 1e-2  # the flat bulk (sigma_9 / sigma_8 = 0.74) limits both
+    assert errs[True] <= 1.02 * errs[False] + 1e-5
+
+
+def test_randomized_sigma1_on_real_gradients(bf16_iterations):
+    torch.manual_seed(0)
+    model = CharGPT(vocab=20, block_size=16, d=64, layers=1, heads=2)
+    idx = torch.randint(0, 20, (8, 17))
+    sequence_losses(model(idx[:, :-1]), idx[:, 1:]).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks")]
+    assert len(grads) == 4 and all(min(g.shape) > 16 for g in grads)  # all take the randomized path
+    for g in grads:
+        tau = 0.5 * sigma1(g)
+        out, before, _ = clip_singular_values(g, tau, rank=8, oversample=8)
+        assert float(before) == pytest.approx(sigma1(g), rel=1e-3)
+        ref = oracle_topr(g, tau, 8)
+        assert float((out.double() - ref).norm() / (ref - g.double()).norm()) < 1e-2
+
+
+def test_randomized_groups_share_one_scratch_buffer(bf16_iterations):
+    s = torch.tensor([6.0, 3.0, 2.0])  # rank 3 <= r: exact
+    shapes = [(120, 40), (50, 200), (64, 64)]
+    grads = [with_spectrum(m, n, s, seed=i) for i, (m, n) in enumerate(shapes)]
+    transform = spectral_clip(2.5, rank=4)
+    state = None
+    for _ in range(2):  # the second step reuses the buffer
+        out, state = apply(transform, grads, state=state)
+        for o, g in zip(out, grads):
+            torch.testing.assert_close(o.double(), oracle_clip(g, 2.5), rtol=0, atol=1e-5)
+    if bf16_iterations:
+        assert transform._buffer is not None and transform._buffer.numel() == 200 * 50
+    else:
+        assert transform._buffer is None
+
+
+@pytest.mark.parametrize("niter", [0, 1, 3])
+def test_nonfinite_guard_for_any_number_of_power_iterations(
+    no_linalg_on_nonfinite, niter, bf16_iterations
+):
+    good = with_spectrum(40, 30, 5.0 * 0.6 ** torch.arange(20.0), seed=1)
+    broken = good.clone()
+    broken[3, 4] = float("nan")
+    out, state = apply(spectral_clip(1.0, rank=4, niter=niter), [good, broken])
+    assert state.nonfinite.tolist() == [0.0, 1.0]
+    torch.testing.assert_close(out[1], broken, equal_nan=True, rtol=0, atol=0)
+    atol = 1e-2 if niter == 0 else 1e-4  # no iteration: the sketch alone, less accurate
+    torch.testing.assert_close(out[0].double(), oracle_topr(good, 1.0, 4), rtol=0, atol=atol)
+    assert bool(torch.isfinite(state.sigma_before).all())
 
 
 def test_functional_form_and_default_sketch_width():
@@ -213,9 +344,9 @@ def test_same_shaped_layers_are_batched_and_each_keeps_its_own_threshold():
 
 @pytest.fixture
 def no_linalg_on_nonfinite(monkeypatch):
-    """Fail if an SVD or QR is ever handed a non-finite matrix."""
+    """Fail if an SVD, QR or eigendecomposition is ever handed a non-finite matrix."""
     calls = []
-    for name in ("svd", "qr"):
+    for name in ("svd", "qr", "eigh"):
         real = getattr(torch.linalg, name)
 
         def guarded(a, *args, _real=real, _name=name, **kw):
@@ -227,7 +358,7 @@ def no_linalg_on_nonfinite(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("rank", MODES)
+@pytest.mark.parametrize("rank", MODES, indirect=True)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_matrix_is_skipped_and_reported(no_linalg_on_nonfinite, rank, bad):
     decay = 5.0 * 0.6 ** torch.arange(20.0)
@@ -255,7 +386,7 @@ def test_nonfinite_matrix_is_skipped_and_reported(no_linalg_on_nonfinite, rank, 
     assert all(bool(torch.isfinite(t).all()) for t in state.thresholds[0])
 
 
-@pytest.mark.parametrize("rank", MODES)
+@pytest.mark.parametrize("rank", MODES, indirect=True)
 def test_zero_matrices_are_safe(rank):
     grads = [torch.zeros(40, 30), torch.zeros(30, 40), torch.zeros(5)]
     transform = spectral_clip(th.EMA(), rank=rank, clip_vectors=1.0)

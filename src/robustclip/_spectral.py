@@ -19,8 +19,8 @@ steps along. A row vector's only singular value is its norm, so norm clipping is
 clipping of a ``1 x n`` matrix; 1-D parameters can be norm-clipped the same way.
 
 Both modes write the result as ``G + correction``, so a layer that is not clipped is left
-bit-for-bit unchanged, and no decision is taken on the host. (On CUDA, torch.linalg's SVD and
-QR synchronize with the device by themselves; nothing else in the step does.)
+bit-for-bit unchanged, and no decision is taken on the host. (On CUDA, torch.linalg's SVD, QR
+and eigh synchronize with the device by themselves; nothing else in the step does.)
 """
 
 from __future__ import annotations
@@ -69,24 +69,6 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
-def _basis(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """An orthonormal basis of the columns of ``x`` (k, p, q), one column per singular direction.
-
-    ``x P diag(e)^(-1/2)`` from the eigendecomposition ``x^T x = P diag(e) P^T`` of the Gram in
-    float64; directions below 1e-6 of the largest singular value are dropped (zero columns), so
-    a zero or rank-deficient ``x`` is safe. Each column holds one singular direction of ``x``, so
-    rounding it (or the next product) to bfloat16 costs each direction ~2^-9 of its own size,
-    not of the largest one's.
-    """
-    xd = x.double()
-    e, p = torch.linalg.eigh(xd.mT @ xd)
-    inv = torch.where(e > 1e-12 * e[..., -1:], e.rsqrt(), 0.0)
-    c = p * inv[..., None, :]
-    if xd.mT.is_contiguous():  # a column-major x: multiply on its row-major side
-        return (c.mT @ xd.mT).mT.to(dtype)
-    return (xd @ c).to(dtype)
-
-
 def _cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX, via oneDNN)."""
     try:
@@ -127,35 +109,38 @@ def _randomized(
     generator: torch.Generator,
     scratch: Scratch | None = None,
 ) -> _Decomposition:
-    """Top-``rank`` clipping by a randomized range finder (Halko et al., arXiv:0909.4061).
+    """Top-``rank`` clipping by a randomized range finder (Halko, Martinsson, Tropp,
+    arXiv:0909.4061).
 
-    The subspace is the one of Halko's Alg. 4.4 with ``niter`` power iterations, ``Q = orth(Y)``
-    with ``Y = (G G^T)^niter G Omega``, reached from the row space (their Alg. 4.4 written for
-    ``G^T``, re-orthonormalized after each ``G^T G`` as in their Alg. 4.4's QR steps):
+    The subspace is that of their randomized subspace iteration (Alg. 4.4) with ``niter`` power
+    iterations, ``Q = orth(Y)`` with ``Y = (G G^T)^niter G Omega``, reached from the row space:
 
-    1. ``Z <- Omega`` (Gaussian, ``n x q``); ``niter`` times ``Z <- orth(G^T (G Z))``, so that
-       ``span Z = span (G^T G)^niter Omega``;
-    2. ``Y = G Z`` (spans the same left space as Halko's), ``Q = orth(Y)`` (Householder QR);
+    1. ``Z = Omega`` (Gaussian, ``n x q``), then ``niter`` times ``Z <- orth(G^T orth(G Z))``,
+       so that ``span Z = span (G^T G)^niter Omega``. The inner ``orth`` is a QR for the first
+       sketch ``G Omega``, whose columns all lean on the top singular vector; the later ``Z``
+       come from a QR, so ``G Z`` has columns of their own sizes and is only scaled;
+    2. ``Y = G Z`` (Halko's left space), ``Q = orth(Y)`` (Householder QR);
     3. ``B^T = G^T Q`` and the Rayleigh-Ritz step (their Alg. 5.1): the SVD of the ``q x n``
-       matrix ``B = Q^T G`` from the eigendecomposition of its ``q x q`` Gram ``B B^T =
-       Ub diag(s^2) Ub^T`` in float64;
-    4. the correction ``G + Q Ub diag(min(s, tau) / s - 1) Ub^T B`` (``Ub^T B = diag(s) V^T``),
+       matrix ``B = Q^T G`` from the eigendecomposition of its ``q x q`` Gram
+       ``B B^T = Ub diag(s^2) Ub^T`` in float64;
+    4. the correction ``Q Ub diag(min(s, tau) / s - 1) Ub^T B`` (``Ub^T B = diag(s) V^T``),
        nonzero only for the top ``rank`` values above ``tau``, added by the caller in one pass.
 
     That is ``2 niter + 2`` products with ``G`` and the correction, as in Halko's scheme. Where
     the CPU multiplies bfloat16 natively (:data:`BF16_POWER_ITERATIONS`), the ``2 niter``
-    products of step 1 use a bfloat16 copy of a float32 ``G`` (one conversion pass, then each
-    product costs about a quarter of a float32 one). They only steer ``Z``: its rounding (about
-    ``2^-9``) reaches the result through ``Y = G Z`` in ``G``'s own precision, damped there by
-    ``sigma_j / sigma_i`` for the directions ``j`` the sketch leaves out, and ``Q`` spans
-    ``G``'s range exactly whatever ``Z`` is when ``rank(G) <= q``, so a rank-deficient matrix
-    is still clipped exactly; steps 2-4 are in ``G``'s precision (float64 for the Gram).
+    products of step 1 use a bfloat16 copy of a float32 ``G`` (one conversion pass; each product
+    then costs about a quarter of a float32 one). They only steer ``Z``; steps 2-4 are in ``G``'s
+    own precision. ``Y = G Z`` lies in ``G``'s range whatever the rounding of ``Z``, so a matrix
+    of rank ``<= q`` is still clipped exactly, and the rounding that tilts ``Z`` (~``2^-9`` of
+    each direction, thanks to the QR of the first sketch) reaches ``Q`` damped by
+    ``sigma_j / sigma_i`` for the directions ``j`` outside the sketch: on real gradients the
+    top-``r`` correction is as accurate as with float32 iterations (see the tests).
 
     A non-finite ``G`` is recognised from the first product (see below), and only the small
     products are zeroed for it, so no QR or eigensolver sees a NaN and its correction is zero.
-
-    ``scratch(shape, dtype, device)``, if given, returns a buffer for the bfloat16 copy (reused from
-    step to step: a fresh allocation of that size can cost more page faults than the copy).
+    ``scratch(shape, dtype, device)``, if given, returns a buffer for the bfloat16 copy, reused
+    from step to step (a fresh allocation of that size can cost more in page faults than the
+    copy itself).
     """
     k, _, n = g.shape
     # Products with G go through its row-major layout: on the CPU a column-major (transposed)
@@ -166,52 +151,55 @@ def _randomized(
     if not w.is_contiguous():
         w, row_major = g.contiguous(), True
 
-    def g_at(a: Tensor, x: Tensor, keep: Tensor | None = None) -> Tensor:  # G @ x, G stored as a
-        # (with the rows of a matrix that is not finite zeroed, on the product's own layout)
-        if row_major:
-            out = a @ x
-            return out if keep is None else torch.where(keep, out, 0.0)
-        out = x.mT @ a
-        return (out if keep is None else torch.where(keep, out, 0.0)).mT
+    def g_at(a: Tensor, x: Tensor, drop: Tensor | None = None) -> Tensor:  # G @ x, G stored as a
+        out = a @ x if row_major else (x.mT @ a).mT
+        # the matrices that are not finite zeroed, in place: no new buffer
+        return out if drop is None else out.masked_fill_(drop, 0.0)
 
-    def gt_at(a: Tensor, x: Tensor, keep: Tensor | None = None) -> Tensor:  # G^T @ x
-        if not row_major:
-            out = a @ x
-            return out if keep is None else torch.where(keep, out, 0.0)
-        out = x.mT @ a
-        return (out if keep is None else torch.where(keep, out, 0.0)).mT
+    def gt_at(a: Tensor, x: Tensor, drop: Tensor | None = None) -> Tensor:  # G^T @ x
+        out = (x.mT @ a).mT if row_major else a @ x
+        return out if drop is None else out.masked_fill_(drop, 0.0)
 
     # the sketch, drawn as (q, n) and used transposed: a row-major left operand of the thin
     # matmuls below
     omega = torch.randn(k, q, n, generator=generator, device=generator.device, dtype=g.dtype)
     z = omega.to(g.device).mT
-    finite = keep = None
+    finite = drop = None
     # step 1: power iterations on the row space, in bfloat16 where the CPU has it natively
     low = _iteration_dtype(g)
     a = w
     if low != w.dtype:
-        a = torch.empty(w.shape, dtype=low, device=w.device) if scratch is None else scratch(w.shape, low, w.device)
+        if scratch is None:
+            a = torch.empty(w.shape, dtype=low, device=w.device)
+        else:
+            a = scratch(tuple(w.shape), low, w.device)
         a.copy_(w)
-    for _ in range(niter):
+    for i in range(niter):
         t = g_at(a, z.to(low))
-        if keep is None:
+        if drop is None:
             # A non-finite entry of G makes its whole row of G Omega non-finite, so the sketch
             # tells which matrices are not finite at no extra pass over G. Only the small
             # products are then zeroed for those matrices: no QR or eigensolver ever sees a
             # NaN, and their correction is zero.
             finite = torch.isfinite(t.abs().amax(dim=(-2, -1)))
-            keep = finite[:, None, None]
-        t = _basis(torch.where(keep, t, 0.0), low)
-        z = _basis(gt_at(a, t, keep), g.dtype)
-    if keep is None:
+            drop = ~finite[:, None, None]
+        if i == 0:
+            # the columns of G Omega all lean on the top singular vector: unless
+            # orthonormalized, G^T G Omega, rounded entry by entry, would keep the direction of
+            # sigma_i only to ~2^-9 (sigma_1 / sigma_i)^2 in bfloat16
+            t = _orthonormal(t.masked_fill_(drop, 0.0).to(g.dtype)).to(low)
+        else:  # scaled to max |T| = 1, so that G^T T stays in range
+            t = t / t.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(low).tiny)
+        z = _orthonormal(gt_at(a, t, drop).to(g.dtype))
+    if drop is None:
         y = g_at(w, z)
-        finite = torch.isfinite(y).flatten(1).all(1)
-        keep = finite[:, None, None]
-        y = torch.where(keep, y, 0.0)
+        finite = torch.isfinite(y.abs().amax(dim=(-2, -1)))
+        drop = ~finite[:, None, None]
+        y.masked_fill_(drop, 0.0)
     else:
-        y = g_at(w, z, keep)
+        y = g_at(w, z, drop)
     qm = _orthonormal(y)  # step 2
-    bt = gt_at(w, qm, keep)  # step 3: B^T = G^T Q, (k, n, q)
+    bt = gt_at(w, qm, drop)  # step 3: B^T = G^T Q, (k, n, q)
     # the Gram in float64 gives the singular values of B to ~1e-8 relative even 1e4 below the
     # top one, and costs a q x q eigensolver instead of a q x n SVD
     bd = bt.double()
