@@ -513,7 +513,7 @@ class HookEngine(PerSampleEngine):
         dt = acc_dtype(p.dtype)
         if len(ts) == 1 and ts[0].precomputed_sq is not None:
             return ts[0].precomputed_sq
-        item = torch.empty((), dtype=ts[0].dtype).element_size()
+        item = ts[0].dtype.itemsize
         keep_ok = batch * p.numel() * item <= sum(t.hold_bytes() for t in ts)
         how = plan(ts, keep_ok)
         forced = self._plan_override
