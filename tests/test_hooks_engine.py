@@ -448,3 +448,65 @@ def test_forward_passes_without_backward_warn():
         for _ in range(64):
             model(x)
     clipper.close()
+
+
+# -- which gradients the backward pass is asked for ----------------------------------------------
+
+
+def _requested_sources(model, x, losses_fn):
+    """The source edges the engine requests (see ``HookEngine._source_edge``), by unit name."""
+    asked = []
+    orig = HookEngine._source_edge
+
+    def spy(self, call):
+        asked.append(call.unit.name)
+        return orig(self, call)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HookEngine, "_source_edge", spy)
+        compare_engines((model, x, losses_fn))
+    return asked
+
+
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [
+        # conv output consumed directly by GroupNorm, then ReLU, then another conv
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten()), ["0"]),
+        # a bias-free Linear feeding a Linear directly, an Embedding feeding a LayerNorm
+        (lambda: nn.Sequential(nn.Linear(6, 5, bias=False), nn.Linear(5, 3)), ["0"]),
+        (lambda: nn.Sequential(nn.Embedding(7, 4), nn.LayerNorm(4), nn.Flatten(), nn.Linear(12, 2)), ["0"]),
+        (lambda: MLP([6, 5, 3]), ["net.0"]),
+    ],
+)
+def test_one_source_edge_serves_every_streamed_layer(make, expect):
+    """Only the first layer is asked for: a second request would hold another output gradient
+    to the end of the pass (or, for a convolution's bias, run its weight-gradient kernel)."""
+    torch.manual_seed(0)
+    model = make()
+    if isinstance(model[0], nn.Embedding):
+        x = torch.randint(0, 7, (5, 3))
+    elif isinstance(model[0], nn.Conv2d):
+        x = torch.randn(5, 3, 6, 6)
+    else:
+        x = torch.randn(5, 6)
+    names = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    expect = [e if e in names else names[0] for e in expect]
+    assert _requested_sources(model, x, lambda out: out.pow(2).sum(1)) == expect
+
+
+def test_source_edge_of_a_conv_is_its_output_and_of_a_linear_its_bias():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).double()
+    lin = nn.Sequential(nn.Linear(3, 4)).double()
+    for model, x, want_bias in ((conv, torch.randn(2, 3, 5, 5, dtype=torch.float64), False), (lin, torch.randn(2, 3, dtype=torch.float64), True)):
+        engine = HookEngine(model, ParamLayout.build(model, list(model.parameters())))
+        engine.attach()
+        try:
+            model(x)
+            call = engine._calls[-1]
+            (key,) = engine._source_edge(call)
+        finally:
+            engine.detach()
+        bias_node = torch.autograd.graph.get_gradient_edge(model[0].bias).node
+        assert (key[0] is bias_node) == want_bias

@@ -288,6 +288,9 @@ def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkey
     monkeypatch.setattr(conv_rule, "_GROUPED_FASTER", {})
     term = conv_rule.ConvTerm(layer, x, g)
     assert term.grouped is None  # not timed yet
+    # a single sample (the first-step check) is not worth timing: grouped, nothing remembered
+    torch.testing.assert_close(term.materialize(slice(2, 3)), term._materialize_grouped(slice(2, 3)))
+    assert term.grouped is None and not conv_rule._GROUPED_FASTER
     got = term.materialize(slice(None))
     assert term.grouped in (True, False) and len(conv_rule._GROUPED_FASTER) == 1
     grouped = term._materialize_grouped(slice(None))
@@ -300,9 +303,28 @@ def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkey
     # a chunk of samples in the middle (the im2col path slices its own sub-chunks)
     monkeypatch.setattr(conv_rule, "IM2COL_CHUNK_ELEMENTS", 1)
     torch.testing.assert_close(term._materialize_im2col(slice(1, 4)), im2col[1:4], rtol=1e-12, atol=1e-14)
+    # another batch size of the same layer reuses the choice
+    out2 = layer(x[:3])
+    assert conv_rule.ConvTerm(layer, x[:3], torch.randn_like(out2)).grouped is term.grouped
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         assert term.grouped is False
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_positions_of_a_single_position_is_a_view(dtype):
+    """2-D Linear inputs have one position: the bias term is the output gradient itself (a view,
+    no reduction into a new tensor), in float32 at least."""
+    from robustclip.per_sample.rules._util import sum_positions
+
+    g = torch.randn(4, 1, 5).to(dtype)
+    got = sum_positions(g)
+    assert got.dtype == torch.float32 and got.shape == (4, 5)
+    torch.testing.assert_close(got, g.float().sum(1))
+    if dtype == torch.float32:
+        assert got.data_ptr() == g.data_ptr()
+    many = torch.randn(4, 3, 5)
+    torch.testing.assert_close(sum_positions(many), many.sum(1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import robustclip as rc
 from robustclip.per_sample import ENGINES
@@ -159,3 +160,40 @@ def test_optimizer_and_scheduler_see_the_clipped_gradient():
         ref_sched.step()
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16])
+def test_step_loss_and_clipped_fraction_over_unequal_micro_batches(loss_dtype):
+    """The step's loss is the mean over all its samples (unequal micro-batches weighted by their
+    sizes; micro-batch clipping weights each micro-batch as one unit), taken when backward()
+    is called: a later in-place change of the loss tensor does not alter it."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8)
+
+    def losses_of(xb, yb):
+        return (model(xb).squeeze(1) - yb).pow(2).to(loss_dtype)
+
+    parts = [slice(0, 3), slice(3, 8)]
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.per_sample_clip(0.5))
+    all_losses = []
+    for sl in parts:
+        l = losses_of(x[sl], y[sl])
+        all_losses.append(l.detach().double())
+        clipper.backward(l)
+        l.data.mul_(100.0)  # the caller reuses its tensor: the step's loss must not change
+    info = clipper.step()
+    assert float(info.loss) == pytest.approx(float(torch.cat(all_losses).mean()), rel=1e-12)
+    assert info.num_samples == 8
+    norms = info.per_sample_norms
+    assert float(info.clipped_fraction) == pytest.approx(float((norms > 0.5).double().mean()))
+
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.micro_batch_clip(1e-3))
+    means = []
+    for sl in parts:
+        l = losses_of(x[sl], y[sl]).mean()
+        means.append(float(l.detach().double()))
+        clipper.backward(l)
+    info = clipper.step()
+    assert float(info.loss) == pytest.approx(sum(means) / 2, rel=1e-12)
+    assert float(info.clipped_fraction) == 1.0

@@ -588,3 +588,20 @@ def test_readings_in_step_info_and_state_dict_loads_weights_only():
     assert bool((r["sigma_after"][sel] <= r["sigma_before"][sel] * (1 + 1e-6)).all())
     as_dict = infos[-1].as_dict()
     assert isinstance(as_dict["transforms"]["spectral_clip"]["clipped_fraction"], float)
+
+
+def test_randomized_mode_on_huge_but_finite_gradients(bf16_iterations, no_linalg_on_nonfinite):
+    """Entries near 1e36 (float32 range ends at 3.4e38): the power iterations rescale to unit
+    norm, so no factorisation sees an inf or NaN and the top singular values are still clipped
+    (a sketch scaled only to max entry 1 overflows G^T T here)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 24, generator=gen, dtype=torch.float64) @ torch.randn(24, 1024, generator=gen, dtype=torch.float64)
+    small = base.float()
+    s1 = sigma1(small)
+    ref, ref_state = apply(spectral_clip(0.5 * s1, rank=8, seed=3), [small])
+    # the same clip (same sketch) on the same matrix times 1e35: the result times 1e35
+    out, state = apply(spectral_clip(0.5 * s1 * 1e35, rank=8, seed=3), [(base * 1e35).float()])
+    assert bool(torch.isfinite(out[0]).all()) and no_linalg_on_nonfinite
+    # (bf16 iterations round the scaled matrix differently: agreement to their precision)
+    assert float((out[0].double() / 1e35 - ref[0].double()).norm() / ref[0].double().norm()) < 1e-3
+    assert float(state.sigma_before[0]) / 1e35 == pytest.approx(float(ref_state.sigma_before[0]), rel=1e-4)

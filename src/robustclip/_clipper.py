@@ -161,8 +161,8 @@ class Clipper:
 
     def _reset_cycle(self) -> None:
         self._count = 0
-        # per backward(): (losses, count) and the clipped flags, reduced once in step() (a few
-        # small ops per step instead of per micro-batch)
+        # per backward(): (mean loss, count) and the clipped flags, reduced once in step() (a
+        # few small ops per step instead of per micro-batch)
         self._losses: list[tuple[Tensor, int]] = []
         self._clipped: list[Tensor] = []
         self._sample_norms: list[Tensor] = []
@@ -194,7 +194,10 @@ class Clipper:
         out = [p.grad for p in self.params]
         contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)  # type: ignore[arg-type]
         self._count += contrib.count
-        self._losses.append((losses.detach(), contrib.count))
+        # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
+        # later in-place change of the caller's loss tensor cannot change the step's loss
+        mean = losses.detach().double() if losses.dim() == 0 else losses.detach().double().mean()
+        self._losses.append((mean, contrib.count))
         if contrib.clipped is not None:
             self._clipped.append(contrib.clipped)
         if contrib.per_sample_norms is not None:
@@ -206,10 +209,8 @@ class Clipper:
         """Sum of the backward() calls' mean losses, each weighted by its count: divided by the
         total count, the step's mean loss per sample (micro-batch clipping counts a micro-batch
         as one unit, weighted by its mean loss)."""
-        # the means in float64: a bf16 or fp16 mean of many losses would round
-        means = [l if l.dim() == 0 else l.double().mean() for l, _ in self._losses]
         counts = [c for _, c in self._losses]
-        stacked = torch.stack(means).double()
+        stacked = torch.stack([m for m, _ in self._losses])
         if all(c == counts[0] for c in counts):
             return stacked.sum() * counts[0]
         return stacked @ torch.tensor(counts, dtype=torch.float64, device=stacked.device)

@@ -188,8 +188,13 @@ def _randomized(
             # orthonormalized, G^T G Omega, rounded entry by entry, would keep the direction of
             # sigma_i only to ~2^-9 (sigma_1 / sigma_i)^2 in bfloat16
             t = _orthonormal(t.masked_fill_(drop, 0.0).to(g.dtype)).to(low)
-        else:  # scaled to max |T| = 1, so that G^T T stays in range
-            t = t / t.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(low).tiny)
+        else:
+            # scaled to unit Frobenius norm, so that ||G^T T|| <= sigma_1 stays in range wherever
+            # G is; by the largest entry first, so that the norm's squares cannot overflow
+            acc = torch.promote_types(t.dtype, torch.float32)
+            tiny = torch.finfo(acc).tiny
+            t = t / t.abs().amax(dim=(-2, -1), keepdim=True).to(acc).clamp_min(tiny).to(t.dtype)
+            t = t / torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=acc).clamp_min(tiny).to(t.dtype)
         z = _orthonormal(gt_at(a, t, drop).to(g.dtype))
     if drop is None:
         y = g_at(w, z)

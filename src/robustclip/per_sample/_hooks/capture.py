@@ -61,6 +61,9 @@ class Call:
     out_values: list[Tensor] = field(default_factory=list)
     out_versions: list[int] = field(default_factory=list)
     autocast: tuple[str, bool, Any] | None = None
+    #: gradient edges (node, output number) of the rule input: a requested gradient exactly
+    #: there also makes autograd compute this call's output gradient
+    in_keys: list[tuple[Any, int]] = field(default_factory=list)
 
     @property
     def keys(self) -> list[tuple[Any, int]]:
@@ -73,6 +76,10 @@ def edge_key(edge: GradientEdge) -> tuple[Any, int]:
 
 def input_nodes(tensors: list[Tensor]) -> list[Any]:
     return [get_gradient_edge(t).node for t in tensors if t.requires_grad]
+
+
+def input_keys(tensors: list[Tensor]) -> list[tuple[Any, int]]:
+    return [edge_key(get_gradient_edge(t)) for t in tensors if t.requires_grad]
 
 
 #: containers whose forward uses their children's parameters directly (not by calling them):

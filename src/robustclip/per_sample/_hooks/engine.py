@@ -56,7 +56,7 @@ from robustclip.per_sample._engine import (
     acc_dtype,
     expand_weights,
 )
-from robustclip.per_sample._hooks.capture import Call, Unit, edge_key, input_nodes, plan_units
+from robustclip.per_sample._hooks.capture import Call, Unit, edge_key, input_keys, input_nodes, plan_units
 from robustclip.per_sample._hooks.fallback import (
     Replay,
     ReplayError,
@@ -184,7 +184,10 @@ class HookEngine(PerSampleEngine):
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
             return
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        call = Call(unit, [get_gradient_edge(output)], [tuple(output.shape)], input_nodes([x]), x=x, x_version=x._version)
+        call = Call(
+            unit, [get_gradient_edge(output)], [tuple(output.shape)], input_nodes([x]), x=x, x_version=x._version,
+            in_keys=input_keys([x]),
+        )  # fmt: skip
         self._record(call)
         # Fires with dL/d(output) as the backward pass computes it (also after an in-place
         # change of the output, which registers later hooks on a new node): the layer is then
@@ -330,7 +333,7 @@ class HookEngine(PerSampleEngine):
         order = {id(c): i for i, c in enumerate(calls)}
         below = _Reach(set(edges))
         for c in sorted(stream, key=lambda c: order[id(c)]):
-            if not below.any(c.in_nodes):
+            if not below.any(c.in_nodes, c.in_keys):
                 edges.update(self._source_edge(c))
                 below = _Reach(set(edges))
 
@@ -611,17 +614,19 @@ def _sq_rows(g: Tensor, dt: torch.dtype) -> Tensor:
 
 
 class _Reach:
-    """Does the graph below some nodes contain one of ``keys`` (requested gradient edges)?
+    """Does a requested gradient edge (one of ``keys``) lie at or below a layer's input?
 
-    Memoised over one step's graph; iterative, so deep graphs do not hit the recursion limit.
+    At: the input tensor's own edge is requested (the previous layer's output, consumed
+    directly). Below: the graph under the input's node contains one. Memoised over one step's
+    graph; iterative, so deep graphs do not hit the recursion limit.
     """
 
     def __init__(self, keys: set) -> None:
         self.keys = keys
         self.memo: dict[Any, bool] = {}
 
-    def any(self, nodes: list) -> bool:
-        return any(self._node(n) for n in nodes)
+    def any(self, nodes: list, at: list | None = None) -> bool:
+        return any(k in self.keys for k in at or ()) or any(self._node(n) for n in nodes)
 
     def _node(self, root: Any) -> bool:
         memo, keys = self.memo, self.keys

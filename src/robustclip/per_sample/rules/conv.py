@@ -12,8 +12,8 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
   plus a batched matmul over cache-sized chunks of samples. Which is faster depends on the layer
   and the machine (on a 2-core CPU: im2col is 2.5x faster for a 3-channel input layer, the
   grouped convolution 2x faster for 32 input channels), so on CPU the first call for each
-  layer shape times both and remembers the faster (:func:`materialize_choice`); on other
-  devices im2col is used;
+  layer shape (per-sample shapes: any batch size) times both and remembers the faster
+  (:func:`materialize_choice`); on other devices im2col is used;
 * the clipped sum is ONE weight-gradient convolution on the weight-scaled output gradient, as
   in the plain backward pass.
 """
@@ -104,10 +104,12 @@ class ConvTerm(OuterTerm):
         return _GROUPED_FASTER.get(self._signature())
 
     def _signature(self) -> tuple:
+        # per-sample shapes: a new batch size (a last partial batch, Poisson sampling) reuses
+        # the layer's choice instead of timing again
         m = self.module
         return (
-            tuple(self.x.shape), tuple(self.g.shape), m.stride, tuple(self.padding), m.dilation,
-            m.groups, self.dtype, self.x.dtype,
+            tuple(self.x.shape[1:]), tuple(self.g.shape[1:]), m.kernel_size, m.stride, tuple(self.padding),
+            m.dilation, m.groups, self.dtype, self.x.dtype,
         )  # fmt: skip
 
     def hold_bytes(self) -> int:
@@ -116,9 +118,12 @@ class ConvTerm(OuterTerm):
     def transient_per_sample(self) -> int:
         # the grouped convolution reorders its input and output gradient; im2col unfolds
         per_sample_io = self.x[0].numel() + self.g[0].numel()
-        # im2col unfolds at most IM2COL_CHUNK_ELEMENTS at a time; its result may be copied once
-        extra = per_sample_io if self.grouped is not False else self.numel
-        return self.numel + extra
+        # im2col unfolds at most IM2COL_CHUNK_ELEMENTS at a time; its result may be copied once.
+        # Not timed yet: both run, and one result is held while the other is computed.
+        grouped = self.grouped
+        if grouped is None:
+            return 2 * self.numel + per_sample_io
+        return self.numel + (per_sample_io if grouped else self.numel)
 
     def _padded(self, sl: slice) -> Tensor:
         x = self.x[sl].to(self.dtype)
