@@ -516,6 +516,10 @@ class HookEngine(PerSampleEngine):
         dt = acc_dtype(p.dtype)
         if len(ts) == 1 and ts[0].precomputed_sq is not None:
             return ts[0].precomputed_sq
+        if len(ts) == 1 and type(ts[0]) is DenseTerm and self._plan_override is None:
+            # already per sample (a bias, a norm scale): kept as is, one norm per row
+            kept[idx] = ts[0].g  # type: ignore[attr-defined]
+            return _sq_rows(ts[0].g, dt)  # type: ignore[attr-defined]
         item = ts[0].dtype.itemsize
         keep_ok = batch * p.numel() * item <= sum(t.hold_bytes() for t in ts)
         how = plan(ts, keep_ok)
