@@ -163,6 +163,7 @@ class HookEngine(PerSampleEngine):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        _release(self._calls)
         self._calls = []
         self._fallback_depth = 0
         if self._delegate is not None:
@@ -240,6 +241,16 @@ class HookEngine(PerSampleEngine):
         if self._delegate is not None:
             return self._delegate.accumulate(losses, weight_fn, out)
         calls, self._calls = self._calls, []
+        try:
+            return self._accumulate(calls, losses, weight_fn, out)
+        finally:
+            # A call references autograd nodes (its output edge, its input's node), and the
+            # output's node references the call back through the tensor hook: a reference
+            # cycle that would keep the step's graph, and the activations it saved, alive
+            # until Python's cyclic garbage collector ran. Cut it as soon as the step is done.
+            _release(calls)
+
+    def _accumulate(self, calls: list[Call], losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
         self._stream_sq, self._stream_kept, self._stream_terms = {}, {}, {}  # after an error
         if losses.grad_fn is None:
             raise ValueError("the losses have no autograd graph; compute them from the model's output.")
@@ -370,9 +381,7 @@ class HookEngine(PerSampleEngine):
             del gmap
         # From here on only the terms hold the layers' inputs and output gradients, so each
         # parameter's are freed as soon as it is done (a lower peak than holding them all).
-        for c in calls:
-            c.x = None
-            c.args, c.kwargs, c.out_values = (), {}, []
+        _release(calls)
         del calls, found, rule_jobs, fb_jobs, bare_jobs, stream
         sq, kept = self._stream_sq, self._stream_kept
         terms.update(self._stream_terms)
@@ -602,6 +611,14 @@ class HookEngine(PerSampleEngine):
             self._delegate = VmapEngine(self.model, self.layout, max_chunk_elements=self.max_chunk_elements)
         self._delegate.attach()
         return LoopEngine(self.model, self.layout).accumulate(losses, weight_fn, out)
+
+
+def _release(calls: list[Call]) -> None:
+    """Drop what recorded calls hold of a step: inputs, outputs and autograd nodes."""
+    for c in calls:
+        c.x = None
+        c.args, c.kwargs, c.out_values = (), {}, []
+        c.out_edges, c.in_nodes, c.in_keys = [], [], []
 
 
 def _unbatched(shape: tuple[int, ...], consumers: list, batch: int) -> bool:

@@ -66,7 +66,6 @@ class Replay:
         self.batched = [
             i for i, t in enumerate(self.leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch
         ]
-        self._fn = vmap(self._per_sample, in_dims=(None, 0, 0), randomness="error")
 
     # -- the vmapped replay ------------------------------------------------------------------------
     def _per_sample(self, vals: tuple, xs: list, gs: list) -> tuple:
@@ -94,7 +93,10 @@ class Replay:
         gs = [g[sl] for g in self.grads]
         with self.engine.replaying():
             try:
-                grads, primal = self._fn(self.vals, xs, gs)
+                # made per call: a vmapped bound method kept on self would be a reference cycle
+                # holding the recorded inputs until a garbage collection
+                fn = vmap(self._per_sample, in_dims=(None, 0, 0), randomness="error")
+                grads, primal = fn(self.vals, xs, gs)
             except RuntimeError as e:
                 if "random" in str(e):
                     raise ReplayError(str(e)) from e
