@@ -185,9 +185,10 @@ class HookEngine(PerSampleEngine):
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
             return
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        in_keys = input_keys([x])
         call = Call(
-            unit, [get_gradient_edge(output)], [tuple(output.shape)], input_nodes([x]), x=x, x_version=x._version,
-            in_keys=input_keys([x]),
+            unit, [get_gradient_edge(output)], [tuple(output.shape)], [k[0] for k in in_keys], x=x,
+            x_version=x._version, in_keys=in_keys,
         )  # fmt: skip
         self._record(call)
         # Fires with dL/d(output) as the backward pass computes it (also after an in-place
