@@ -178,10 +178,10 @@ def test_step_loss_and_clipped_fraction_over_unequal_micro_batches(loss_dtype):
     clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.per_sample_clip(0.5))
     all_losses = []
     for sl in parts:
-        l = losses_of(x[sl], y[sl])
-        all_losses.append(l.detach().double())
-        clipper.backward(l)
-        l.data.mul_(100.0)  # the caller reuses its tensor: the step's loss must not change
+        loss = losses_of(x[sl], y[sl])
+        all_losses.append(loss.detach().double())
+        clipper.backward(loss)
+        loss.data.mul_(100.0)  # the caller reuses its tensor: the step's loss must not change
     info = clipper.step()
     assert float(info.loss) == pytest.approx(float(torch.cat(all_losses).mean()), rel=1e-12)
     assert info.num_samples == 8
@@ -191,9 +191,9 @@ def test_step_loss_and_clipped_fraction_over_unequal_micro_batches(loss_dtype):
     clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.micro_batch_clip(1e-3))
     means = []
     for sl in parts:
-        l = losses_of(x[sl], y[sl]).mean()
-        means.append(float(l.detach().double()))
-        clipper.backward(l)
+        loss = losses_of(x[sl], y[sl]).mean()
+        means.append(float(loss.detach().double()))
+        clipper.backward(loss)
     info = clipper.step()
     assert float(info.loss) == pytest.approx(sum(means) / 2, rel=1e-12)
     assert float(info.clipped_fraction) == 1.0

@@ -56,7 +56,14 @@ from robustclip.per_sample._engine import (
     acc_dtype,
     expand_weights,
 )
-from robustclip.per_sample._hooks.capture import Call, Unit, edge_key, input_keys, input_nodes, plan_units
+from robustclip.per_sample._hooks.capture import (
+    Call,
+    Unit,
+    edge_key,
+    input_keys,
+    input_nodes,
+    plan_units,
+)
 from robustclip.per_sample._hooks.fallback import (
     Replay,
     ReplayError,
