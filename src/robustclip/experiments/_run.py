@@ -31,7 +31,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,6 +453,27 @@ def write_csv(records: list[Mapping[str, Any]], path: str | Path) -> None:
         w.writeheader()
         for r in records:
             w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+
+
+def method_table(
+    methods: Mapping[str, Mapping[str, Any]],
+    name_width: int,
+    columns: Sequence[tuple[str, str, str, str]],
+    note: str = "",
+) -> str:
+    """A text table of a summary's methods, one row each.
+
+    ``columns``: ``(header, key, format spec, unit)``, e.g. ``("time", "time_s", ">8.1f", "s")``;
+    a header is right-aligned over the width of its spec plus its unit. ``note`` follows the
+    header line.
+    """
+    head = f"{'method':<{name_width}}"
+    for header, _, spec, unit in columns:
+        head += f"{header:>{int(spec.lstrip('<>^').split('.')[0]) + len(unit)}}"
+    lines = [head + note]
+    for m, s in methods.items():
+        lines.append(f"{m:<{name_width}}" + "".join(f"{s[key]:{spec}}{unit}" for _, key, spec, unit in columns))
+    return "\n".join(lines)
 
 
 def default_run_dir(experiment: str, root: str | Path = "runs") -> Path:

@@ -28,7 +28,13 @@ from robustclip.data import CharCorpus, load_text
 from robustclip.experiments._methods import MethodParams, build_method, check_methods
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
-from robustclip.experiments._run import RunContext, RunData, resolve_device, seed_everything
+from robustclip.experiments._run import (
+    RunContext,
+    RunData,
+    method_table,
+    resolve_device,
+    seed_everything,
+)
 from robustclip.experiments._train import clip_reading
 from robustclip.models import CharGPT, sequence_losses
 
@@ -168,10 +174,15 @@ def summarize(records: list[dict[str, Any]], methods: Any) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"{'method':<16}{'final val loss':>15}{'best val loss':>15}{'time':>9}"]
-    for m, s in summary["methods"].items():
-        lines.append(f"{m:<16}{s['final_val_loss']:>15.4f}{s['best_val_loss']:>15.4f}{s['time_s']:>8.1f}s")
-    return "\n".join(lines)
+    return method_table(
+        summary["methods"],
+        16,
+        [
+            ("final val loss", "final_val_loss", ">15.4f", ""),
+            ("best val loss", "best_val_loss", ">15.4f", ""),
+            ("time", "time_s", ">8.1f", "s"),
+        ],
+    )
 
 
 def plot(runs: list[RunData], out_dir: Path) -> list[Path]:

@@ -44,7 +44,7 @@ from robustclip.experiments._methods import (
 )
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
-from robustclip.experiments._run import RunContext, RunData, resolve_device
+from robustclip.experiments._run import RunContext, RunData, method_table, resolve_device
 from robustclip.experiments._train import ArmSpec, check_amp, epoch_permutation, fit
 from robustclip.models import AlexNet, ResNet18, SmallCNN
 
@@ -257,10 +257,15 @@ def summarize(records: list[dict[str, Any]], methods: Sequence[str]) -> dict[str
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"{'method':<14}{'final test acc':>15}{'best test acc':>15}{'time':>10}"]
-    for m, s in summary["methods"].items():
-        lines.append(f"{m:<14}{s['final_test_acc']:>15.4f}{s['best_test_acc']:>15.4f}{s['time_s']:>9.1f}s")
-    return "\n".join(lines)
+    return method_table(
+        summary["methods"],
+        14,
+        [
+            ("final test acc", "final_test_acc", ">15.4f", ""),
+            ("best test acc", "best_test_acc", ">15.4f", ""),
+            ("time", "time_s", ">9.1f", "s"),
+        ],
+    )
 
 
 def plot(runs: list[RunData], out_dir: Path) -> list[Path]:

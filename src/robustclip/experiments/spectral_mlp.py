@@ -34,7 +34,13 @@ from robustclip import thresholds
 from robustclip.experiments._methods import MethodParams, available_methods, build_method
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
-from robustclip.experiments._run import RunContext, RunData, resolve_device, seed_everything
+from robustclip.experiments._run import (
+    RunContext,
+    RunData,
+    method_table,
+    resolve_device,
+    seed_everything,
+)
 from robustclip.experiments._train import TensorBatches, steps_with_batches
 from robustclip.models import MLP
 
@@ -245,10 +251,8 @@ def summarize(records: list[dict[str, Any]], arms: Any) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"{'method':<15}{'final test MSE':>16}{'best test MSE':>15}   (predicting 0 gives 1.0)"]
-    for m, s in summary["methods"].items():
-        lines.append(f"{m:<15}{s['final_test_mse']:>16.4g}{s['best_test_mse']:>15.4g}")
-    return "\n".join(lines)
+    columns = [("final test MSE", "final_test_mse", ">16.4g", ""), ("best test MSE", "best_test_mse", ">15.4g", "")]
+    return method_table(summary["methods"], 15, columns, note="   (predicting 0 gives 1.0)")
 
 
 def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
