@@ -136,19 +136,11 @@ SAME_PADDING_WARNING = pytest.mark.filterwarnings("ignore:Using padding='same':U
 
 
 @SAME_PADDING_WARNING
+@pytest.mark.parametrize("nd", [1, 2], ids=["conv1d", "conv2d"])
 @SETTINGS
-@given(case=conv_cases(1))
-def test_conv1d(case):
-    layer, x, matmul_path = case
-    with conv_matmul_path() if matmul_path else contextlib.nullcontext():
-        check_rule(layer, x)
-
-
-@SAME_PADDING_WARNING
-@SETTINGS
-@given(case=conv_cases(2))
-def test_conv2d(case):
-    layer, x, matmul_path = case
+@given(data=st.data())
+def test_conv(nd, data):
+    layer, x, matmul_path = data.draw(conv_cases(nd))
     with conv_matmul_path() if matmul_path else contextlib.nullcontext():
         check_rule(layer, x)
 
