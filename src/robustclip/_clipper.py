@@ -209,11 +209,8 @@ class Clipper:
         """Sum of the backward() calls' mean losses, each weighted by its count: divided by the
         total count, the step's mean loss per sample (micro-batch clipping counts a micro-batch
         as one unit, weighted by its mean loss)."""
-        counts = [c for _, c in self._losses]
-        stacked = torch.stack([m for m, _ in self._losses])
-        if all(c == counts[0] for c in counts):
-            return stacked.sum() * counts[0]
-        return stacked @ torch.tensor(counts, dtype=torch.float64, device=stacked.device)
+        means = torch.stack([m for m, _ in self._losses])
+        return means @ torch.tensor([c for _, c in self._losses], dtype=torch.float64, device=means.device)
 
     def _sum_clipped(self) -> Tensor:
         if not self._clipped:

@@ -51,7 +51,10 @@ class Call:
     unit: Unit
     out_edges: list[GradientEdge]
     out_shapes: list[tuple[int, ...]]
-    in_nodes: list[Any]  # autograd nodes of the inputs that require grad (graph walk stops)
+    #: gradient edges (node, output number) of the inputs that require grad: the graph walk
+    #: stops at their nodes, and a gradient requested exactly there also makes autograd compute
+    #: this call's output gradient
+    in_keys: list[tuple[Any, int]]
     x: Tensor | None = None  # rules: the layer input
     x_version: int = 0
     # fallbacks only
@@ -61,9 +64,10 @@ class Call:
     out_values: list[Tensor] = field(default_factory=list)
     out_versions: list[int] = field(default_factory=list)
     autocast: tuple[str, bool, Any] | None = None
-    #: gradient edges (node, output number) of the rule input: a requested gradient exactly
-    #: there also makes autograd compute this call's output gradient
-    in_keys: list[tuple[Any, int]] = field(default_factory=list)
+
+    @property
+    def in_nodes(self) -> list[Any]:
+        return [node for node, _ in self.in_keys]
 
     @property
     def keys(self) -> list[tuple[Any, int]]:
@@ -72,10 +76,6 @@ class Call:
 
 def edge_key(edge: GradientEdge) -> tuple[Any, int]:
     return (edge.node, edge.output_nr)
-
-
-def input_nodes(tensors: list[Tensor]) -> list[Any]:
-    return [get_gradient_edge(t).node for t in tensors if t.requires_grad]
 
 
 def input_keys(tensors: list[Tensor]) -> list[tuple[Any, int]]:

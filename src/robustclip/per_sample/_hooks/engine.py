@@ -61,7 +61,6 @@ from robustclip.per_sample._hooks.capture import (
     Unit,
     edge_key,
     input_keys,
-    input_nodes,
     plan_units,
 )
 from robustclip.per_sample._hooks.fallback import (
@@ -192,11 +191,7 @@ class HookEngine(PerSampleEngine):
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
             return
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        in_keys = input_keys([x])
-        call = Call(
-            unit, [get_gradient_edge(output)], [tuple(output.shape)], [k[0] for k in in_keys], x=x,
-            x_version=x._version, in_keys=in_keys,
-        )  # fmt: skip
+        call = Call(unit, [get_gradient_edge(output)], [tuple(output.shape)], input_keys([x]), x=x, x_version=x._version)
         self._record(call)
         # Fires with dL/d(output) as the backward pass computes it (also after an in-place
         # change of the output, which registers later hooks on a new node): the layer is then
@@ -234,7 +229,7 @@ class HookEngine(PerSampleEngine):
                 unit,
                 [get_gradient_edge(leaves[i]) for i in pos],
                 [tuple(leaves[i].shape) for i in pos],
-                input_nodes(ins),
+                input_keys(ins),
                 args=args,
                 kwargs=kwargs,
                 out_positions=pos,
@@ -349,10 +344,9 @@ class HookEngine(PerSampleEngine):
         # request added changes the answers: the memo starts over. (Requesting a convolution's
         # bias makes oneDNN run its weight-gradient kernel, which costs as much as the plain
         # weight gradient this engine exists to skip: request as few as possible.)
-        order = {id(c): i for i, c in enumerate(calls)}
         below = _Reach(set(edges))
-        for c in sorted(stream, key=lambda c: order[id(c)]):
-            if not below.any(c.in_nodes, c.in_keys):
+        for c in calls:  # recorded in forward order
+            if id(c) in streamed and not below.any(c.in_keys):
                 edges.update(self._source_edge(c))
                 below = _Reach(set(edges))
 
@@ -533,10 +527,6 @@ class HookEngine(PerSampleEngine):
         dt = acc_dtype(p.dtype)
         if len(ts) == 1 and ts[0].precomputed_sq is not None:
             return ts[0].precomputed_sq
-        if len(ts) == 1 and type(ts[0]) is DenseTerm and self._plan_override is None:
-            # already per sample (a bias, a norm scale): kept as is, one norm per row
-            kept[idx] = ts[0].g  # type: ignore[attr-defined]
-            return _sq_rows(ts[0].g, dt)  # type: ignore[attr-defined]
         item = ts[0].dtype.itemsize
         keep_ok = batch * p.numel() * item <= sum(t.hold_bytes() for t in ts)
         how = plan(ts, keep_ok)
@@ -626,7 +616,7 @@ def _release(calls: list[Call]) -> None:
     for c in calls:
         c.x = None
         c.args, c.kwargs, c.out_values = (), {}, []
-        c.out_edges, c.in_nodes, c.in_keys = [], [], []
+        c.out_edges, c.in_keys = [], []
 
 
 def _unbatched(shape: tuple[int, ...], consumers: list, batch: int) -> bool:
@@ -654,8 +644,8 @@ class _Reach:
         self.keys = keys
         self.memo: dict[Any, bool] = {}
 
-    def any(self, nodes: list, at: list | None = None) -> bool:
-        return any(k in self.keys for k in at or ()) or any(self._node(n) for n in nodes)
+    def any(self, in_keys: list) -> bool:
+        return any(k in self.keys or self._node(k[0]) for k in in_keys)
 
     def _node(self, root: Any) -> bool:
         memo, keys = self.memo, self.keys

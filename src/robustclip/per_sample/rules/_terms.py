@@ -241,13 +241,6 @@ def self_gram(x: Tensor) -> Tensor:
 def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
     """``||sum_a g_{a,i}||^2`` from the factors only: ``sum_{a,b} <U_a U_b^T, V_a V_b^T>``."""
     batch = terms[0].batch
-    one = terms[0]
-    if len(terms) == 1 and not one.index and one.K == 1 and one.T == 1 and one.v is not None:
-        # one position (a Linear on 2-D inputs): ||u_i (x) v_i||^2 = ||u_i||^2 ||v_i||^2
-        dt = acc_dtype(one.dtype)
-        nu = torch.linalg.vector_norm(one.u.reshape(batch, -1), dim=1, dtype=dt)
-        nv = torch.linalg.vector_norm(one.v.reshape(batch, -1), dim=1, dtype=dt)
-        return (nu * nv).square()
     tt = sum(t.T for t in terms)
     per_sample = 2 * terms[0].K * tt * tt + 1
     chunk = max(1, min(batch, budget // per_sample))

@@ -41,11 +41,10 @@ IM2COL_CHUNK_ELEMENTS = 2**18
 _GROUPED_FASTER: dict[tuple, bool] = {}
 
 
-def materialize_choice(key: tuple, run_grouped, run_im2col) -> tuple[bool, Tensor]:
+def materialize_choice(key: tuple, run_grouped, run_im2col) -> Tensor:
     """Time both ways of materialising per-sample gradients once for ``key`` (twice each; the
-    first grouped call pays oneDNN's primitive creation) and remember the faster.
-
-    Returns (grouped is faster, a result). Like ``torch.backends.cudnn.benchmark``: the choice
+    first grouped call pays oneDNN's primitive creation), remember the faster, and return a
+    result. Like ``torch.backends.cudnn.benchmark``: the choice
     is measured on this machine instead of guessed from operation counts, which mispredict
     small convolutions badly in both directions.
     """
@@ -57,10 +56,9 @@ def materialize_choice(key: tuple, run_grouped, run_im2col) -> tuple[bool, Tenso
             out = fn()
             dt = time.perf_counter() - t0
             best[grouped] = min(best.get(grouped, dt), dt)
-    choice = best[True] <= best[False]
-    _GROUPED_FASTER[key] = choice
+    _GROUPED_FASTER[key] = best[True] <= best[False]
     assert out is not None
-    return choice, out
+    return out
 
 
 class ConvTerm(OuterTerm):
@@ -199,10 +197,9 @@ class ConvTerm(OuterTerm):
         if grouped is None:
             if len(range(*sl.indices(self.batch))) < 2:  # a check of one sample: not worth timing
                 return self._materialize_grouped(sl)
-            _, out = materialize_choice(
+            return materialize_choice(
                 self._signature(), lambda: self._materialize_grouped(sl), lambda: self._materialize_im2col(sl)
             )
-            return out
         return self._materialize_grouped(sl) if grouped else self._materialize_im2col(sl)
 
     def _materialize_im2col(self, sl: slice) -> Tensor:
