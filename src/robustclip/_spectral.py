@@ -25,6 +25,7 @@ and eigh synchronize with the device by themselves; nothing else in the step doe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -89,6 +90,20 @@ def _iteration_dtype(g: Tensor) -> torch.dtype:
     if g.dtype == torch.float32 and g.device.type == "cpu" and BF16_POWER_ITERATIONS:
         return torch.bfloat16
     return g.dtype
+
+
+def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _finite_rows(sketch: Tensor) -> tuple[Tensor, Tensor]:
+    """Which matrices of a batch are finite, read from the first product ``G X``: a non-finite
+    entry of ``G`` makes its whole row of ``G X`` non-finite, so no extra pass over ``G`` is
+    needed. Returns ``(finite (k,), drop (k, 1, 1))``; only the small products are then zeroed
+    for the dropped matrices, so no QR or eigensolver ever sees a NaN and their correction is
+    zero."""
+    finite = torch.isfinite(sketch.abs().amax(dim=(-2, -1)))
+    return finite, ~finite[:, None, None]
 
 
 def _exact(g: Tensor, tau: Tensor) -> _Decomposition:
@@ -169,20 +184,12 @@ def _randomized(
     low = _iteration_dtype(g)
     a = w
     if low != w.dtype:
-        if scratch is None:
-            a = torch.empty(w.shape, dtype=low, device=w.device)
-        else:
-            a = scratch(tuple(w.shape), low, w.device)
+        a = (scratch or _fresh)(tuple(w.shape), low, w.device)
         a.copy_(w)
     for i in range(niter):
         t = g_at(a, z.to(low))
         if drop is None:
-            # A non-finite entry of G makes its whole row of G Omega non-finite, so the sketch
-            # tells which matrices are not finite at no extra pass over G. Only the small
-            # products are then zeroed for those matrices: no QR or eigensolver ever sees a
-            # NaN, and their correction is zero.
-            finite = torch.isfinite(t.abs().amax(dim=(-2, -1)))
-            drop = ~finite[:, None, None]
+            finite, drop = _finite_rows(t)
         if i == 0:
             # the columns of G Omega all lean on the top singular vector: unless
             # orthonormalized, G^T G Omega, rounded entry by entry, would keep the direction of
@@ -198,8 +205,7 @@ def _randomized(
         z = _orthonormal(gt_at(a, t, drop).to(g.dtype))
     if drop is None:
         y = g_at(w, z)
-        finite = torch.isfinite(y.abs().amax(dim=(-2, -1)))
-        drop = ~finite[:, None, None]
+        finite, drop = _finite_rows(y)
         y.masked_fill_(drop, 0.0)
     else:
         y = g_at(w, z, drop)
@@ -491,9 +497,7 @@ class SpectralClip(GradientTransform):
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A buffer for the randomized mode's low-precision copy of a group, kept from step to
         step and shared by the groups, which are clipped one after the other."""
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         buf = self._buffer
         if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
             buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
