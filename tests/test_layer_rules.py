@@ -98,6 +98,43 @@ def test_linear(batch, mid, d_in, d_out, bias, frozen_weight):
     check_rule(layer, torch.randn(batch, *mid, d_in))
 
 
+@pytest.mark.parametrize("kernel", range(4), ids=["torch", "torch-transposed", "onednn", "onednn-transposed"])
+@pytest.mark.parametrize("mid", [(), (5,)], ids=["2d", "3d"])
+def test_linear_float32_clipped_sum_through_each_kernel(monkeypatch, kernel, mid):
+    """In float32 on the CPU the clipped sum goes through robustclip._kernels; each candidate
+    kernel, forced, against the batch-of-one oracle computed in float64."""
+    from robustclip import _kernels
+
+    if kernel >= 2 and not _kernels.ONEDNN_MATMUL:
+        pytest.skip("this PyTorch build has no oneDNN linear kernel")
+    monkeypatch.setattr(_kernels, "chosen", lambda key: kernel if key[0] == "mm" else int(kernel > 0))
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40)
+    x = torch.randn(6, *mid, 24)
+    ref_layer = nn.Linear(24, 40).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        r = torch.randn_like(layer(x))
+    grads = []
+    for i in range(x.shape[0]):
+        loss = _losses(ref_layer(x[i : i + 1].double()), r[i : i + 1].double()).sum()
+        grads.append(torch.autograd.grad(loss, list(ref_layer.parameters())))
+    norms = torch.stack([sum(g.pow(2).sum() for g in gi) for gi in grads]).sqrt()
+    c = float(norms.median())
+    w = torch.clamp(c / norms, max=1.0)
+    ref = [sum(w[i] * grads[i][k] for i in range(x.shape[0])) for k in range(2)]
+    model = nn.Sequential(layer)
+    engine = HookEngine(model, ParamLayout.build(model, list(model.parameters())))
+    engine.attach()
+    try:
+        out = [torch.zeros_like(p) for p in model.parameters()]
+        engine.accumulate(_losses(model(x), r), lambda sq: torch.clamp(c / sq.sum(0, keepdim=True).sqrt(), max=1.0), out)
+    finally:
+        engine.detach()
+    for o, e in zip(out, ref):
+        torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-6)
+
+
 # -- Conv1d / Conv2d ------------------------------------------------------------------------------
 
 
@@ -270,6 +307,7 @@ def test_embedding_index_norm_is_exact_with_repeats(padding_idx):
 def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkeypatch):
     """The first call for a layer shape times both per-sample kernels and remembers the faster;
     both give the same per-sample gradients; deterministic mode always takes im2col."""
+    from robustclip import _kernels
     from robustclip.per_sample.rules import conv as conv_rule
 
     torch.manual_seed(0)
@@ -277,14 +315,14 @@ def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkey
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     out = layer(x)
     g = torch.randn_like(out)
-    monkeypatch.setattr(conv_rule, "_GROUPED_FASTER", {})
+    monkeypatch.setattr(_kernels, "_CHOICES", {})
     term = conv_rule.ConvTerm(layer, x, g)
     assert term.grouped is None  # not timed yet
     # a single sample (the first-step check) is not worth timing: grouped, nothing remembered
     torch.testing.assert_close(term.materialize(slice(2, 3)), term._materialize_grouped(slice(2, 3)))
-    assert term.grouped is None and not conv_rule._GROUPED_FASTER
+    assert term.grouped is None and not _kernels._CHOICES
     got = term.materialize(slice(None))
-    assert term.grouped in (True, False) and len(conv_rule._GROUPED_FASTER) == 1
+    assert term.grouped in (True, False) and len(_kernels._CHOICES) == 1
     grouped = term._materialize_grouped(slice(None))
     im2col = term._materialize_im2col(slice(None))
     # oracle: each sample's weight gradient by autograd, one sample at a time

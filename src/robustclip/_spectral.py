@@ -25,7 +25,6 @@ and eigh synchronize with the device by themselves; nothing else in the step doe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,15 +32,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from robustclip._kernels import addmm_, matmul
 from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_positive_int
 from robustclip.thresholds import NoClip, Threshold, _select, as_threshold
 
 __all__ = ["spectral_clip", "SpectralClip", "SpectralClipState", "clip_singular_values"]
-
-#: ``scratch(shape, dtype, device) -> Tensor``: an uninitialised buffer, reused across calls.
-Scratch = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
 
 #: ``select(name, param, module) -> bool``: whether a parameter is spectrally clipped.
 Selector = Callable[[str, Tensor, "nn.Module | None"], bool]
@@ -70,32 +67,6 @@ def _orthonormal(y: Tensor) -> Tensor:
     return torch.linalg.qr(y).Q
 
 
-def _cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX, via oneDNN)."""
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return bool(native and torch.backends.mkldnn.is_available())
-    except (AttributeError, RuntimeError):  # private helpers: absent on some builds
-        return False
-
-
-#: Run the power iterations of the randomized mode in bfloat16 for float32 matrices on the CPU.
-#: Decided once, from the CPU's features: on CPUs with native bfloat16 matmuls (AVX512-BF16 or
-#: AMX) a bfloat16 product costs about a quarter of a float32 one; elsewhere bfloat16 matmuls
-#: are emulated and slower, so the iterations stay in the matrix's own precision.
-BF16_POWER_ITERATIONS = _cpu_has_fast_bf16()
-
-
-def _iteration_dtype(g: Tensor) -> torch.dtype:
-    if g.dtype == torch.float32 and g.device.type == "cpu" and BF16_POWER_ITERATIONS:
-        return torch.bfloat16
-    return g.dtype
-
-
-def _fresh(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _finite_rows(sketch: Tensor) -> tuple[Tensor, Tensor]:
     """Which matrices of a batch are finite, read from the first product ``G X``: a non-finite
     entry of ``G`` makes its whole row of ``G X`` non-finite, so no extra pass over ``G`` is
@@ -122,7 +93,6 @@ def _randomized(
     q: int,
     niter: int,
     generator: torch.Generator,
-    scratch: Scratch | None = None,
 ) -> _Decomposition:
     """Top-``rank`` clipping by a randomized range finder (Halko, Martinsson, Tropp,
     arXiv:0909.4061).
@@ -132,8 +102,10 @@ def _randomized(
 
     1. ``Z = Omega`` (Gaussian, ``n x q``), then ``niter`` times ``Z <- orth(G^T orth(G Z))``,
        so that ``span Z = span (G^T G)^niter Omega``. The inner ``orth`` is a QR for the first
-       sketch ``G Omega``, whose columns all lean on the top singular vector; the later ``Z``
-       come from a QR, so ``G Z`` has columns of their own sizes and is only scaled;
+       sketch ``G Omega``, whose columns all lean on the top singular vector (rounded entry by
+       entry, ``G^T G Omega`` would keep the direction of ``sigma_i`` only to
+       ``eps (sigma_1 / sigma_i)^2``); the later ``Z`` come from a QR, so ``G Z`` has columns
+       of their own sizes and is only scaled;
     2. ``Y = G Z`` (Halko's left space), ``Q = orth(Y)`` (Householder QR);
     3. ``B^T = G^T Q`` and the Rayleigh-Ritz step (their Alg. 5.1): the SVD of the ``q x n``
        matrix ``B = Q^T G`` from the eigendecomposition of its ``q x q`` Gram
@@ -141,60 +113,34 @@ def _randomized(
     4. the correction ``Q Ub diag(min(s, tau) / s - 1) Ub^T B`` (``Ub^T B = diag(s) V^T``),
        nonzero only for the top ``rank`` values above ``tau``, added by the caller in one pass.
 
-    That is ``2 niter + 2`` products with ``G`` and the correction, as in Halko's scheme. Where
-    the CPU multiplies bfloat16 natively (:data:`BF16_POWER_ITERATIONS`), the ``2 niter``
-    products of step 1 use a bfloat16 copy of a float32 ``G`` (one conversion pass; each product
-    then costs about a quarter of a float32 one). They only steer ``Z``; steps 2-4 are in ``G``'s
-    own precision. ``Y = G Z`` lies in ``G``'s range whatever the rounding of ``Z``, so a matrix
-    of rank ``<= q`` is still clipped exactly, and the rounding that tilts ``Z`` (~``2^-9`` of
-    each direction, thanks to the QR of the first sketch) reaches ``Q`` damped by
-    ``sigma_j / sigma_i`` for the directions ``j`` outside the sketch: on real gradients the
-    top-``r`` correction is as accurate as with float32 iterations (see the tests).
+    That is ``2 niter + 2`` products with ``G`` and the correction, as in Halko's scheme, all in
+    ``G``'s precision, so a matrix of rank ``<= q`` is clipped exactly. The thin products take
+    most of the time; they go through :func:`robustclip._kernels.matmul`, which picks the
+    fastest kernel and operand order for ``G``'s layout.
 
     A non-finite ``G`` is recognised from the first product (see below), and only the small
     products are zeroed for it, so no QR or eigensolver sees a NaN and its correction is zero.
-    ``scratch(shape, dtype, device)``, if given, returns a buffer for the bfloat16 copy, reused
-    from step to step (a fresh allocation of that size can cost more in page faults than the
-    copy itself).
     """
     k, _, n = g.shape
-    # Products with G go through its row-major layout: on the CPU a column-major (transposed)
-    # left operand of a thin matmul is about twice as slow, and a wide gradient reaches here
-    # as the transposed view of a contiguous tensor.
-    row_major = g.is_contiguous()
-    w = g if row_major else g.mT
-    if not w.is_contiguous():
-        w, row_major = g.contiguous(), True
+    if not (g.is_contiguous() or g.mT.is_contiguous()):
+        g = g.contiguous()
 
-    def g_at(a: Tensor, x: Tensor, drop: Tensor | None = None) -> Tensor:  # G @ x, G stored as a
-        out = a @ x if row_major else (x.mT @ a).mT
+    def g_at(x: Tensor, drop: Tensor | None = None, transpose: bool = False) -> Tensor:
+        out = matmul(g.mT if transpose else g, x)  # G @ x, or G^T @ x
         # the matrices that are not finite zeroed, in place: no new buffer
         return out if drop is None else out.masked_fill_(drop, 0.0)
 
-    def gt_at(a: Tensor, x: Tensor, drop: Tensor | None = None) -> Tensor:  # G^T @ x
-        out = (x.mT @ a).mT if row_major else a @ x
-        return out if drop is None else out.masked_fill_(drop, 0.0)
-
-    # the sketch, drawn as (q, n) and used transposed: a row-major left operand of the thin
-    # matmuls below
+    # the sketch, drawn as (q, n) and used transposed
     omega = torch.randn(k, q, n, generator=generator, device=generator.device, dtype=g.dtype)
     z = omega.to(g.device).mT
     finite = drop = None
-    # step 1: power iterations on the row space, in bfloat16 where the CPU has it natively
-    low = _iteration_dtype(g)
-    a = w
-    if low != w.dtype:
-        a = (scratch or _fresh)(tuple(w.shape), low, w.device)
-        a.copy_(w)
+    # step 1: power iterations on the row space
     for i in range(niter):
-        t = g_at(a, z.to(low))
+        t = g_at(z)
         if drop is None:
             finite, drop = _finite_rows(t)
         if i == 0:
-            # the columns of G Omega all lean on the top singular vector: unless
-            # orthonormalized, G^T G Omega, rounded entry by entry, would keep the direction of
-            # sigma_i only to ~2^-9 (sigma_1 / sigma_i)^2 in bfloat16
-            t = _orthonormal(t.masked_fill_(drop, 0.0).to(g.dtype)).to(low)
+            t = _orthonormal(t.masked_fill_(drop, 0.0))
         else:
             # scaled to unit Frobenius norm, so that ||G^T T|| <= sigma_1 stays in range wherever
             # G is; by the largest entry first, so that the norm's squares cannot overflow
@@ -202,15 +148,15 @@ def _randomized(
             tiny = torch.finfo(acc).tiny
             t = t / t.abs().amax(dim=(-2, -1), keepdim=True).to(acc).clamp_min(tiny).to(t.dtype)
             t = t / torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=acc).clamp_min(tiny).to(t.dtype)
-        z = _orthonormal(gt_at(a, t, drop).to(g.dtype))
+        z = _orthonormal(g_at(t, drop, transpose=True))
     if drop is None:
-        y = g_at(w, z)
+        y = g_at(z)
         finite, drop = _finite_rows(y)
         y.masked_fill_(drop, 0.0)
     else:
-        y = g_at(w, z, drop)
+        y = g_at(z, drop)
     qm = _orthonormal(y)  # step 2
-    bt = gt_at(w, qm, drop)  # step 3: B^T = G^T Q, (k, n, q)
+    bt = g_at(qm, drop, transpose=True)  # step 3: B^T = G^T Q, (k, n, q)
     # the Gram in float64 gives the singular values of B to ~1e-8 relative even 1e4 below the
     # top one, and costs a q x q eigensolver instead of a q x n SVD
     bd = bt.double()
@@ -292,7 +238,6 @@ def _decompose(
     q: int,
     niter: int,
     generator: torch.Generator,
-    scratch: Scratch | None = None,
 ) -> _Decomposition:
     """Pick the mode: a sketch as wide as the matrix would not be cheaper than the full SVD."""
     tall = g.shape[-2] < g.shape[-1]
@@ -301,7 +246,7 @@ def _decompose(
     if rank is None or q >= g.shape[-1]:
         dec = _exact(g, tau)
     else:
-        dec = _randomized(g, tau, rank, q, niter, generator, scratch)
+        dec = _randomized(g, tau, rank, q, niter, generator)
     if tall:  # (left right)^T = right^T left^T
         dec = dec._replace(left=dec.right.mT, right=dec.left.mT)
     return dec
@@ -400,7 +345,6 @@ class SpectralClip(GradientTransform):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
         self.seed = seed
         self._plans: dict[Any, _Plan] = {}
-        self._buffer: Tensor | None = None  # see _scratch
 
     # -- selection ---------------------------------------------------------------------------------
     def _auto_head(self, params: Sequence[Tensor], modules: Sequence[nn.Module | None]) -> int | None:
@@ -494,15 +438,6 @@ class SpectralClip(GradientTransform):
         self._plans[key] = plan
         return plan
 
-    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A buffer for the randomized mode's low-precision copy of a group, kept from step to
-        step and shared by the groups, which are clipped one after the other."""
-        numel = math.prod(shape)
-        buf = self._buffer
-        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-            buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(shape)
-
     # -- GradientTransform ------------------------------------------------------------------------
     def _threshold_for(self, p: Tensor) -> Threshold:
         if p.dim() < 2:  # never spectrally clipped: a vector threshold, or a 1-number state
@@ -565,7 +500,7 @@ class SpectralClip(GradientTransform):
         g = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
         g = g.to(torch.promote_types(g.dtype, torch.float32))
         tau = torch.stack([self.threshold.value(ths[i]) for i in grp.indices]).to(g.dtype)
-        dec = _decompose(g, tau, self.rank, self.q, self.niter, gen, self._scratch)  # type: ignore[arg-type]
+        dec = _decompose(g, tau, self.rank, self.q, self.niter, gen)  # type: ignore[arg-type]
         for j, (i, t) in enumerate(zip(grp.indices, grp.transposed)):
             left, right = dec.left[j], dec.right[j]
             if t:  # this member was used as its transpose
@@ -573,7 +508,7 @@ class SpectralClip(GradientTransform):
             gi = grads[i]
             if gi.is_contiguous() and gi.dtype == left.dtype:
                 # G += left @ right in one pass, without materializing the correction
-                gi.view(gi.shape[0], -1).addmm_(left, right)
+                addmm_(gi.view(gi.shape[0], -1), left, right)
             else:
                 gi.add_((left @ right).reshape(gi.shape).to(gi.dtype))
             # a non-finite matrix is not observed: the threshold keeps its state

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from robustclip._kernels import addmm_, matmul
 from robustclip.per_sample._engine import acc_dtype
 
 
@@ -185,7 +186,7 @@ class OuterTerm(Term):
             return out.reshape(self.shape)
         u, v = self._scaled(u, v, w)
         if k == 1:
-            out = u.reshape(b * t, -1).t() @ v.reshape(b * t, -1)
+            out = matmul(u.reshape(b * t, -1).t(), v.reshape(b * t, -1))
         else:
             out = torch.einsum("bktn,bktm->knm", u, v)
         return out.reshape(self.shape)
@@ -203,7 +204,7 @@ class OuterTerm(Term):
             return super().add_weighted_(out, w)
         u, v = self._scaled(self.u_chunk(slice(None)), self.v_chunk(slice(None)), w)
         bt = self.batch * self.T
-        out.view(self.n_u, -1).addmm_(u.reshape(bt, -1).t(), v.reshape(bt, -1))
+        addmm_(out.view(self.n_u, -1), u.reshape(bt, -1).t(), v.reshape(bt, -1))
 
 
 # -- norms ---------------------------------------------------------------------------------------

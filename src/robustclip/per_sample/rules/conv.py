@@ -13,7 +13,7 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
   and the machine (on a 2-core CPU: im2col is 2.5x faster for a 3-channel input layer, the
   grouped convolution 2x faster for 32 input channels), so on CPU the first call for each
   layer shape (per-sample shapes: any batch size) times both and remembers the faster
-  (:func:`materialize_choice`); on other devices im2col is used;
+  (:func:`robustclip._kernels.choose`); on other devices im2col is used;
 * the clipped sum is ONE weight-gradient convolution on the weight-scaled output gradient, as
   in the plain backward pass.
 """
@@ -21,12 +21,12 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustclip._kernels import choose, chosen
 from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import register
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
@@ -35,31 +35,6 @@ from robustclip.per_sample.rules._util import sum_positions
 #: elements of unfolded patches per im2col chunk: small enough to stay in cache between the
 #: strided copy that builds them and the matmul that consumes them
 IM2COL_CHUNK_ELEMENTS = 2**18
-
-#: (signature of a layer call) -> True if the grouped convolution was the faster way to
-#: materialise its per-sample gradients when it was timed (CPU only; see materialize_choice)
-_GROUPED_FASTER: dict[tuple, bool] = {}
-
-
-def materialize_choice(key: tuple, run_grouped, run_im2col) -> Tensor:
-    """Time both ways of materialising per-sample gradients once for ``key`` (twice each; the
-    first grouped call pays oneDNN's primitive creation), remember the faster, and return a
-    result. Like ``torch.backends.cudnn.benchmark``: the choice
-    is measured on this machine instead of guessed from operation counts, which mispredict
-    small convolutions badly in both directions.
-    """
-    best: dict[bool, float] = {}
-    out = None
-    for _ in range(2):
-        for grouped, fn in ((True, run_grouped), (False, run_im2col)):
-            t0 = time.perf_counter()
-            out = fn()
-            dt = time.perf_counter() - t0
-            best[grouped] = min(best.get(grouped, dt), dt)
-    _GROUPED_FASTER[key] = best[True] <= best[False]
-    assert out is not None
-    return out
-
 
 class ConvTerm(OuterTerm):
     """The weight term of a convolution; its ``v`` factor (patches) is built on demand."""
@@ -95,18 +70,18 @@ class ConvTerm(OuterTerm):
     def grouped(self) -> bool | None:
         """Materialise by grouped convolution (True), im2col (False), or not known yet (None:
         CPU, first call for this layer shape; the call times both)."""
-        if self.x.device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
-            # deterministic mode: one fixed kernel, so that a run resumed in a new process
-            # rounds exactly as the original did (a timed choice could differ between them)
+        if self.x.device.type != "cpu":
             return False
-        return _GROUPED_FASTER.get(self._signature())
+        # candidate 0 is im2col: the one kernel of deterministic mode
+        idx = chosen(self._signature())
+        return None if idx is None else idx == 1
 
     def _signature(self) -> tuple:
         # per-sample shapes: a new batch size (a last partial batch, Poisson sampling) reuses
         # the layer's choice instead of timing again
         m = self.module
         return (
-            tuple(self.x.shape[1:]), tuple(self.g.shape[1:]), m.kernel_size, m.stride, tuple(self.padding),
+            "conv-per-sample", tuple(self.x.shape[1:]), tuple(self.g.shape[1:]), m.kernel_size, m.stride, tuple(self.padding),
             m.dilation, m.groups, self.dtype, self.x.dtype,
         )  # fmt: skip
 
@@ -197,9 +172,8 @@ class ConvTerm(OuterTerm):
         if grouped is None:
             if len(range(*sl.indices(self.batch))) < 2:  # a check of one sample: not worth timing
                 return self._materialize_grouped(sl)
-            return materialize_choice(
-                self._signature(), lambda: self._materialize_grouped(sl), lambda: self._materialize_im2col(sl)
-            )
+            ways = (lambda: self._materialize_im2col(sl), lambda: self._materialize_grouped(sl))
+            return choose(self._signature(), ways)
         return self._materialize_grouped(sl) if grouped else self._materialize_im2col(sl)
 
     def _materialize_im2col(self, sl: slice) -> Tensor:

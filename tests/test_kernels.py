@@ -1,0 +1,122 @@
+"""robustclip._kernels: every candidate kernel against a float64 product, and the timed choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustclip import _kernels
+
+N_CANDIDATES = 4 if _kernels.ONEDNN_MATMUL else 2
+
+
+def operand(shape: tuple[int, int], layout: str, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    if layout == "r":
+        return torch.randn(m, n, generator=gen).to(dtype)
+    if layout == "c":
+        return torch.randn(n, m, generator=gen).to(dtype).mT
+    return torch.randn(m, 2 * n, generator=gen).to(dtype)[:, ::2]  # strided, neither
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(_kernels, "_CHOICES", {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("la", ["r", "c", "s"])
+@pytest.mark.parametrize("lb", ["r", "c", "s"])
+@pytest.mark.parametrize("shape", [(37, 19, 5), (3, 64, 130), (1, 7, 1)])
+def test_every_candidate_is_the_product(dtype, la, lb, shape):
+    m, k, n = shape
+    a, b = operand((m, k), la, dtype, 0), operand((k, n), lb, dtype, 1)
+    ref = a.double() @ b.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16 rounds the result
+    scale = float(ref.abs().max())
+    outs = [fn() for fn in _kernels._candidates(a, b)]
+    assert len(outs) == N_CANDIDATES
+    for out in outs + [_kernels.matmul(a, b)]:
+        assert out.shape == (m, n) and out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * scale)
+
+
+def test_choice_is_timed_once_and_reused_by_neighbouring_sizes():
+    a, b = torch.randn(200, 64), torch.randn(64, 24)
+    _kernels.matmul(a, b)
+    assert len(_kernels._CHOICES) == 1
+    (key, idx), = _kernels._CHOICES.items()
+    assert 0 <= idx < N_CANDIDATES
+    # 150 rows: same power-of-two bucket as 200, so the same choice and no new timing
+    calls = []
+    real = _kernels._candidates
+
+    def counting(x, y):
+        fns = real(x, y)
+        return tuple((lambda f=f, i=i: calls.append(i) or f()) for i, f in enumerate(fns))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_kernels, "_candidates", counting)
+        torch.testing.assert_close(_kernels.matmul(a[:150], b), a[:150] @ b)
+    assert calls == [idx] and len(_kernels._CHOICES) == 1
+    # another layout is another signature
+    _kernels.matmul(a.mT.contiguous().mT, b)
+    assert len(_kernels._CHOICES) == 2
+
+
+def test_deterministic_mode_uses_the_plain_kernel_untimed():
+    a, b = torch.randn(30, 20), torch.randn(20, 10)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(_kernels.matmul(a, b), a @ b)
+        out = torch.randn(30, 10)
+        assert torch.equal(_kernels.addmm_(out.clone(), a, b), out.clone().addmm_(a, b))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert not _kernels._CHOICES
+
+
+def test_what_is_not_routed_is_torch_matmul():
+    a64, b64 = torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    assert torch.equal(_kernels.matmul(a64, b64), a64 @ b64)
+    # a product autograd must differentiate stays on torch's kernels
+    a = torch.randn(5, 4, requires_grad=True)
+    b = torch.randn(4, 3)
+    _kernels.matmul(a, b).sum().backward()
+    torch.testing.assert_close(a.grad, b.sum(1).expand(5, 4))
+    prev = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # the user switched oneDNN off
+    try:
+        _kernels.matmul(a.detach(), b)
+    finally:
+        torch.backends.mkldnn.enabled = prev
+    assert not _kernels._CHOICES
+
+
+def test_batched_product_is_per_matrix():
+    a, b = torch.randn(3, 40, 20), torch.randn(3, 20, 16).mT.contiguous().mT
+    torch.testing.assert_close(_kernels.matmul(a, b), torch.bmm(a, b))
+    torch.testing.assert_close(_kernels.matmul(a[:1], b[:1]), torch.bmm(a[:1], b[:1]))
+
+
+@pytest.mark.parametrize("way", [0, 1])
+def test_addmm_is_in_place_whichever_way(monkeypatch, way):
+    monkeypatch.setattr(_kernels, "chosen", lambda key: way)
+    a, b = torch.randn(64, 8), torch.randn(8, 96).mT.contiguous().mT
+    out = torch.randn(64, 96)
+    ref = out.double() + a.double() @ b.double()
+    ptr = out.data_ptr()
+    res = _kernels.addmm_(out, a, b)
+    assert res.data_ptr() == ptr == out.data_ptr()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_addmm_timing_leaves_out_unchanged_until_the_one_update():
+    a, b = torch.randn(64, 8), torch.randn(8, 96)
+    out = torch.randn(64, 96)
+    ref = out.double() + a.double() @ b.double()
+    _kernels.addmm_(out, a, b)  # times out-of-place candidates, then adds once
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    assert any(k[0] == "addmm" for k in _kernels._CHOICES)
