@@ -101,7 +101,7 @@ def test_batched_product_is_per_matrix():
     torch.testing.assert_close(_kernels.matmul(a[:1], b[:1]), torch.bmm(a[:1], b[:1]))
 
 
-@pytest.mark.parametrize("way", [0, 1])
+@pytest.mark.parametrize("way", range(1 + N_CANDIDATES))
 def test_addmm_is_in_place_whichever_way(monkeypatch, way):
     monkeypatch.setattr(_kernels, "chosen", lambda key: way)
     a, b = torch.randn(64, 8), torch.randn(8, 96).mT.contiguous().mT

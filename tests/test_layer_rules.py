@@ -107,7 +107,7 @@ def test_linear_float32_clipped_sum_through_each_kernel(monkeypatch, kernel, mid
 
     if kernel >= 2 and not _kernels.ONEDNN_MATMUL:
         pytest.skip("this PyTorch build has no oneDNN linear kernel")
-    monkeypatch.setattr(_kernels, "chosen", lambda key: kernel if key[0] == "mm" else int(kernel > 0))
+    monkeypatch.setattr(_kernels, "chosen", lambda key: kernel if key[0] == "mm" else (kernel and kernel + 1))
     torch.manual_seed(0)
     layer = nn.Linear(24, 40)
     x = torch.randn(6, *mid, 24)

@@ -40,10 +40,11 @@ def chosen(key: tuple) -> int | None:
     return _CHOICES.get(key)
 
 
-def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 2) -> R:
+def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 5) -> R:
     """Result of the fastest candidate for ``key``: timed on the first call (each candidate
     ``repeats`` times, interleaved, best time kept: the first call of a oneDNN kernel pays its
-    primitive creation), remembered afterwards. The candidates must compute the same value and
+    primitive creation, and a sub-millisecond product's time moves by 2x with page faults and
+    cache state), remembered afterwards. The candidates must compute the same value and
     have no side effects, since every one runs while timing."""
     idx = chosen(key)
     if idx is not None:
@@ -135,13 +136,16 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def addmm_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``out += a @ b`` in place (2-D): PyTorch's fused ``addmm_``, or the fastest
-    :func:`matmul` plus an add where that is faster overall."""
+    """``out += a @ b`` in place (2-D): PyTorch's fused ``addmm_``, or one of the products of
+    :func:`matmul` plus an add, whichever is fastest with the add included (a column-major
+    product makes the add a strided one)."""
     if not _routable(a, b) or out.dtype != a.dtype:
         return out.addmm_(a, b)
+    products = _candidates(a, b)
     key = _signature("addmm", a, b)
     idx = chosen(key)
     if idx is None:  # timed out of place; the in-place forms cost the same
-        choose(key, (lambda: torch.addmm(out, a, b), lambda: out + matmul(a, b)))
+        ways = (lambda: torch.addmm(out, a, b), *((lambda p=p: out + p()) for p in products))
+        choose(key, ways)
         idx = _CHOICES[key]
-    return out.addmm_(a, b) if idx == 0 else out.add_(matmul(a, b))
+    return out.addmm_(a, b) if idx == 0 else out.add_(products[idx - 1]())
