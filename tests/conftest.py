@@ -1,8 +1,27 @@
 import pytest
 import torch
 
+from robustclip import _kernels
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+KERNELS = ["torch", "torch-transposed", "onednn", "onednn-transposed"]
+
+
+@pytest.fixture(params=range(len(KERNELS)), ids=KERNELS)
+def kernel(request, monkeypatch):
+    """Every product robustclip._kernels routes, through one fixed candidate (the timed choice
+    would pick one per shape and layout): ``matmul`` takes candidate ``n``, a row-major
+    ``matmul`` the same kernel, ``addmm_`` the fused kernel for ``n = 0`` and candidate ``n``
+    plus an add otherwise."""
+    n = request.param
+    if n >= 2 and not _kernels.ONEDNN_MATMUL:
+        pytest.skip("this PyTorch build has no oneDNN linear kernel")
+    ways = {"mm": n, "mm-rows": n // 2, "addmm": n and n + 1}
+    monkeypatch.setattr(_kernels, "chosen", lambda key: ways[key[0]])
+    return KERNELS[n]

@@ -37,7 +37,9 @@ def test_every_candidate_is_the_product(dtype, la, lb, shape):
     scale = float(ref.abs().max())
     outs = [fn() for fn in _kernels._candidates(a, b)]
     assert len(outs) == N_CANDIDATES
-    for out in outs + [_kernels.matmul(a, b)]:
+    rows = [fn() for fn in _kernels._candidates(a, b, rows=True)] + [_kernels.matmul(a, b, rows=True)]
+    assert all(r.stride(-1) == 1 for r in rows) and len(rows) == N_CANDIDATES // 2 + 1
+    for out in outs + rows + [_kernels.matmul(a, b)]:
         assert out.shape == (m, n) and out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * scale)
 
@@ -52,8 +54,8 @@ def test_choice_is_timed_once_and_reused_by_neighbouring_sizes():
     calls = []
     real = _kernels._candidates
 
-    def counting(x, y):
-        fns = real(x, y)
+    def counting(x, y, rows=False):
+        fns = real(x, y, rows)
         return tuple((lambda f=f, i=i: calls.append(i) or f()) for i, f in enumerate(fns))
 
     with pytest.MonkeyPatch.context() as mp:

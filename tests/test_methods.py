@@ -197,3 +197,45 @@ def test_step_loss_and_clipped_fraction_over_unequal_micro_batches(loss_dtype):
     info = clipper.step()
     assert float(info.loss) == pytest.approx(sum(means) / 2, rel=1e-12)
     assert float(info.clipped_fraction) == 1.0
+
+
+class _SharedGradients(nn.Module):
+    """Parameters whose gradients autograd hands back shared (``a`` and ``b`` get one tensor:
+    the gradient of ``a + b``) or expanded (``t``, summed whole: a stride-0 tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4))
+        self.b = nn.Parameter(torch.randn(4))
+        self.t = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return x @ (self.a + self.b) + self.t.sum()
+
+
+@pytest.mark.parametrize("method", ["mean", "micro_batch_clip"])
+def test_first_contribution_owns_its_gradients(method):
+    """With no gradients yet, the first micro-batch's become the parameters' gradients; each
+    must be a tensor of its own, laid out like its parameter, so that the next micro-batch adds
+    into it correctly (a shared or expanded autograd result would double-count or fail)."""
+    model = _SharedGradients()
+    xs = [torch.randn(3, 4), torch.randn(5, 4)]
+    params = list(model.parameters())
+    c = 0.7
+    ref = [torch.zeros_like(p) for p in params]
+    for x in xs:  # oracle: autograd per micro-batch, clipped by hand
+        g = torch.autograd.grad(model(x).pow(2).mean(), params)
+        norm = torch.sqrt(sum(gi.pow(2).sum() for gi in g))
+        coef = min(1.0, c / float(norm)) if method == "micro_batch_clip" else 1.0
+        for r, gi in zip(ref, g):
+            r.add_(coef * gi)
+    est = rc.mean() if method == "mean" else rc.micro_batch_clip(c)
+    clipper = rc.Clipper(model, torch.optim.SGD(params, lr=0.0), est)
+    clipper.backward(model(xs[0]).pow(2).mean())
+    ptrs = {p.grad.untyped_storage().data_ptr() for p in params}
+    assert len(ptrs) == len(params)
+    assert all(p.grad.stride() == p.stride() for p in params)
+    clipper.backward(model(xs[1]).pow(2).mean())
+    clipper.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad, r / len(xs), rtol=1e-6, atol=1e-7)

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustclip as rc
-from robustclip import _kernels
 from robustclip import thresholds as th
 from robustclip._spectral import clip_singular_values, spectral_clip
 from robustclip._transform import StepContext
@@ -67,20 +66,6 @@ SHAPES = [(40, 30), (30, 40), (48, 48)]
 def rank(request):
     """The rank of a MODES entry (parametrized indirectly)."""
     return request.param
-
-
-KERNELS = ["torch", "torch-transposed", "onednn", "onednn-transposed"]
-
-
-@pytest.fixture(params=range(len(KERNELS)), ids=KERNELS)
-def kernel(request, monkeypatch):
-    """Every product of the randomized mode through one fixed candidate of
-    robustclip._kernels (the timed choice would pick one per shape and layout)."""
-    n = request.param
-    if n >= 2 and not _kernels.ONEDNN_MATMUL:
-        pytest.skip("this PyTorch build has no oneDNN linear kernel")
-    monkeypatch.setattr(_kernels, "chosen", lambda key: n if key[0] == "mm" else (n and n + 1))
-    return KERNELS[n]
 
 
 # -- the maths ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from robustclip._estimators import Method, as_method
 from robustclip._transform import StepContext, global_norm
 from robustclip._validate import check_losses
 from robustclip.per_sample import ParamLayout
-from robustclip.per_sample._engine import unwrap_model
+from robustclip.per_sample._engine import new_grad, unwrap_model
 from robustclip.per_sample._graph import reached_leaves
 
 log = logging.getLogger("robustclip")
@@ -185,14 +185,17 @@ class Clipper:
         if not self._checked_unused:
             self._check_unused(losses)
         if self._count == 0:
+            # a new step: the previous gradients go, as with zero_grad(set_to_none=True), before
+            # this step's are computed (not beside them)
             for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.detach_()
-                    p.grad.zero_()
-        out = [p.grad for p in self.params]
-        contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)  # type: ignore[arg-type]
+                p.grad = None
+        # None where a parameter has no gradient yet this step: the estimator puts a new tensor
+        # there, written once instead of added to a zero-filled buffer
+        out: list[Tensor | None] = [p.grad for p in self.params]
+        contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)
+        for p, o in zip(self.params, out):
+            if p.grad is None:
+                p.grad = new_grad(p, o)
         self._count += contrib.count
         # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
         # later in-place change of the caller's loss tensor cannot change the step's loss

@@ -31,7 +31,7 @@ from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import Chain, GradientTransform, global_norm
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
-from robustclip.per_sample._engine import auto_engine
+from robustclip.per_sample._engine import auto_engine, new_grad
 from robustclip.thresholds import Threshold, as_threshold
 
 
@@ -63,8 +63,11 @@ class Estimator:
         state: Any,
         layout: ParamLayout,
         engine: PerSampleEngine | None,
-        out: list[Tensor],
+        out: list[Tensor | None],
     ) -> tuple[Contribution, Any]:
+        """Add this (micro-)batch's contribution to ``out`` (aligned with ``layout.params``); a
+        ``None`` entry (no gradient yet this step) gets a new tensor laid out like its
+        parameter."""
         raise NotImplementedError
 
     def state_to_dict(self, state: Any) -> Any:
@@ -85,6 +88,34 @@ def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
 
 
+def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tensor], coef: Tensor | None = None) -> None:
+    """``out += coef * values`` (``coef`` 1 if None), fused over the entries that exist; a
+    ``None`` entry becomes its value (scaled, or owned: autograd may hand one tensor to two
+    parameters, or an expanded one)."""
+    have = [i for i, o in enumerate(out) if o is not None]
+    if have:
+        dst, src = [out[i] for i in have], [values[i] for i in have]
+        if coef is None:
+            torch._foreach_add_(dst, src)  # type: ignore[arg-type]
+        else:
+            torch._foreach_addcmul_(dst, src, [coef] * len(src))  # type: ignore[arg-type]
+    missing = [i for i, o in enumerate(out) if o is None]
+    if not missing:
+        return
+    src = [values[i] for i in missing]
+    if coef is not None:
+        new = torch._foreach_mul(src, coef)
+    else:
+        seen: set[int] = set()
+        new = []
+        for v in src:
+            ptr = v.untyped_storage().data_ptr()
+            new.append(v.clone() if ptr in seen else v)
+            seen.add(ptr)
+    for i, v in zip(missing, new):
+        out[i] = new_grad(params[i], v)
+
+
 class Mean(Estimator):
     """The mini-batch mean gradient: plain SGD, the baseline."""
 
@@ -95,7 +126,7 @@ class Mean(Estimator):
             total, count = losses, 1
         else:
             total, count = losses.sum(), losses.shape[0]
-        torch._foreach_add_(out, _grads(total, layout.params))
+        _add_into(out, _grads(total, layout.params), layout.params)
         return Contribution(count), state
 
     def __repr__(self) -> str:
@@ -128,8 +159,7 @@ class MicroBatchClip(Estimator):
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
-        c = coef.to(g[0].dtype)
-        torch._foreach_addcmul_(out, g, [c] * len(g))
+        _add_into(out, g, layout.params, coef.to(g[0].dtype))
         norm1 = norm.reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)

@@ -110,29 +110,28 @@ def _signature(op: str, a: Tensor, b: Tensor) -> tuple:
     return (op, a.dtype, _layout(a), _layout(b), *sizes, torch.get_num_threads())
 
 
-def _candidates(a: Tensor, b: Tensor) -> tuple[Callable[[], Tensor], ...]:
+def _candidates(a: Tensor, b: Tensor, rows: bool = False) -> tuple[Callable[[], Tensor], ...]:
     # the same product with each kernel and operand order; the transposed orders return a
-    # transposed (column-major) result
-    return (
-        lambda: a @ b,
-        lambda: (b.mT @ a.mT).mT,
-        lambda: _onednn_mm(a, b),
-        lambda: _onednn_mm(b.mT, a.mT).mT,
-    )
+    # transposed (column-major) result, so ``rows`` leaves them out
+    ways: tuple[Callable[[], Tensor], ...] = (lambda: a @ b, lambda: (b.mT @ a.mT).mT)
+    if ONEDNN_MATMUL:
+        ways += (lambda: _onednn_mm(a, b), lambda: _onednn_mm(b.mT, a.mT).mT)
+    return ways[::2] if rows else ways
 
 
-def matmul(a: Tensor, b: Tensor) -> Tensor:
+def matmul(a: Tensor, b: Tensor, rows: bool = False) -> Tensor:
     """``a @ b`` with the fastest kernel for float32 and bfloat16 CPU matrices (2-D, or a batch
-    of them as 3-D tensors); the result may be column-major. Anything else is ``torch.matmul``."""
+    of them as 3-D tensors); the result may be column-major unless ``rows`` asks for a
+    row-major one. Anything else is ``torch.matmul``."""
     if a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]:
         if not _routable(a[0], b[0]):
             return a @ b
         if a.shape[0] == 1:
-            return matmul(a[0], b[0]).unsqueeze(0)
-        return torch.stack([matmul(x, y) for x, y in zip(a, b)])
+            return matmul(a[0], b[0], rows).unsqueeze(0)
+        return torch.stack([matmul(x, y, rows) for x, y in zip(a, b)])
     if not _routable(a, b):
         return a @ b
-    return choose(_signature("mm", a, b), _candidates(a, b))
+    return choose(_signature("mm-rows" if rows else "mm", a, b), _candidates(a, b, rows))
 
 
 def addmm_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:

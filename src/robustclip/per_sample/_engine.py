@@ -107,8 +107,13 @@ class PerSampleEngine:
     def detach(self) -> None:
         """Remove everything :meth:`attach` installed."""
 
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         """Add ``sum_i w_{l,i} g_{l,i}`` to ``out`` (aligned with ``layout.params``).
+
+        An entry of ``out`` may be ``None``: that parameter has no gradient yet this step, and
+        the engine puts a new tensor there, laid out like the parameter (:func:`new_grad`): the
+        sum is then written once instead of added to a zero-filled buffer, and no temporary of
+        the parameter's size sits beside that buffer.
 
         Returns the per-sample, per-group norms, shape ``(num_groups, batch)``, float32 or wider, on the
         device (no sync).
@@ -141,6 +146,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     return model
+
+
+def new_grad(p: Tensor, value: Tensor | None = None) -> Tensor:
+    """``value`` (a tensor nothing else references) as ``p``'s new gradient: in ``p``'s dtype
+    and laid out like ``p``, copied only if it is not; zeros if ``value`` is None."""
+    if value is None:
+        return torch.zeros_like(p)
+    value = value.to(p.dtype).reshape(p.shape)
+    if value.stride() != p.stride():
+        value = torch.empty_like(p).copy_(value)
+    return value
+
+
+def fill_missing(out: list[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    """Zeros, in place, for the entries of ``out`` that have no gradient yet (``None``); for
+    code that only adds into ``out``."""
+    for i, (o, p) in enumerate(zip(out, params)):
+        if o is None:
+            out[i] = torch.zeros_like(p)
+    return out  # type: ignore[return-value]
 
 
 def expand_weights(weights: Tensor, group_of: Sequence[int]) -> list[Tensor]:

@@ -55,6 +55,7 @@ from robustclip.per_sample._engine import (
     WeightFn,
     acc_dtype,
     expand_weights,
+    new_grad,
 )
 from robustclip.per_sample._hooks.capture import (
     Call,
@@ -77,7 +78,6 @@ from robustclip.per_sample.rules._terms import (
     DenseTerm,
     OuterTerm,
     Term,
-    add_weighted_rows_,
     ghost_sq_norms,
     index_sq_norms,
     plan,
@@ -240,7 +240,7 @@ class HookEngine(PerSampleEngine):
         )
 
     # -- the engine ------------------------------------------------------------------------------------
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         if self._delegate is not None:
             return self._delegate.accumulate(losses, weight_fn, out)
         calls, self._calls = self._calls, []
@@ -253,7 +253,7 @@ class HookEngine(PerSampleEngine):
             # until Python's cyclic garbage collector ran. Cut it as soon as the step is done.
             _release(calls)
 
-    def _accumulate(self, calls: list[Call], losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+    def _accumulate(self, calls: list[Call], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         self._stream_sq, self._stream_kept, self._stream_terms = {}, {}, {}  # after an error
         if losses.grad_fn is None:
             raise ValueError("the losses have no autograd graph; compute them from the model's output.")
@@ -485,7 +485,7 @@ class HookEngine(PerSampleEngine):
         kept: dict[int, Tensor],
         batch: int,
         weight_fn: WeightFn,
-        out: list[Tensor],
+        out: list[Tensor | None],
         device,
     ) -> Tensor:
         lay = self.layout
@@ -504,13 +504,15 @@ class HookEngine(PerSampleEngine):
             sq_list.append(sq.to(dt))
         gsq = self._group_sq(sq_list)
         w = weight_fn(gsq)
-        w = w.to(torch.promote_types(out[0].dtype, torch.float32))  # once, not per parameter
+        w = w.to(torch.promote_types(lay.params[0].dtype, torch.float32))  # once, not per parameter
         for idx, (o, wp) in enumerate(zip(out, expand_weights(w, lay.group_of))):
             g = kept.pop(idx, None)
-            if g is not None:
-                add_weighted_rows_(o, g, wp)
-                continue
-            for t in terms.pop(idx, []):
+            ts: list[Term] = [DenseTerm(g)] if g is not None else terms.pop(idx, [])
+            if o is None:
+                # no gradient yet this step: the first term's sum becomes the gradient, written
+                # once (no zero fill, no temporary of the parameter's size beside it)
+                out[idx] = o = new_grad(lay.params[idx], ts.pop(0).weighted(wp) if ts else None)
+            for t in ts:
                 t.add_weighted_(o, wp)
         return gsq.sqrt()
 
@@ -592,7 +594,7 @@ class HookEngine(PerSampleEngine):
                 "Make the batch the first dimension, or use engine='vmap' or engine='loop'."
             )
 
-    def _whole_model_fallback(self, problems: list[str], losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+    def _whole_model_fallback(self, problems: list[str], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         random = any(m.training and m.p > 0 for m in self.model.modules() if isinstance(m, _DROPOUT))
         warnings.warn(
             "robustclip: the hook engine cannot split this model's gradient by sample: "

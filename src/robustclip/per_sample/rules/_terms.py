@@ -186,7 +186,8 @@ class OuterTerm(Term):
             return out.reshape(self.shape)
         u, v = self._scaled(u, v, w)
         if k == 1:
-            out = matmul(u.reshape(b * t, -1).t(), v.reshape(b * t, -1))
+            # row-major: the result may become the parameter's gradient as it is
+            out = matmul(u.reshape(b * t, -1).t(), v.reshape(b * t, -1), rows=True)
         else:
             out = torch.einsum("bktn,bktm->knm", u, v)
         return out.reshape(self.shape)
