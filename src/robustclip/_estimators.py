@@ -90,8 +90,7 @@ def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
 
 def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tensor], coef: Tensor | None = None) -> None:
     """``out += coef * values`` (``coef`` 1 if None), fused over the entries that exist; a
-    ``None`` entry becomes its value (scaled, or owned: autograd may hand one tensor to two
-    parameters, or an expanded one)."""
+    ``None`` entry becomes its (scaled) value. ``values`` are autograd's results, consumed."""
     have = [i for i, o in enumerate(out) if o is not None]
     if have:
         dst, src = [out[i] for i in have], [values[i] for i in have]
@@ -102,18 +101,20 @@ def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tenso
     missing = [i for i, o in enumerate(out) if o is None]
     if not missing:
         return
-    src = [values[i] for i in missing]
+    # the values become the gradients, scaled in place: autograd's results are new tensors,
+    # except that it may hand one tensor to two parameters (cloned here) or an expanded one
+    # (copied by new_grad into the parameter's layout)
+    seen: set[int] = set()
+    owned = []
+    for i in missing:
+        v = values[i]
+        ptr = v.untyped_storage().data_ptr()
+        owned.append(new_grad(params[i], v.clone() if ptr in seen else v))
+        seen.add(ptr)
     if coef is not None:
-        new = torch._foreach_mul(src, coef)
-    else:
-        seen: set[int] = set()
-        new = []
-        for v in src:
-            ptr = v.untyped_storage().data_ptr()
-            new.append(v.clone() if ptr in seen else v)
-            seen.add(ptr)
-    for i, v in zip(missing, new):
-        out[i] = new_grad(params[i], v)
+        torch._foreach_mul_(owned, coef)
+    for i, v in zip(missing, owned):
+        out[i] = v
 
 
 class Mean(Estimator):
