@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 import robustclip as rc
-from robustclip import _spectral
 from robustclip import thresholds as th
 from robustclip._spectral import spectral_clip
 from robustclip._transform import StepContext
@@ -169,11 +168,6 @@ def exact_vs_randomized(args, ids) -> list[dict]:
                     "rank": rank,
                     "q": None if rank is None else 16,
                     "niter": None if rank is None else 2,
-                    # the randomized mode's power iterations run in bfloat16 on CPUs that have
-                    # native bfloat16 matmuls (robustclip._spectral.BF16_POWER_ITERATIONS)
-                    "power_iterations": None
-                    if rank is None
-                    else ("bfloat16" if _spectral.BF16_POWER_ITERATIONS else "float32"),
                     "load_avg_1m": load_avg(),
                 }
             )
@@ -282,7 +276,6 @@ def to_markdown(records: list[dict], args) -> str:
     except OSError:
         pass
     loads = [r["load_avg_1m"] for r in records]
-    iter_dtype = next((r["power_iterations"] for r in records if r.get("power_iterations")), "float32")
     lines = [
         "## Spectral clipping",
         "",
@@ -296,8 +289,8 @@ def to_markdown(records: list[dict], args) -> str:
         "Real gradients of a d = 768 character GPT (attention projection 768x768, MLP output "
         "768x3072, MLP input 3072x768) at its first AdamW steps on text; tau = sigma_1 / 2. "
         "Time: one `spectral_clip(...).update` on one matrix. Error: the top singular value the "
-        "clip reads, against a float64 full SVD (the largest over the matrices). Power "
-        f"iterations of the randomized mode in {iter_dtype} on this CPU.",
+        "clip reads, against a float64 full SVD (the largest over the matrices). The randomized "
+        "mode's products go through the kernel each one timed fastest (robustclip._kernels).",
         "",
         "| shape | method | median ms | speed-up | sigma_1 rel. error (max) | for context |",
         "|---|---|---:|---:|---:|---|",

@@ -17,11 +17,10 @@ KERNELS = ["torch", "torch-transposed", "onednn", "onednn-transposed"]
 def kernel(request, monkeypatch):
     """Every product robustclip._kernels routes, through one fixed candidate (the timed choice
     would pick one per shape and layout): ``matmul`` takes candidate ``n``, a row-major
-    ``matmul`` the same kernel, ``addmm_`` the fused kernel for ``n = 0`` and candidate ``n``
-    plus an add otherwise."""
+    ``matmul`` the same kernel."""
     n = request.param
     if n >= 2 and not _kernels.ONEDNN_MATMUL:
         pytest.skip("this PyTorch build has no oneDNN linear kernel")
-    ways = {"mm": n, "mm-rows": n // 2, "addmm": n and n + 1}
+    ways = {"mm": n, "mm-rows": n // 2}
     monkeypatch.setattr(_kernels, "chosen", lambda key: ways[key[0]])
     return KERNELS[n]

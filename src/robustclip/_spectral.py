@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from robustclip._kernels import addmm_, matmul
+from robustclip._kernels import matmul
 from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_positive_int
@@ -508,7 +508,7 @@ class SpectralClip(GradientTransform):
             gi = grads[i]
             if gi.is_contiguous() and gi.dtype == left.dtype:
                 # G += left @ right in one pass, without materializing the correction
-                addmm_(gi.view(gi.shape[0], -1), left, right)
+                gi.view(gi.shape[0], -1).addmm_(left, right)
             else:
                 gi.add_((left @ right).reshape(gi.shape).to(gi.dtype))
             # a non-finite matrix is not observed: the threshold keeps its state

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from robustclip._kernels import addmm_, matmul
+from robustclip._kernels import matmul
 from robustclip.per_sample._engine import acc_dtype
 
 
@@ -205,7 +205,7 @@ class OuterTerm(Term):
             return super().add_weighted_(out, w)
         u, v = self._scaled(self.u_chunk(slice(None)), self.v_chunk(slice(None)), w)
         bt = self.batch * self.T
-        addmm_(out.view(self.n_u, -1), u.reshape(bt, -1).t(), v.reshape(bt, -1))
+        out.view(self.n_u, -1).addmm_(u.reshape(bt, -1).t(), v.reshape(bt, -1))
 
 
 # -- norms ---------------------------------------------------------------------------------------
