@@ -73,8 +73,16 @@ def _finite_rows(sketch: Tensor) -> tuple[Tensor, Tensor]:
     needed. Returns ``(finite (k,), drop (k, 1, 1))``; only the small products are then zeroed
     for the dropped matrices, so no QR or eigensolver ever sees a NaN and their correction is
     zero."""
-    finite = torch.isfinite(sketch.abs().amax(dim=(-2, -1)))
+    finite = torch.isfinite(_max_abs(sketch))
     return finite, ~finite[:, None, None]
+
+
+def _max_abs(x: Tensor, keepdim: bool = False) -> Tensor:
+    """Largest absolute entry of each matrix of a batch (NaN if any entry is NaN), from two
+    reductions: ``abs()`` would allocate a copy, and a new tensor inside a step can cost more
+    in page faults than the reduction itself."""
+    dims = (-2, -1)
+    return torch.maximum(x.amax(dim=dims, keepdim=keepdim), x.amin(dim=dims, keepdim=keepdim).neg_())
 
 
 def _exact(g: Tensor, tau: Tensor) -> _Decomposition:
@@ -143,11 +151,11 @@ def _randomized(
             t = _orthonormal(t.masked_fill_(drop, 0.0))
         else:
             # scaled to unit Frobenius norm, so that ||G^T T|| <= sigma_1 stays in range wherever
-            # G is; by the largest entry first, so that the norm's squares cannot overflow
-            acc = torch.promote_types(t.dtype, torch.float32)
-            tiny = torch.finfo(acc).tiny
-            t = t / t.abs().amax(dim=(-2, -1), keepdim=True).to(acc).clamp_min(tiny).to(t.dtype)
-            t = t / torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=acc).clamp_min(tiny).to(t.dtype)
+            # G is; by the largest entry first, so that the norm's squares cannot overflow. In
+            # place: t is this step's own product, and each new tensor here would page-fault
+            tiny = torch.finfo(t.dtype).tiny
+            t.div_(_max_abs(t, keepdim=True).clamp_min_(tiny))
+            t.div_(torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True).clamp_min_(tiny))
         z = _orthonormal(g_at(t, drop, transpose=True))
     if drop is None:
         y = g_at(z)
