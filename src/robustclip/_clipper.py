@@ -95,7 +95,9 @@ class Clipper:
 
     With gradient accumulation call ``backward`` once per micro-batch, then ``step`` once.
     The clipper owns ``p.grad`` between the first ``backward`` of a step and ``step``:
-    ``optimizer.zero_grad()`` is not needed (but harmless).
+    ``optimizer.zero_grad()`` is not needed (but harmless). The first ``backward`` of a step
+    drops the previous gradients, like ``zero_grad(set_to_none=True)``, and sets new tensors;
+    do not keep references to ``p.grad`` across steps.
     """
 
     def __init__(
