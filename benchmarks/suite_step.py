@@ -18,7 +18,10 @@ Timing: every method gets its own copy of the model, all live in one process, an
 take turns round by round (``--rounds``), so that load from other processes hits all of them
 alike; in its turn a method runs one untimed step (which absorbs the page faults and cold caches
 the previous method leaves behind) and ``--steps-per-round`` timed ones; the record is the
-median of all its timed steps. Memory: each method runs again in a fresh (spawned) process. The extra memory of one step
+median of all its timed steps. Memory: each method runs again in a fresh (spawned) process,
+with glibc's mmap threshold fixed at 128 KB (:func:`_fixed_mmap_threshold`: every large block
+is mapped and unmapped on its own, so the RSS follows the memory in use instead of what the
+heap kept from earlier steps). The extra memory of one step
 is measured like this: the C heap's free pages are returned to the OS (``malloc_trim``), the
 kernel's peak-RSS mark (``VmHWM``) is reset, the step runs, and the record is that peak minus
 the RSS just before the step. ``peak_mb`` is the median of 5 steps after 2 warm-up steps (the
@@ -189,6 +192,7 @@ def make_step(method: str, model, x, y, losses, radius: float, batch_radius: flo
             xs, ys = x.chunk(MICRO), y.chunk(MICRO)
 
             def step():
+                opt.zero_grad()  # every step starts with zero_grad, as the plain ones do
                 for xb, yb in zip(xs, ys):
                     clipper.backward(losses(model(xb), yb).mean())
                 clipper.step()
@@ -196,6 +200,7 @@ def make_step(method: str, model, x, y, losses, radius: float, batch_radius: flo
             return step
 
         def step():
+            opt.zero_grad()  # as in the plain step: the previous gradients go before the forward
             clipper.backward(losses(model(x), y))
             clipper.step()
 
@@ -318,8 +323,27 @@ def _release_free_memory() -> None:
         pass
 
 
+#: glibc's mallopt parameter for the size above which an allocation gets its own mapping
+_M_MMAP_THRESHOLD = -3
+
+
+def _fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
+    """Give every allocation of ``nbytes`` or more its own mapping, returned to the OS at free.
+
+    glibc's default threshold moves: after a large block is freed, blocks up to its size come
+    from the heap, whose freed pages stay resident. Whether a step's large temporaries then
+    count in the RSS depends on what ran before (plain steps read 2-4 MB on the MLP and 67-109
+    MB on the CNN from one process to the next). Fixed, the RSS follows the memory in use.
+    Measurement processes only: the library sets no allocator options."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
+    except (OSError, AttributeError):
+        pass
+
+
 def _memory_worker(conf: dict, queue) -> None:
     try:
+        _fixed_mmap_threshold()
         warnings.simplefilter("ignore")
         if conf["threads"]:
             torch.set_num_threads(conf["threads"])
