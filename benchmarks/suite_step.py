@@ -532,7 +532,8 @@ def to_markdown(records: list[dict], args) -> str:
         "### Step time and memory (`--suite step`)",
         "",
         "Median step time over interleaved rounds and its ratio to the plain step of the same "
-        "model; extra RSS of one step over the RSS before it, in a fresh process (MB; median "
+        "model; extra RSS of one step over the RSS before it, in a fresh process with glibc's "
+        "mmap threshold fixed at 128 KB so that the RSS follows the memory in use (MB; median "
         "of 5 steady-state steps, and the first step); the largest relative gradient error "
         "against the reference (per-sample loop, `clip_grad_norm_`, or the micro-batch loop). "
         "The paired ratio is the median over rounds of the method's median step in a round "
