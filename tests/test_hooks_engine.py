@@ -157,15 +157,19 @@ def clip_weights(c):
     return weight_fn
 
 
-def run_engine(engine_cls, model, x, losses_fn, weight_fn, seed=0, steps=1):
+def run_engine(engine_cls, model, x, losses_fn, weight_fn, seed=0, steps=1, fresh=False, max_chunk_elements=None):
+    """``fresh``: the engine gets ``None`` entries (no gradient yet) and writes new tensors,
+    instead of adding into zeros."""
     params = [p for p in model.parameters() if p.requires_grad]
     engine = engine_cls(model, ParamLayout.build(model, params))
+    if max_chunk_elements is not None:
+        engine.max_chunk_elements = max_chunk_elements
     engine.attach()
     outs, norms = [], []
     try:
         for s in range(steps):
             torch.manual_seed(seed + s)  # the same dropout masks for every engine
-            out = [torch.zeros_like(p) for p in params]
+            out = [None] * len(params) if fresh else [torch.zeros_like(p) for p in params]
             norms.append(engine.accumulate(losses_fn(model(x)), weight_fn, out))
             outs.append(out)
     finally:
@@ -216,13 +220,23 @@ def compare_engines(case, c=None, steps=1, **kw):
         pytest.param(shared_case, id="module-called-twice"),
     ],
 )
-def test_models_match_reference_loop(case):
-    compare_engines(case(), steps=2)
+@pytest.mark.parametrize("fresh", [False, True], ids=["added", "new-gradients"])
+def test_models_match_reference_loop(case, fresh):
+    compare_engines(case(), steps=2, fresh=fresh)
 
 
 def test_mixed_model_with_fallback_bare_and_tied_parameters():
     with pytest.warns(PerSampleFallbackWarning, match="'custom' \\(GatedCustom\\)"):
         compare_engines(mixed_case(), steps=2)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["added", "new-gradients"])
+def test_replayed_module_over_the_budget(fresh):
+    """A fallback module whose per-sample gradients exceed the budget is replayed a second time
+    for the weighted sums, every parameter of the module at once: it needs all their weights
+    before the first sum, whichever parameter the engine takes first."""
+    with pytest.warns(PerSampleFallbackWarning, match="custom"):
+        compare_engines(mixed_case(), steps=2, fresh=fresh, max_chunk_elements=1)
 
 
 def test_fallback_module_with_dropout_uses_the_real_graph():

@@ -505,10 +505,14 @@ class HookEngine(PerSampleEngine):
         gsq = self._group_sq(sq_list)
         w = weight_fn(gsq)
         w = w.to(torch.promote_types(lay.params[0].dtype, torch.float32))  # once, not per parameter
+        weights = expand_weights(w, lay.group_of)
+        for idx, wp in enumerate(weights):
+            for t in terms.get(idx, ()):
+                t.prepare(wp)
         # last layers first, as in a backward pass: they hold the most activations and get the
         # smallest gradients, so their inputs are freed before the large first-layer gradients
         # are allocated (a lower peak)
-        for idx, (o, wp) in reversed(list(enumerate(zip(out, expand_weights(w, lay.group_of))))):
+        for idx, (o, wp) in reversed(list(enumerate(zip(out, weights)))):
             g = kept.pop(idx, None)
             ts: list[Term] = [DenseTerm(g)] if g is not None else terms.pop(idx, [])
             if o is None:

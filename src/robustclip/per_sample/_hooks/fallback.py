@@ -154,6 +154,10 @@ class ReplayTerm(Term):
     def materialize(self, sl: slice) -> Tensor:
         return self.replay.materialize(self.idx, sl)
 
+    def prepare(self, w: Tensor) -> None:
+        # the second replay computes every parameter of the module at once
+        self.replay.weights[self.idx] = w
+
     def weighted(self, w: Tensor) -> Tensor:
         self.replay.weights[self.idx] = w
         return self.replay.weighted(self.idx)

@@ -66,6 +66,10 @@ class Term:
         """Elements per sample that :meth:`materialize` allocates (its output and scratch)."""
         return self.numel
 
+    def prepare(self, w: Tensor) -> None:
+        """Told every term's weights before any sum is taken (terms that share work across
+        parameters, like a replayed module, need them all at once)."""
+
     def weighted(self, w: Tensor) -> Tensor:
         """``sum_i w_i g_i`` (shape ``shape``) for weights ``w`` of shape ``(B,)``."""
         raise NotImplementedError
