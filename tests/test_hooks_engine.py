@@ -239,6 +239,31 @@ def test_replayed_module_over_the_budget(fresh):
         compare_engines(mixed_case(), steps=2, fresh=fresh, max_chunk_elements=1)
 
 
+class _ScaleByTied(nn.Module):
+    """No rule covers it; its ``w`` is another layer's weight (tied), and it has a bias."""
+
+    def __init__(self, w: nn.Parameter) -> None:
+        super().__init__()
+        self.w = w
+        self.b = nn.Parameter(torch.randn(8) * 0.1)
+
+    def forward(self, x):
+        return torch.tanh(x * self.w.view(-1) + self.b)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["added", "new-gradients"])
+def test_replay_over_the_budget_with_a_tied_parameter(fresh):
+    """The tied weight's per-sample gradients are kept (two calls share it), so the replay's
+    second pass has no weight for it and must sum only the module's other parameters."""
+    torch.manual_seed(0)
+    lin = nn.Linear(1, 8)
+    model = nn.Sequential(lin, _ScaleByTied(lin.weight), nn.Linear(8, 2))
+    x = torch.randn(6, 1)
+    case = (model, x, lambda out: out.pow(2).sum(1))
+    with pytest.warns(PerSampleFallbackWarning):
+        compare_engines(case, steps=2, fresh=fresh, max_chunk_elements=16)
+
+
 def test_fallback_module_with_dropout_uses_the_real_graph():
     with pytest.warns(PerSampleFallbackWarning, match="custom"):
         compare_engines(mixed_case(dropout=0.3), steps=2)

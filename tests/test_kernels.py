@@ -99,3 +99,18 @@ def test_batched_product_is_per_matrix():
     a, b = torch.randn(3, 40, 20), torch.randn(3, 20, 16).mT.contiguous().mT
     torch.testing.assert_close(_kernels.matmul(a, b), torch.bmm(a, b))
     torch.testing.assert_close(_kernels.matmul(a[:1], b[:1]), torch.bmm(a[:1], b[:1]))
+
+
+def test_plain_kernels_and_autocast_use_torch_matmul_untimed():
+    a, b = torch.randn(30, 20), torch.randn(20, 10)
+    with _kernels.plain_kernels():
+        assert torch.equal(_kernels.matmul(a, b), a @ b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = _kernels.matmul(a, b), a @ b
+    assert got.dtype == ref.dtype == torch.bfloat16 and torch.equal(got, ref)
+    assert not _kernels._CHOICES
+
+
+def test_empty_batch_of_matrices():
+    a, b = torch.randn(0, 6, 5), torch.randn(0, 5, 4)
+    assert _kernels.matmul(a, b).shape == (0, 6, 4)

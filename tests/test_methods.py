@@ -239,3 +239,61 @@ def test_first_contribution_owns_its_gradients(method):
     clipper.step()
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad, r / len(xs), rtol=1e-6, atol=1e-7)
+
+
+def test_custom_estimator_that_only_adds_gets_zero_filled_buffers():
+    """An estimator written to add into ``out`` (``writes_new_grads`` False) never sees None."""
+    from robustclip._estimators import Contribution
+
+    class AddOnly(rc.Estimator):
+        def contribute(self, losses, state, layout, engine, out):
+            torch._foreach_add_(out, torch.autograd.grad(losses.sum(), layout.params))
+            return Contribution(losses.shape[0]), state
+
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), AddOnly())
+    clipper.backward(model(x).pow(2).sum(1))
+    clipper.step()
+    ref = torch.autograd.grad(model(x).pow(2).sum(1).mean(), list(model.parameters()))
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_gradient_hooks_keep_what_they_saw():
+    """The new gradients are tensors of their own: a tensor a gradient hook kept is not divided
+    or clipped in place by step()."""
+    for est in (rc.mean(), rc.micro_batch_clip(1e-3)):
+        model = nn.Linear(3, 2)
+        saved = []
+        model.weight.register_hook(saved.append)  # keeps the tensor; returns None: no change
+        clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), est)
+        clipper.backward(model(torch.randn(4, 3)).pow(2).sum(1))  # mean(): count 4, divided
+        before = saved[0].clone()
+        clipper.step()
+        assert torch.equal(saved[0], before)
+
+
+def test_ddp_transforms_run_on_plain_kernels(monkeypatch):
+    """Every DDP process transforms the all-reduced gradient itself: inside step() the timed
+    kernel choice is off, so all processes round alike."""
+    from robustclip import _distributed, _kernels
+
+    seen = []
+
+    class Probe(rc.GradientTransform):
+        def init(self, params):
+            return ()
+
+        def update(self, grads, state, ctx):
+            seen.append(_kernels._PLAIN)
+            return grads, state
+
+    monkeypatch.setattr(_distributed, "all_reduce_sum", lambda grads, scalars, group: None)
+    model = nn.Linear(3, 2)
+    for group, expect in ((None, False), (object(), True)):
+        clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.chain(rc.mean(), Probe()))
+        clipper._group = group
+        clipper.backward(model(torch.randn(4, 3)).pow(2).sum(1))
+        clipper.step()
+        assert seen[-1] is expect

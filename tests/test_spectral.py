@@ -579,3 +579,8 @@ def test_randomized_mode_on_huge_but_finite_gradients(kernel, no_linalg_on_nonfi
     # (bf16 iterations round the scaled matrix differently: agreement to their precision)
     assert float((out[0].double() / 1e35 - ref[0].double()).norm() / ref[0].double().norm()) < 1e-3
     assert float(state.sigma_before[0]) / 1e35 == pytest.approx(float(ref_state.sigma_before[0]), rel=1e-4)
+
+
+def test_empty_batch_of_matrices():
+    out, before, _ = clip_singular_values(torch.randn(0, 64, 128), 1.0, rank=4)
+    assert out.shape == (0, 64, 128) and before.shape == (0,)

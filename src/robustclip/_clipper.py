@@ -8,6 +8,7 @@ ARCHITECTURE.md for the flow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,13 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from robustclip import _distributed
+from robustclip import _distributed, _kernels
 from robustclip._batchnorm import check_no_training_batchnorm
 from robustclip._estimators import Method, as_method
 from robustclip._transform import StepContext, global_norm
 from robustclip._validate import check_losses
 from robustclip.per_sample import ParamLayout
-from robustclip.per_sample._engine import new_grad, unwrap_model
+from robustclip.per_sample._engine import fill_missing, new_grad, unwrap_model
 from robustclip.per_sample._graph import reached_leaves
 
 log = logging.getLogger("robustclip")
@@ -196,6 +197,8 @@ class Clipper:
         # None where a parameter has no gradient yet this step: the estimator puts a new tensor
         # there, written once instead of added to a zero-filled buffer
         out: list[Tensor | None] = [p.grad for p in self.params]
+        if not est.writes_new_grads:
+            fill_missing(out, self.params)
         contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)
         for p, o in zip(self.params, out):
             if p.grad is None:
@@ -286,7 +289,11 @@ class Clipper:
             ctx = StepContext(
                 self.params, self.layout.names, loss, count, self.layout.modules
             )
-            _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
+            # every DDP process transforms the all-reduced gradient on its own: with the kernels
+            # each one timed fastest they could round differently and the replicas drift apart
+            fixed = _kernels.plain_kernels() if self._group is not None else contextlib.nullcontext()
+            with fixed:
+                _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
             self.optimizer.step()
             info.transforms = self.method.transform.readings(self._tr_state)
         self.steps += 1

@@ -31,7 +31,7 @@ from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import Chain, GradientTransform, global_norm
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
-from robustclip.per_sample._engine import auto_engine, new_grad
+from robustclip.per_sample._engine import auto_engine, fill_missing, new_grad
 from robustclip.thresholds import Threshold, as_threshold
 
 
@@ -53,6 +53,9 @@ class Estimator:
     name = "estimator"
     #: True if the estimator needs one loss per sample (and so a per-sample engine)
     per_sample = False
+    #: True if :meth:`contribute` accepts ``None`` entries in ``out`` (no gradient yet this
+    #: step) and puts new tensors there; otherwise the clipper hands it zero-filled buffers
+    writes_new_grads = False
 
     def init(self, layout: ParamLayout, device: torch.device) -> Any:
         return ()
@@ -90,7 +93,7 @@ def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
 
 def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tensor], coef: Tensor | None = None) -> None:
     """``out += coef * values`` (``coef`` 1 if None), fused over the entries that exist; a
-    ``None`` entry becomes its (scaled) value. ``values`` are autograd's results, consumed."""
+    ``None`` entry gets a new tensor, laid out like its parameter."""
     have = [i for i, o in enumerate(out) if o is not None]
     if have:
         dst, src = [out[i] for i in have], [values[i] for i in have]
@@ -101,26 +104,19 @@ def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tenso
     missing = [i for i, o in enumerate(out) if o is None]
     if not missing:
         return
-    # the values become the gradients, scaled in place: autograd's results are new tensors,
-    # except that it may hand one tensor to two parameters (cloned here) or an expanded one
-    # (copied by new_grad into the parameter's layout)
-    seen: set[int] = set()
-    owned = []
-    for i in missing:
-        v = values[i]
-        ptr = v.untyped_storage().data_ptr()
-        owned.append(new_grad(params[i], v.clone() if ptr in seen else v))
-        seen.add(ptr)
-    if coef is not None:
-        torch._foreach_mul_(owned, coef)
-    for i, v in zip(missing, owned):
-        out[i] = v
+    # new tensors, not autograd's results themselves: a gradient hook may hold those, and
+    # autograd may hand one tensor to two parameters
+    src = [values[i] for i in missing]
+    new = torch._foreach_mul(src, coef) if coef is not None else [v.clone() for v in src]
+    for i, v in zip(missing, new):
+        out[i] = new_grad(params[i], v)
 
 
 class Mean(Estimator):
     """The mini-batch mean gradient: plain SGD, the baseline."""
 
     name = "mean"
+    writes_new_grads = True
 
     def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
         if losses.dim() == 0:
@@ -146,6 +142,7 @@ class MicroBatchClip(Estimator):
     """
 
     name = "micro_batch_clip"
+    writes_new_grads = True
 
     def __init__(self, max_norm: float | Threshold) -> None:
         self.threshold = as_threshold(max_norm)
@@ -183,6 +180,7 @@ class PerSample(Estimator):
     """
 
     name = "per_sample"
+    writes_new_grads = True
     per_sample = True
 
     def __init__(
@@ -268,6 +266,8 @@ class PerSample(Estimator):
 
     def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
         assert engine is not None
+        if not engine.writes_new_grads:
+            fill_missing(out, layout.params)
         radii = None if self.rule == "normalize" else self._radii(state, layout)
         group_norms = engine.accumulate(losses, lambda sq: self.weights(sq, radii), out)
         flat = group_norms.pow(2).sum(0).sqrt()

@@ -23,9 +23,10 @@ allocations, that tensor pays page faults which a timing on the first call does 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -35,6 +36,22 @@ R = TypeVar("R")
 
 #: signature -> index of the candidate that was fastest when it was timed
 _CHOICES: dict[tuple, int] = {}
+
+#: set inside :func:`plain_kernels`
+_PLAIN = False
+
+
+@contextlib.contextmanager
+def plain_kernels() -> Iterator[None]:
+    """PyTorch's own kernels for every product inside: for computations that several processes
+    must round identically, such as the transforms every DDP process applies on its own to the
+    all-reduced gradient (processes time, and so choose, independently)."""
+    global _PLAIN
+    prev, _PLAIN = _PLAIN, True
+    try:
+        yield
+    finally:
+        _PLAIN = prev
 
 
 def chosen(key: tuple) -> int | None:
@@ -95,6 +112,10 @@ def _routable(a: Tensor, b: Tensor) -> bool:
         and a.numel() > 0
         and b.numel() > 0
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        # under autocast torch's matmul computes in the autocast dtype and oneDNN's linear would
+        # not: the candidates must compute the same thing
+        and not torch.is_autocast_enabled("cpu")
+        and not _PLAIN
     )
 
 
@@ -129,7 +150,7 @@ def matmul(a: Tensor, b: Tensor, rows: bool = False) -> Tensor:
     of them as 3-D tensors); the result may be column-major unless ``rows`` asks for a
     row-major one. Anything else is ``torch.matmul``."""
     if a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]:
-        if not _routable(a[0], b[0]):
+        if a.shape[0] == 0 or not _routable(a[0], b[0]):
             return a @ b
         if a.shape[0] == 1:
             return matmul(a[0], b[0], rows).unsqueeze(0)

@@ -96,6 +96,9 @@ class PerSampleEngine:
     """Base class: see the module docstring for the contract."""
 
     name = "engine"
+    #: True if :meth:`accumulate` accepts ``None`` entries in ``out``; otherwise the per-sample
+    #: estimators hand it zero-filled buffers
+    writes_new_grads = False
 
     def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
         self.model = unwrap_model(model)

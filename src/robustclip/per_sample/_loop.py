@@ -21,6 +21,7 @@ from robustclip.per_sample._engine import (
 
 class LoopEngine(PerSampleEngine):
     name = "loop"
+    writes_new_grads = True
 
     def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         params = self.layout.params

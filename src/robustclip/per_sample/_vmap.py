@@ -36,6 +36,7 @@ from robustclip.per_sample._graph import check_losses_reach_only
 
 class VmapEngine(PerSampleEngine):
     name = "vmap"
+    writes_new_grads = True
 
     def __init__(
         self, model: nn.Module, layout: ParamLayout, max_chunk_elements: int = 2**26

@@ -104,6 +104,7 @@ class HookEngine(PerSampleEngine):
     """
 
     name = "hooks"
+    writes_new_grads = True
 
     def __init__(
         self,

@@ -133,13 +133,17 @@ class Replay:
         if self.stored is not None:
             g = self.stored[self.pos[idx]]
             return torch.tensordot(self.weights[idx].to(g.dtype), g, dims=1)
-        if self._weighted is None:  # second replay, every parameter at once
-            acc = [torch.zeros_like(v) for v in self.vals]
+        if self._weighted is None:
+            # second replay, every parameter that wants a sum at once (all were told their
+            # weights first; a parameter whose gradients the engine kept wants none)
+            want = [j for j, i in enumerate(self.idxs) if i in self.weights]
+            acc = {j: torch.zeros_like(self.vals[j]) for j in want}
             for s in range(0, self.batch, self.chunk):
                 sl = slice(s, min(s + self.chunk, self.batch))
-                for j, g in enumerate(self._chunk(sl)):
-                    acc[j] += torch.tensordot(self.weights[self.idxs[j]][sl].to(g.dtype), g, dims=1)
-            self._weighted = dict(zip(self.idxs, acc))
+                gs = self._chunk(sl)
+                for j in want:
+                    acc[j] += torch.tensordot(self.weights[self.idxs[j]][sl].to(gs[j].dtype), gs[j], dims=1)
+            self._weighted = {self.idxs[j]: a for j, a in acc.items()}
         return self._weighted[idx]
 
 
