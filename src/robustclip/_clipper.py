@@ -23,7 +23,7 @@ from robustclip._estimators import Method, as_method
 from robustclip._transform import StepContext, global_norm
 from robustclip._validate import check_losses
 from robustclip.per_sample import ParamLayout
-from robustclip.per_sample._engine import fill_missing, new_grad, unwrap_model
+from robustclip.per_sample._engine import fill_missing, unwrap_model
 from robustclip.per_sample._graph import reached_leaves
 
 log = logging.getLogger("robustclip")
@@ -189,20 +189,21 @@ class Clipper:
             check_no_training_batchnorm(unwrap_model(self.model), repr(est))
         if not self._checked_unused:
             self._check_unused(losses)
-        if self._count == 0:
+        first = self._count == 0
+        if first:
             # a new step: the previous gradients go, as with zero_grad(set_to_none=True), before
             # this step's are computed (not beside them)
             for p in self.params:
                 p.grad = None
         # None where a parameter has no gradient yet this step: the estimator puts a new tensor
         # there, written once instead of added to a zero-filled buffer
-        out: list[Tensor | None] = [p.grad for p in self.params]
+        out: list[Tensor | None] = [None] * len(self.params) if first else [p.grad for p in self.params]
         if not est.writes_new_grads:
             fill_missing(out, self.params)
         contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)
-        for p, o in zip(self.params, out):
-            if p.grad is None:
-                p.grad = new_grad(p, o)
+        if first:  # zeros for a parameter nothing reached
+            for p, o in zip(self.params, fill_missing(out, self.params)):
+                p.grad = o
         self._count += contrib.count
         # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
         # later in-place change of the caller's loss tensor cannot change the step's loss

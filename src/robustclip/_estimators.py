@@ -31,7 +31,7 @@ from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import Chain, GradientTransform, global_norm
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
-from robustclip.per_sample._engine import auto_engine, fill_missing, new_grad
+from robustclip.per_sample._engine import accumulate_into, auto_engine, new_grad
 from robustclip.thresholds import Threshold, as_threshold
 
 
@@ -266,10 +266,8 @@ class PerSample(Estimator):
 
     def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
         assert engine is not None
-        if not engine.writes_new_grads:
-            fill_missing(out, layout.params)
         radii = None if self.rule == "normalize" else self._radii(state, layout)
-        group_norms = engine.accumulate(losses, lambda sq: self.weights(sq, radii), out)
+        group_norms = accumulate_into(engine, losses, lambda sq: self.weights(sq, radii), out)
         flat = group_norms.pow(2).sum(0).sqrt()
         w = self.weights(group_norms.pow(2), radii)
         clipped = (w < 1).any(0).float()

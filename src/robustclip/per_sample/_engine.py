@@ -113,10 +113,11 @@ class PerSampleEngine:
     def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         """Add ``sum_i w_{l,i} g_{l,i}`` to ``out`` (aligned with ``layout.params``).
 
-        An entry of ``out`` may be ``None``: that parameter has no gradient yet this step, and
-        the engine puts a new tensor there, laid out like the parameter (:func:`new_grad`): the
-        sum is then written once instead of added to a zero-filled buffer, and no temporary of
-        the parameter's size sits beside that buffer.
+        An engine with ``writes_new_grads`` also takes ``None`` entries: that parameter has no
+        gradient yet this step, and the engine puts a new tensor there, laid out like the
+        parameter (:func:`new_grad`): the sum is then written once instead of added to a
+        zero-filled buffer, and no temporary of the parameter's size sits beside that buffer.
+        Callers go through :func:`accumulate_into`, which zero-fills for the other engines.
 
         Returns the per-sample, per-group norms, shape ``(num_groups, batch)``, float32 or wider, on the
         device (no sync).
@@ -169,6 +170,16 @@ def fill_missing(out: list[Tensor | None], params: Sequence[Tensor]) -> list[Ten
         if o is None:
             out[i] = torch.zeros_like(p)
     return out  # type: ignore[return-value]
+
+
+def accumulate_into(
+    engine: PerSampleEngine, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]
+) -> Tensor:
+    """``engine.accumulate``, with zeros first in the ``None`` entries of ``out`` for an engine
+    that only adds into it (``writes_new_grads`` False)."""
+    if not engine.writes_new_grads:
+        fill_missing(out, engine.layout.params)
+    return engine.accumulate(losses, weight_fn, out)
 
 
 def expand_weights(weights: Tensor, group_of: Sequence[int]) -> list[Tensor]:

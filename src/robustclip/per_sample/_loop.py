@@ -10,22 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robustclip.per_sample._engine import (
-    PerSampleEngine,
-    WeightFn,
-    acc_dtype,
-    expand_weights,
-    fill_missing,
-)
+from robustclip.per_sample._engine import PerSampleEngine, WeightFn, acc_dtype, expand_weights
 
 
 class LoopEngine(PerSampleEngine):
     name = "loop"
-    writes_new_grads = True
 
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
         params = self.layout.params
-        fill_missing(out, params)
         norms = []
         for i in range(losses.shape[0]):
             grads = torch.autograd.grad(

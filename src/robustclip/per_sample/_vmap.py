@@ -29,14 +29,12 @@ from robustclip.per_sample._engine import (
     WeightFn,
     acc_dtype,
     expand_weights,
-    fill_missing,
 )
 from robustclip.per_sample._graph import check_losses_reach_only
 
 
 class VmapEngine(PerSampleEngine):
     name = "vmap"
-    writes_new_grads = True
 
     def __init__(
         self, model: nn.Module, layout: ParamLayout, max_chunk_elements: int = 2**26
@@ -76,13 +74,12 @@ class VmapEngine(PerSampleEngine):
             self._output = output
 
     # -- the engine ---------------------------------------------------------------------------
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
         if self._inputs is None or self._output is None:
             raise RuntimeError(
                 "the vmap engine saw no forward pass of the model since the last backward(). "
                 "Call the model (with grad enabled) to compute the losses you pass to backward()."
             )
-        fill_missing(out, self.layout.params)
         batch = losses.shape[0]
         out_leaves, out_spec = pytree.tree_flatten(self._output)
         diff_idx = [

@@ -54,6 +54,7 @@ from robustclip.per_sample._engine import (
     PerSampleEngine,
     WeightFn,
     acc_dtype,
+    accumulate_into,
     expand_weights,
     new_grad,
 )
@@ -243,7 +244,7 @@ class HookEngine(PerSampleEngine):
     # -- the engine ------------------------------------------------------------------------------------
     def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         if self._delegate is not None:
-            return self._delegate.accumulate(losses, weight_fn, out)
+            return accumulate_into(self._delegate, losses, weight_fn, out)
         calls, self._calls = self._calls, []
         try:
             return self._accumulate(calls, losses, weight_fn, out)
@@ -618,7 +619,7 @@ class HookEngine(PerSampleEngine):
         else:
             self._delegate = VmapEngine(self.model, self.layout, max_chunk_elements=self.max_chunk_elements)
         self._delegate.attach()
-        return LoopEngine(self.model, self.layout).accumulate(losses, weight_fn, out)
+        return accumulate_into(LoopEngine(self.model, self.layout), losses, weight_fn, out)
 
 
 def _release(calls: list[Call]) -> None:

@@ -36,6 +36,7 @@ from robustclip.per_sample.rules._util import sum_positions
 #: strided copy that builds them and the matmul that consumes them
 IM2COL_CHUNK_ELEMENTS = 2**18
 
+
 class ConvTerm(OuterTerm):
     """The weight term of a convolution; its ``v`` factor (patches) is built on demand."""
 
