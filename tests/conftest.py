@@ -17,10 +17,11 @@ KERNELS = ["torch", "torch-transposed", "onednn", "onednn-transposed"]
 def kernel(request, monkeypatch):
     """Every product robustclip._kernels routes, through one fixed candidate (the timed choice
     would pick one per shape and layout): ``matmul`` takes candidate ``n``, a row-major
-    ``matmul`` the same kernel."""
+    ``matmul`` the same kernel, and an in-place low-rank update (``addmm_``) its candidate
+    ``n mod 3``."""
     n = request.param
     if n >= 2 and not _kernels.ONEDNN_MATMUL:
         pytest.skip("this PyTorch build has no oneDNN linear kernel")
-    ways = {"mm": n, "mm-rows": n // 2}
+    ways = {"mm": n, "mm-rows": n // 2, "addmm-inner": n % 3}
     monkeypatch.setattr(_kernels, "chosen", lambda key: ways[key[0]])
     return KERNELS[n]

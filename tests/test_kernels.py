@@ -114,3 +114,55 @@ def test_plain_kernels_and_autocast_use_torch_matmul_untimed():
 def test_empty_batch_of_matrices():
     a, b = torch.randn(0, 6, 5), torch.randn(0, 5, 4)
     assert _kernels.matmul(a, b).shape == (0, 6, 4)
+
+
+def low_rank_update(shape, inner, layouts, dtype, seed=0):
+    """out, a, b for ``out += a @ b`` where only the first ``inner`` columns of ``a`` and rows
+    of ``b`` are nonzero (the others hold zeros, as in a spectral correction)."""
+    m, k, n = shape
+    a, b = operand((m, k), layouts[1], dtype, seed), operand((k, n), layouts[2], dtype, seed + 1)
+    a[:, inner:] = 0
+    b[inner:] = 0
+    return operand((m, n), layouts[0], dtype, seed + 2), a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layouts", ["rrr", "rcc", "crs"])
+@pytest.mark.parametrize("shape", [(24, 16, 70), (70, 16, 24), (5, 3, 5), (8, 12, 9)])
+def test_every_in_place_update_adds_the_product(dtype, layouts, shape):
+    m, k, n = shape
+    inner = max(1, k // 2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    out0, a, b = low_rank_update(shape, inner, layouts, dtype)
+    ref = out0.double() + a.double() @ b.double()
+    scale = float(ref.abs().max())
+    for i in range(3):
+        out = out0.clone()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_kernels, "chosen", lambda key, i=i: i)
+            got = _kernels.addmm_(out, a, b, inner)
+        assert got is out and out.stride() == out0.stride()
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * scale)
+    # the timed choice: the candidates run on a scratch copy, then once on out
+    out = out0.clone()
+    _kernels.addmm_(out, a, b, inner)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * scale)
+    assert [k[0] for k in _kernels._CHOICES] == ["addmm-inner"]
+
+
+def test_in_place_update_falls_back_to_addmm_untimed():
+    out0, a, b = low_rank_update((30, 16, 50), 8, "rrr", torch.float32)
+    ref = out0.clone().addmm_(a, b)
+    for inner in (None, 16, 20):  # all columns: nothing to narrow
+        assert torch.equal(_kernels.addmm_(out0.clone(), a, b, inner), ref)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(_kernels.addmm_(out0.clone(), a, b, 8), ref)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    with _kernels.plain_kernels():
+        assert torch.equal(_kernels.addmm_(out0.clone(), a, b, 8), ref)
+    o64, a64, b64 = (t.double() for t in (out0, a, b))
+    assert torch.equal(_kernels.addmm_(o64.clone(), a64, b64, 8), o64.clone().addmm_(a64, b64))
+    assert not _kernels._CHOICES

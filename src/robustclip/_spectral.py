@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from robustclip._kernels import matmul
+from robustclip._kernels import addmm_, matmul
 from robustclip._norm_transforms import clip_coefficient
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_positive_int
@@ -61,6 +61,7 @@ class _Decomposition(NamedTuple):
     sigma_before: Tensor  # (k,) top singular value before clipping (0 for a non-finite G)
     sigma_after: Tensor  # (k,) top singular value after (an estimate in randomized mode)
     finite: Tensor  # (k,) bool: G was finite (otherwise the correction is zero)
+    used: int | None = None  # only the first `used` columns of left (rows of right) can be nonzero
 
 
 def _orthonormal(y: Tensor) -> Tensor:
@@ -176,8 +177,8 @@ def _randomized(
     # top r values
     factor = torch.where(s > tau_d, tau_d / s - 1.0, 0.0)
     factor[:, rank:] = 0.0
-    # all q columns kept: the zero ones cost little and keep the inner dimension of the
-    # matmuls at q (>= 16 by default) instead of r; Q^T is the row-major side of the QR
+    # all q columns kept (Q^T is the row-major side of the QR); the caller's update may use
+    # only the first r (`used`): which inner dimension is faster depends on the layout
     left = ((ub * factor.to(g.dtype)[:, None, :]).mT @ qm.mT).mT
     right = (bt @ ub).mT  # Ub^T B = diag(s) V^T, (k, q, n)
     s = s.to(g.dtype)
@@ -185,7 +186,7 @@ def _randomized(
     after = torch.minimum(s[:, 0], tau)
     if q > rank:
         after = torch.maximum(after, s[:, rank])
-    return _Decomposition(left, right, s[:, 0], after, finite)
+    return _Decomposition(left, right, s[:, 0], after, finite, rank)
 
 
 def clip_singular_values(
@@ -516,7 +517,7 @@ class SpectralClip(GradientTransform):
             gi = grads[i]
             if gi.is_contiguous() and gi.dtype == left.dtype:
                 # G += left @ right in one pass, without materializing the correction
-                gi.view(gi.shape[0], -1).addmm_(left, right)
+                addmm_(gi.view(gi.shape[0], -1), left, right, dec.used)
             else:
                 gi.add_((left @ right).reshape(gi.shape).to(gi.dtype))
             # a non-finite matrix is not observed: the threshold keeps its state
