@@ -297,3 +297,49 @@ def test_ddp_transforms_run_on_plain_kernels(monkeypatch):
         clipper.backward(model(torch.randn(4, 3)).pow(2).sum(1))
         clipper.step()
         assert seen[-1] is expect
+
+
+@pytest.mark.parametrize("method", ["mean", "micro_batch_clip"])
+def test_first_backward_is_autograds_own_accumulation(method, monkeypatch):
+    """In one process the first micro-batch's gradient is written by autograd into ``p.grad``
+    (no copy), and only there: a parameter the optimizer does not hold gets no gradient, one the
+    loss does not reach gets zeros. Under DDP (``direct_backward`` off) the same numbers come
+    from ``autograd.grad``."""
+    from robustclip import _estimators
+
+    results = {}
+    real = _estimators._grads
+    for direct in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        unused = nn.Parameter(torch.randn(2))
+        model.register_parameter("unused", unused)
+        frozen = model[0].bias  # requires grad, but not in the optimizer
+        params = [p for p in model.parameters() if p is not frozen]
+        est = rc.mean() if method == "mean" else rc.micro_batch_clip(0.05)
+        clipper = rc.Clipper(model, torch.optim.SGD(params, lr=0.0), est, allow_unused=True)
+        clipper.layout.direct_backward = direct
+        calls = []
+        monkeypatch.setattr(_estimators, "_grads", lambda loss, ps, calls=calls: calls.append(1) or real(loss, ps))
+        xs = [torch.randn(5, 3), torch.randn(3, 3)]
+        for x in xs:
+            clipper.backward(model(x).pow(2).sum(1))
+        assert len(calls) == (1 if direct else 2)  # the first backward took the direct path
+        assert frozen.grad is None
+        clipper.step()
+        assert torch.equal(unused.grad, torch.zeros(2))
+        results[direct] = [p.grad.clone() for p in params]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_post_accumulate_hooks_never_see_an_unclipped_gradient():
+    """A post-accumulate-grad hook (e.g. an optimizer step inside backward) would fire on the
+    direct path's unclipped gradient; with one registered, the clipper uses autograd.grad."""
+    model = nn.Linear(3, 2)
+    fired = []
+    model.weight.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.micro_batch_clip(1e-3))
+    clipper.backward(model(torch.randn(4, 3)).pow(2).mean())
+    clipper.step()
+    assert fired == [] and float(model.weight.grad.norm()) <= 1e-3 * (1 + 1e-6)

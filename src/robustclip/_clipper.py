@@ -131,6 +131,9 @@ class Clipper:
         if not params:
             raise ValueError("the optimizer has no parameters that require grad.")
         self.layout = ParamLayout.build(unwrap_model(model), params)
+        self.layout.direct_backward = self._group is None and not isinstance(
+            model, nn.parallel.DistributedDataParallel
+        )
         self.device = params[0].device
         est = self.method.estimator
         if est.per_sample:

@@ -91,6 +91,24 @@ def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
 
 
+def _direct_grads(loss: Tensor, layout: ParamLayout, out: list[Tensor | None]) -> list[Tensor] | None:
+    """The first gradient of a step written by autograd into ``p.grad`` (as a plain
+    ``backward()`` does), or ``None`` where that is not allowed, so the caller falls back to
+    :func:`_grads`. Autograd's accumulation keeps its result as the gradient only if nothing
+    else holds it (a tensor hook, another parameter), and copies it otherwise, so the caller may
+    change the returned tensors in place; a copy of its own would be one more pass over new
+    memory, which costs more than the pass itself. Not allowed: under DDP (see
+    ``ParamLayout.direct_backward``), after an earlier contribution, or with post-accumulate
+    hooks, which would see an unclipped gradient."""
+    params = layout.params
+    if not layout.direct_backward or any(o is not None for o in out):
+        return None
+    if any(p.grad is not None or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+        return None
+    loss.backward(inputs=params)
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+
 def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tensor], coef: Tensor | None = None) -> None:
     """``out += coef * values`` (``coef`` 1 if None), fused over the entries that exist; a
     ``None`` entry gets a new tensor, laid out like its parameter."""
@@ -123,7 +141,11 @@ class Mean(Estimator):
             total, count = losses, 1
         else:
             total, count = losses.sum(), losses.shape[0]
-        _add_into(out, _grads(total, layout.params), layout.params)
+        g = _direct_grads(total, layout, out)
+        if g is None:
+            _add_into(out, _grads(total, layout.params), layout.params)
+        else:
+            out[:] = g
         return Contribution(count), state
 
     def __repr__(self) -> str:
@@ -152,12 +174,17 @@ class MicroBatchClip(Estimator):
 
     def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
         mean_loss = losses if losses.dim() == 0 else losses.mean()
-        g = _grads(mean_loss, layout.params)
+        direct = _direct_grads(mean_loss, layout, out)
+        g = _grads(mean_loss, layout.params) if direct is None else direct
         norm = global_norm(g)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
-        # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
-        _add_into(out, g, layout.params, coef.to(g[0].dtype))
+        # coef stays a device tensor (no host sync)
+        if direct is None:
+            _add_into(out, g, layout.params, coef.to(g[0].dtype))  # out += coef * g, one pass
+        else:
+            torch._foreach_mul_(direct, coef.to(g[0].dtype))  # the first: scaled where it is
+            out[:] = direct
         norm1 = norm.reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)

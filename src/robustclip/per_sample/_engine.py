@@ -44,6 +44,9 @@ class ParamLayout:
     modules: list[nn.Module | None]
     group_of: list[int]  # group index of each parameter
     group_names: list[str]
+    #: set by the Clipper: autograd may accumulate into ``p.grad`` itself (single process; under
+    #: DDP a ``backward()`` would fire the reducer's all-reduce on unclipped gradients)
+    direct_backward: bool = False
 
     def group_index(self, device: torch.device) -> Tensor:
         """``group_of`` as a tensor on ``device``, made once: building a device tensor from
