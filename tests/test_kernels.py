@@ -128,7 +128,7 @@ def low_rank_update(shape, inner, layouts, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layouts", ["rrr", "rcc", "crs"])
-@pytest.mark.parametrize("shape", [(24, 16, 70), (70, 16, 24), (5, 3, 5), (8, 12, 9)])
+@pytest.mark.parametrize("shape", [(24, 16, 70), (70, 16, 24), (5, 3, 5), (8, 12, 9), (3, 8, 600)])
 def test_every_in_place_update_adds_the_product(dtype, layouts, shape):
     m, k, n = shape
     inner = max(1, k // 2)
@@ -147,7 +147,8 @@ def test_every_in_place_update_adds_the_product(dtype, layouts, shape):
     out = out0.clone()
     _kernels.addmm_(out, a, b, inner)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * scale)
-    assert [k[0] for k in _kernels._CHOICES] == ["addmm-inner"]
+    # float32 only: blocks would round a bfloat16 product before adding it
+    assert [k[0] for k in _kernels._CHOICES] == (["addmm-inner"] if dtype == torch.float32 else [])
 
 
 def test_in_place_update_falls_back_to_addmm_untimed():

@@ -131,6 +131,16 @@ class Clipper:
         if not params:
             raise ValueError("the optimizer has no parameters that require grad.")
         self.layout = ParamLayout.build(unwrap_model(model), params)
+        sparse = [
+            n for n, m in unwrap_model(model).named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+        ]
+        if sparse:
+            raise ValueError(
+                f"robustclip needs dense gradients, but {', '.join(repr(n) for n in sparse)} "
+                "produce sparse ones (sparse=True); construct them with sparse=False."
+            )
+        # (estimators also check at each step that no process group is initialized)
         self.layout.direct_backward = self._group is None and not isinstance(
             model, nn.parallel.DistributedDataParallel
         )

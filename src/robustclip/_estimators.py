@@ -94,19 +94,33 @@ def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
 def _direct_grads(loss: Tensor, layout: ParamLayout, out: list[Tensor | None]) -> list[Tensor] | None:
     """The first gradient of a step written by autograd into ``p.grad`` (as a plain
     ``backward()`` does), or ``None`` where that is not allowed, so the caller falls back to
-    :func:`_grads`. Autograd's accumulation keeps its result as the gradient only if nothing
-    else holds it (a tensor hook, another parameter), and copies it otherwise, so the caller may
-    change the returned tensors in place; a copy of its own would be one more pass over new
-    memory, which costs more than the pass itself. Not allowed: under DDP (see
-    ``ParamLayout.direct_backward``), after an earlier contribution, or with post-accumulate
+    :func:`_grads`. The caller may change the returned tensors in place: autograd's
+    accumulation copies a gradient another reference holds (a tensor hook, another parameter),
+    and what it keeps as a view into a larger buffer (a parameter used through ``torch.cat`` or
+    ``view``, whose buffer a hook may hold) is copied here. A copy of every gradient would be
+    one more pass over new memory, which costs more than the pass itself.
+
+    Not allowed: when the clipper forbids it (``ParamLayout.direct_backward``: DDP), whenever a
+    process group is initialized (a distributed wrapper's hooks on the accumulation would
+    reduce the unclipped gradient), after an earlier contribution, and with post-accumulate
     hooks, which would see an unclipped gradient."""
     params = layout.params
     if not layout.direct_backward or any(o is not None for o in out):
         return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
     if any(p.grad is not None or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
         return None
     loss.backward(inputs=params)
-    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.storage_offset() != 0 or g.untyped_storage().nbytes() != g.numel() * g.element_size():
+            g = g.clone()  # shares a buffer with other tensors
+        grads.append(g)
+    return grads
 
 
 def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tensor], coef: Tensor | None = None) -> None:

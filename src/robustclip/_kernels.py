@@ -185,21 +185,24 @@ def matmul(a: Tensor, b: Tensor, rows: bool = False) -> Tensor:
 
 
 def _by_column_blocks(out: Tensor, a: Tensor, b: Tensor) -> None:
-    # square blocks (out.shape[0] columns each): each product is a new, cache-sized tensor
-    w = out.shape[0]
+    # square blocks (out.shape[0] columns, at least 256): each product is a new, cache-sized
+    # tensor, and a short, wide output does not become thousands of tiny products
+    w = max(out.shape[0], 256)
     for j in range(0, out.shape[1], w):
         out[:, j : j + w].add_(a @ b[:, j : j + w])
 
 
 def addmm_(out: Tensor, a: Tensor, b: Tensor, inner: int | None = None) -> Tensor:
-    """``out += a @ b`` in place, where only the first ``inner`` columns of ``a`` (rows of
-    ``b``) can be nonzero (``None``: all). For float32 and bfloat16 CPU matrices the fastest of
-    three ways is timed once per signature (see the module docstring): the full product, the
-    product over the first ``inner`` columns, and the latter by square column blocks. They add
-    the same terms (the others are zero), in a different rounding order. Anything else, and
+    """``out += a @ b`` in place, where the terms ``a[:, k] b[k]`` vanish for ``k >= inner``
+    (``a``'s columns there, or ``b``'s rows, are zero; ``None``: no such promise). For float32 CPU matrices the fastest of three ways is
+    timed once per signature (see the module docstring): the full product, the product over the
+    first ``inner`` columns, and the latter by square column blocks. They add the same terms
+    (the others are zero), in a different rounding order; in float32 accumulation either way.
+    Anything else (the blocks would round a bfloat16 product before adding it), and
     deterministic mode, is ``out.addmm_(a, b)``."""
     k = a.shape[-1]
-    if inner is None or inner >= k or out.dim() != 2 or not _routable(a, b) or out.dtype != a.dtype:
+    plain = inner is None or inner >= k or out.dim() != 2 or out.dtype != a.dtype
+    if plain or a.dtype != torch.float32 or not _routable(a, b):
         return out.addmm_(a, b)
     ar, br = a[:, :inner], b[:inner]
     m, n = out.shape

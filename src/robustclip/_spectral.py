@@ -61,7 +61,7 @@ class _Decomposition(NamedTuple):
     sigma_before: Tensor  # (k,) top singular value before clipping (0 for a non-finite G)
     sigma_after: Tensor  # (k,) top singular value after (an estimate in randomized mode)
     finite: Tensor  # (k,) bool: G was finite (otherwise the correction is zero)
-    used: int | None = None  # only the first `used` columns of left (rows of right) can be nonzero
+    used: int | None = None  # left[..., k] @ right[k] is zero for k >= used (left's columns are)
 
 
 def _orthonormal(y: Tensor) -> Tensor:
