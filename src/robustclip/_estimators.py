@@ -123,9 +123,23 @@ def _direct_grads(loss: Tensor, layout: ParamLayout, out: list[Tensor | None]) -
     return grads
 
 
-def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tensor], coef: Tensor | None = None) -> None:
+def _gradients(loss: Tensor, layout: ParamLayout, out: list[Tensor | None]) -> tuple[list[Tensor], bool]:
+    """The gradients of ``loss``, and whether they are tensors of the clipper's own
+    (:func:`_direct_grads`) rather than autograd's results, which others may hold."""
+    direct = _direct_grads(loss, layout, out)
+    return (direct, True) if direct is not None else (_grads(loss, layout.params), False)
+
+
+def _add_into(
+    out: list[Tensor | None],
+    values: list[Tensor],
+    params: list[Tensor],
+    coef: Tensor | None = None,
+    owned: bool = False,
+) -> None:
     """``out += coef * values`` (``coef`` 1 if None), fused over the entries that exist; a
-    ``None`` entry gets a new tensor, laid out like its parameter."""
+    ``None`` entry gets a new tensor, laid out like its parameter, or, if the values are
+    ``owned`` (see :func:`_gradients`), the value itself, scaled where it is."""
     have = [i for i, o in enumerate(out) if o is not None]
     if have:
         dst, src = [out[i] for i in have], [values[i] for i in have]
@@ -136,9 +150,15 @@ def _add_into(out: list[Tensor | None], values: list[Tensor], params: list[Tenso
     missing = [i for i, o in enumerate(out) if o is None]
     if not missing:
         return
+    src = [values[i] for i in missing]
+    if owned:  # tensors of our own, laid out like their parameters: scaled where they are
+        if coef is not None:
+            torch._foreach_mul_(src, coef)  # type: ignore[arg-type]
+        for i, v in zip(missing, src):
+            out[i] = v
+        return
     # new tensors, not autograd's results themselves: a gradient hook may hold those, and
     # autograd may hand one tensor to two parameters
-    src = [values[i] for i in missing]
     new = torch._foreach_mul(src, coef) if coef is not None else [v.clone() for v in src]
     for i, v in zip(missing, new):
         out[i] = new_grad(params[i], v)
@@ -155,11 +175,8 @@ class Mean(Estimator):
             total, count = losses, 1
         else:
             total, count = losses.sum(), losses.shape[0]
-        g = _direct_grads(total, layout, out)
-        if g is None:
-            _add_into(out, _grads(total, layout.params), layout.params)
-        else:
-            out[:] = g
+        g, owned = _gradients(total, layout, out)
+        _add_into(out, g, layout.params, owned=owned)
         return Contribution(count), state
 
     def __repr__(self) -> str:
@@ -188,17 +205,12 @@ class MicroBatchClip(Estimator):
 
     def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
         mean_loss = losses if losses.dim() == 0 else losses.mean()
-        direct = _direct_grads(mean_loss, layout, out)
-        g = _grads(mean_loss, layout.params) if direct is None else direct
+        g, owned = _gradients(mean_loss, layout, out)
         norm = global_norm(g)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
-        # coef stays a device tensor (no host sync)
-        if direct is None:
-            _add_into(out, g, layout.params, coef.to(g[0].dtype))  # out += coef * g, one pass
-        else:
-            torch._foreach_mul_(direct, coef.to(g[0].dtype))  # the first: scaled where it is
-            out[:] = direct
+        # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
+        _add_into(out, g, layout.params, coef.to(g[0].dtype), owned=owned)
         norm1 = norm.reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)

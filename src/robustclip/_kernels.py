@@ -66,25 +66,36 @@ def chosen(key: tuple) -> int | None:
     return _CHOICES.get(key)
 
 
+def _fastest(n: int, repeats: int, run: Callable[[int], object], before: Callable[[], object] | None = None) -> int:
+    """Index of the fastest of ``n`` candidates: ``run(i)`` timed ``repeats`` times each,
+    interleaved, best time kept (the first call of a oneDNN kernel pays its primitive creation,
+    and a sub-millisecond product's time moves by 2x with page faults and cache state);
+    ``before()``, if given, runs untimed before each."""
+    best = [math.inf] * n
+    for _ in range(repeats):
+        for i in range(n):
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            run(i)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best.index(min(best))
+
+
 def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 5) -> R:
-    """Result of the fastest candidate for ``key``: timed on the first call (each candidate
-    ``repeats`` times, interleaved, best time kept: the first call of a oneDNN kernel pays its
-    primitive creation, and a sub-millisecond product's time moves by 2x with page faults and
-    cache state), remembered afterwards. The candidates must compute the same value and
-    have no side effects, since every one runs while timing."""
+    """Result of the fastest candidate for ``key``: timed on the first call (:func:`_fastest`),
+    remembered afterwards. The candidates must compute the same value and have no side
+    effects, since every one runs while timing."""
     idx = chosen(key)
     if idx is not None:
         return candidates[idx]()
-    best = [math.inf] * len(candidates)
-    out = None
-    for _ in range(repeats):
-        for i, fn in enumerate(candidates):
-            t0 = time.perf_counter()
-            out = fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    _CHOICES[key] = best.index(min(best))
-    assert out is not None
-    return out
+    last: list[R] = []  # only the latest result: each may be large
+
+    def run(i: int) -> None:
+        last[:] = [candidates[i]()]
+
+    _CHOICES[key] = _fastest(len(candidates), repeats, run)
+    return last[0]
 
 
 def choose_inplace(key: tuple, out: Tensor, candidates: Sequence[Callable[[Tensor], object]], repeats: int = 3) -> None:
@@ -95,15 +106,9 @@ def choose_inplace(key: tuple, out: Tensor, candidates: Sequence[Callable[[Tenso
     idx = chosen(key)
     if idx is None:
         scratch = torch.empty_like(out)
-        best = [math.inf] * len(candidates)
-        for _ in range(repeats):
-            for i, fn in enumerate(candidates):
-                scratch.copy_(out)
-                t0 = time.perf_counter()
-                fn(scratch)
-                best[i] = min(best[i], time.perf_counter() - t0)
+        idx = _fastest(len(candidates), repeats, lambda i: candidates[i](scratch), lambda: scratch.copy_(out))
+        _CHOICES[key] = idx
         del scratch
-        idx = _CHOICES[key] = best.index(min(best))
     candidates[idx](out)
 
 
@@ -194,9 +199,10 @@ def _by_column_blocks(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 def addmm_(out: Tensor, a: Tensor, b: Tensor, inner: int | None = None) -> Tensor:
     """``out += a @ b`` in place, where the terms ``a[:, k] b[k]`` vanish for ``k >= inner``
-    (``a``'s columns there, or ``b``'s rows, are zero; ``None``: no such promise). For float32 CPU matrices the fastest of three ways is
-    timed once per signature (see the module docstring): the full product, the product over the
-    first ``inner`` columns, and the latter by square column blocks. They add the same terms
+    (``a``'s columns there, or ``b``'s rows, are zero; ``None``: no such promise). For float32
+    CPU matrices the fastest of three ways is timed once per signature (see the module
+    docstring): the full product, the product over the first ``inner`` columns, and the latter
+    by square column blocks. They add the same terms
     (the others are zero), in a different rounding order; in float32 accumulation either way.
     Anything else (the blocks would round a bfloat16 product before adding it), and
     deterministic mode, is ``out.addmm_(a, b)``."""
@@ -207,9 +213,6 @@ def addmm_(out: Tensor, a: Tensor, b: Tensor, inner: int | None = None) -> Tenso
     ar, br = a[:, :inner], b[:inner]
     m, n = out.shape
     key = ("addmm-inner", out.dtype, _layout(out), _layout(a), _layout(b), m.bit_length(), n.bit_length(), k, inner)
-    choose_inplace(
-        (*key, torch.get_num_threads()),
-        out,
-        (lambda o: o.addmm_(a, b), lambda o: o.addmm_(ar, br), lambda o: _by_column_blocks(o, ar, br)),
-    )
+    ways = (lambda o: o.addmm_(a, b), lambda o: o.addmm_(ar, br), lambda o: _by_column_blocks(o, ar, br))
+    choose_inplace((*key, torch.get_num_threads()), out, ways)
     return out
