@@ -167,3 +167,46 @@ def test_in_place_update_falls_back_to_addmm_untimed():
     o64, a64, b64 = (t.double() for t in (out0, a, b))
     assert torch.equal(_kernels.addmm_(o64.clone(), a64, b64, 8), o64.clone().addmm_(a64, b64))
     assert not _kernels._CHOICES
+
+
+def norm_inputs(seed: int) -> list[torch.Tensor]:
+    """Large and small, contiguous and strided, float32/float64/bfloat16/complex, and empty:
+    every route of sum_of_squares."""
+    gen = torch.Generator().manual_seed(seed)
+    big = _kernels.DOT_MIN_NUMEL
+    return [
+        torch.randn(big + 7, generator=gen) * 3,  # BLAS dot
+        torch.randn(64, big // 32, generator=gen)[:, ::2],  # large but strided
+        torch.randn(5, 3, generator=gen),
+        torch.randn(big, generator=gen).to(torch.bfloat16),
+        torch.randn(0, 4, generator=gen),
+        torch.randn(7, generator=gen, dtype=torch.complex64),
+    ]
+
+
+@pytest.mark.parametrize("with_double", [False, True])
+def test_sum_of_squares_matches_float64_concatenation(with_double):
+    ts = norm_inputs(0)
+    if with_double:
+        ts.append(torch.randn(_kernels.DOT_MIN_NUMEL, dtype=torch.float64))
+    ref = sum(float(t.abs().double().square().sum()) for t in ts)
+    got = _kernels.sum_of_squares(ts)
+    assert got.dim() == 0 and got.dtype == (torch.float64 if with_double else torch.float32)
+    assert abs(float(got) - ref) <= 2e-5 * ref  # float32 accumulation over 3e4 terms
+    # one big float32 tensor alone: a single dot, no stacking
+    one = _kernels.sum_of_squares(ts[:1])
+    assert abs(float(one) - float(ts[0].double().square().sum())) <= 2e-5 * float(one)
+
+
+def test_sum_of_squares_avoids_blas_where_rounding_must_match():
+    ts = norm_inputs(1)[:-1]
+    # the reduction used for all tensors in deterministic mode and under plain_kernels
+    ref = torch.stack(list(torch._foreach_norm(ts, 2.0, dtype=torch.float32))).square().sum()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(_kernels.sum_of_squares(ts), ref)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    with _kernels.plain_kernels():
+        assert torch.equal(_kernels.sum_of_squares(ts), ref)

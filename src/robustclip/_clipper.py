@@ -241,6 +241,24 @@ class Clipper:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.cat([c.reshape(-1) for c in self._clipped]).double().sum()
 
+    def _mean_loss(self) -> Tensor:
+        """The step's mean loss per counted unit, in one process (see :meth:`_sum_losses`)."""
+        means = [m for m, _ in self._losses]
+        counts = {c for _, c in self._losses}
+        if len(means) == 1:
+            return means[0]
+        if len(counts) == 1:  # equal micro-batches: the plain mean of their means
+            return torch.stack(means).mean()
+        return self._sum_losses() / self._count
+
+    def _clipped_fraction(self) -> Tensor:
+        """Share of this step's units (samples or micro-batches) that were scaled down, in one
+        process: the flags hold one entry per unit counted."""
+        flags = [c.reshape(-1) for c in self._clipped]
+        if not flags:
+            return torch.zeros((), device=self.device)
+        return (flags[0] if len(flags) == 1 else torch.cat(flags)).float().sum() / self._count
+
     def _check_unused(self, losses: Tensor) -> None:
         reached = {id(t) for t in reached_leaves([losses.grad_fn])}
         missing = [n for n, p in zip(self.layout.names, self.params) if id(p) not in reached]
@@ -259,22 +277,28 @@ class Clipper:
         if self._count == 0:
             raise RuntimeError("step() was called before any backward(losses) in this step.")
         grads = [p.grad for p in self.params]
-        count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
-        clipped_sum = self._sum_clipped()
-        loss_sum = self._sum_losses()
+        reports = bool(self._sample_norms or self._micro_norms)
         if self._group is not None:
+            count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
             # the scalars travel in float64: a count or loss sum in the gradients' dtype
             # (fp16, bf16) would round or overflow
-            scalars = torch.stack([count, loss_sum, clipped_sum])
+            scalars = torch.stack([count, self._sum_losses(), self._sum_clipped()])
             _distributed.all_reduce_sum(grads, scalars, self._group)  # type: ignore[arg-type]
             count, loss_sum, clipped_sum = scalars.unbind()
             torch._foreach_div_(grads, count)  # type: ignore[arg-type]
+            loss = loss_sum / count
+            clipped_fraction = (clipped_sum / count).float() if reports else None
+            # the global count is read on the host (one more sync, DDP only)
+            num = int(round(float(count)))
         else:
+            # one process: the count is a host number, and the readings take as few small
+            # operations as they can (each costs microseconds, a step of a small model a few ms)
             torch._foreach_div_(grads, float(self._count))  # type: ignore[arg-type]
-        loss = loss_sum / count
+            count = None  # as a tensor only if a transform reads it
+            loss = self._mean_loss()
+            clipped_fraction = self._clipped_fraction() if reports else None
+            num = self._count
         grad_norm = global_norm(grads)  # type: ignore[arg-type]
-        # under DDP the global count is read on the host (one more sync, DDP only)
-        num = int(round(float(count))) if self._group is not None else self._count
         info = StepInfo(
             step=self.steps,
             skipped=False,
@@ -283,11 +307,10 @@ class Clipper:
             grad_norm=grad_norm,
             per_sample_norms=torch.cat(self._sample_norms) if self._sample_norms else None,
             micro_batch_norms=torch.cat(self._micro_norms) if self._micro_norms else None,
-            clipped_fraction=(clipped_sum / count).float()
-            if (self._sample_norms or self._micro_norms)
-            else None,
+            clipped_fraction=clipped_fraction,
         )
-        if self.check_finite and not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
+        # the norm is >= 0 or NaN, so the sum is finite exactly when both are
+        if self.check_finite and not bool(torch.isfinite(grad_norm + loss)):
             # One host read per step, as GradScaler does: skipping the optimizer needs it.
             self.skipped_steps += 1
             self._est_state = self._state_at_cycle_start
@@ -300,14 +323,16 @@ class Clipper:
                 self.skipped_steps,
             )
         else:
-            ctx = StepContext(
-                self.params, self.layout.names, loss, count, self.layout.modules
-            )
-            # every DDP process transforms the all-reduced gradient on its own: with the kernels
-            # each one timed fastest they could round differently and the replicas drift apart
-            fixed = _kernels.plain_kernels() if self._group is not None else contextlib.nullcontext()
-            with fixed:
-                _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
+            if self.method.transform.transforms:
+                if count is None:
+                    count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
+                ctx = StepContext(self.params, self.layout.names, loss, count, self.layout.modules)
+                # every DDP process transforms the all-reduced gradient on its own: with the
+                # kernels each one timed fastest they could round differently and the replicas
+                # drift apart
+                fixed = _kernels.plain_kernels() if self._group is not None else contextlib.nullcontext()
+                with fixed:
+                    _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
             self.optimizer.step()
             info.transforms = self.method.transform.readings(self._tr_state)
         self.steps += 1

@@ -216,3 +216,43 @@ def addmm_(out: Tensor, a: Tensor, b: Tensor, inner: int | None = None) -> Tenso
     ways = (lambda o: o.addmm_(a, b), lambda o: o.addmm_(ar, br), lambda o: _by_column_blocks(o, ar, br))
     choose_inplace((*key, torch.get_num_threads()), out, ways)
     return out
+
+
+#: tensors at least this large get their sum of squares from BLAS ``dot`` (below it the call's
+#: fixed cost outweighs the faster streaming)
+DOT_MIN_NUMEL = 1 << 15
+
+
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """``sum_t ||t||^2`` over non-empty ``tensors``, as a 0-dim tensor in float32 or wider (the
+    widest of their dtypes), without a host sync.
+
+    A gradient norm is a pass over memory; on the CPU, BLAS ``dot`` makes that pass at memory
+    speed while ``linalg.vector_norm``'s reduction does not (a 512x784 float32 gradient on a
+    2-core AMD EPYC: 15 us instead of 26 us; measured error against float64, 4e-6 relative for
+    ``dot`` and 2.5e-5 for ``vector_norm``). So large contiguous CPU tensors of the result's
+    dtype use ``dot`` and the rest one ``_foreach_norm``. BLAS may round differently with the
+    memory alignment of its input, so deterministic mode and :func:`plain_kernels` (DDP
+    replicas) use ``_foreach_norm`` for everything."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype.to_real())
+    blas = tensors[0].device.type == "cpu" and not _PLAIN and not torch.are_deterministic_algorithms_enabled()
+    parts: list[Tensor] = []
+    rest: list[Tensor] = []
+    for t in tensors:
+        if blas and t.dtype == dtype and t.numel() >= DOT_MIN_NUMEL and t.is_contiguous():
+            v = t.view(-1)
+            parts.append(torch.dot(v, v))
+        else:
+            rest.append(t)
+    if rest:
+        real = [t for t in rest if not t.is_complex()]
+        cplx = [t for t in rest if t.is_complex()]
+        # each norm accumulated and returned in ``dtype``, not rounded to bf16 first; a complex
+        # tensor's norm comes in its real dtype (``dtype=`` there would have to be complex)
+        norms = list(torch._foreach_norm(real, 2.0, dtype=dtype)) if real else []
+        if cplx:
+            norms += [n.to(dtype) for n in torch._foreach_norm(cplx, 2.0)]
+        parts.append(torch.stack(norms).square().sum())
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from robustclip import _kernels
+
 __all__ = ["GradientTransform", "StepContext", "chain", "identity"]
 
 
@@ -225,11 +227,8 @@ def chain(*pieces: Any) -> Any:
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of the concatenation of ``tensors``, in float32 or wider, without a host sync."""
+    """L2 norm of the concatenation of ``tensors``, in float32 or wider, without a host sync
+    (:func:`robustclip._kernels.sum_of_squares`)."""
     if len(tensors) == 0:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(tensors), 2.0)
-    dtype = torch.promote_types(norms[0].dtype, torch.float32)
-    if any(n.dtype != dtype for n in norms):
-        norms = [n.to(dtype) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    return _kernels.sum_of_squares(list(tensors)).sqrt()
