@@ -410,3 +410,50 @@ def test_sparse_gradients_are_refused_with_a_clear_error():
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
     with pytest.raises(ValueError, match="sparse=False"):
         rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.mean())
+
+
+class _Recorder(rc.GradientTransform):
+    """Keeps what a transform is handed, to check the StepContext."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.seen = []
+
+    def update(self, grads, state, ctx):
+        self.seen.append((ctx.num_samples.clone(), ctx.loss.clone(), global_norm_of(grads)))
+        return grads, state
+
+
+def global_norm_of(grads):
+    return float(torch.cat([g.reshape(-1) for g in grads]).double().norm())
+
+
+@pytest.mark.parametrize("sizes", [(8,), (4, 4), (3, 5)])
+def test_transforms_see_the_count_loss_and_averaged_gradient(sizes):
+    """A transform reads the step's count as a tensor, its mean loss and the averaged gradient,
+    whatever the split into micro-batches; the step's grad_norm reading is that gradient's
+    norm, and an empty chain gives the same step."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 200))  # a dot-sized weight
+    x, y = torch.randn(8, 3), torch.randn(8, 200)
+    losses_fn = lambda xb, yb: (model(xb) - yb).pow(2).mean(1)  # noqa: E731
+    ref = torch.autograd.grad(losses_fn(x, y).mean(), list(model.parameters()))
+    rec = _Recorder()
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    infos = []
+    for method in (rc.chain(rc.mean(), rec), rc.mean()):
+        clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), method)
+        for a, b in zip(bounds, bounds[1:]):
+            clipper.backward(losses_fn(x[a:b], y[a:b]))
+        infos.append(clipper.step())
+        for p, r in zip(model.parameters(), ref):
+            torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
+    (count, loss, norm), = rec.seen
+    assert isinstance(count, torch.Tensor) and float(count) == 8
+    assert float(loss) == pytest.approx(float(losses_fn(x, y).detach().double().mean()), rel=1e-6)
+    ref_norm = global_norm_of(ref)
+    assert norm == pytest.approx(ref_norm, rel=1e-5)
+    for info in infos:
+        assert float(info.grad_norm) == pytest.approx(ref_norm, rel=1e-5)
+        assert float(info.loss) == pytest.approx(float(loss), rel=1e-12)
