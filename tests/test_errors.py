@@ -184,7 +184,7 @@ def test_other_bad_inputs():
     [rc.mean(), rc.clip_by_global_norm(1.0), rc.per_sample_clip(1.0, engine="vmap"), rc.micro_batch_clip(1.0)],
     ids=["mean", "clip", "per_sample", "micro_batch"],
 )
-@pytest.mark.parametrize("poison", ["nan_input", "inf_loss"])
+@pytest.mark.parametrize("poison", ["nan_input", "inf_loss", "constant_neg_inf_loss"])
 def test_nonfinite_step_is_skipped(method, poison, caplog):
     model, x, y = mlp_case()
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -197,8 +197,10 @@ def test_nonfinite_step_is_skipped(method, poison, caplog):
         x = x.clone()
         x[1, 2] = math.nan
         losses = O.ce(model(x), y)
-    else:
+    elif poison == "inf_loss":
         losses = O.ce(model(x), y) * torch.tensor([1.0, math.inf, 1.0, 1.0])
+    else:  # a finite gradient, but the loss is -inf: still skipped
+        losses = O.ce(model(x), y) + torch.tensor([0.0, -math.inf, 0.0, 0.0])
     clipper.backward(losses)
     info = clipper.step()
     assert info.skipped and clipper.skipped_steps == 1

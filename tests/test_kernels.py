@@ -210,3 +210,11 @@ def test_sum_of_squares_avoids_blas_where_rounding_must_match():
         torch.use_deterministic_algorithms(prev)
     with _kernels.plain_kernels():
         assert torch.equal(_kernels.sum_of_squares(ts), ref)
+
+
+def test_sum_of_squares_of_complex_and_real_tensors_exactly():
+    # |3+4i|^2 + |1-2i|^2 = 25 + 5, plus 2^2 + 1^2 from a real tensor: exact in float32
+    got = _kernels.sum_of_squares([torch.tensor([3 + 4j, 1 - 2j]), torch.tensor([2.0, -1.0])])
+    assert got.dtype == torch.float32 and float(got) == 35.0
+    got = _kernels.sum_of_squares([torch.tensor([3 + 4j], dtype=torch.complex128)])
+    assert got.dtype == torch.float64 and float(got) == 25.0

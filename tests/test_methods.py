@@ -450,10 +450,44 @@ def test_transforms_see_the_count_loss_and_averaged_gradient(sizes):
         for p, r in zip(model.parameters(), ref):
             torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
     (count, loss, norm), = rec.seen
-    assert isinstance(count, torch.Tensor) and float(count) == 8
+    assert isinstance(count, torch.Tensor) and count.dtype == torch.float64 and float(count) == 8
     assert float(loss) == pytest.approx(float(losses_fn(x, y).detach().double().mean()), rel=1e-6)
     ref_norm = global_norm_of(ref)
     assert norm == pytest.approx(ref_norm, rel=1e-5)
     for info in infos:
         assert float(info.grad_norm) == pytest.approx(ref_norm, rel=1e-5)
         assert float(info.loss) == pytest.approx(float(loss), rel=1e-12)
+
+
+def test_a_method_takes_a_bare_transform_and_checks_its_type():
+    torch.manual_seed(2)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    grads = []
+    for method in (rc.Method(rc.mean(), rc.clip_by_global_norm(0.01)), rc.chain(rc.mean(), rc.clip_by_global_norm(0.01))):
+        clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), method)
+        clipper.backward((model(x) - y).pow(2).mean(1))
+        info = clipper.step()
+        assert float(info.transforms["clip_by_global_norm"]["norm"]) > 0.01
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert float(torch.cat([g.reshape(-1) for g in grads[0]]).norm()) == pytest.approx(0.01, rel=1e-5)
+    assert repr(rc.Method(rc.mean(), None)) == "chain(mean())"
+    with pytest.raises(TypeError, match="transform"):
+        rc.Method(rc.mean(), "clip")
+
+
+def test_step_loss_is_a_copy_even_of_a_float64_scalar_loss():
+    """StepInfo.loss must not share memory with the caller's loss tensor."""
+    torch.manual_seed(3)
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.mean())
+    loss = (model(x).squeeze(1) - y).pow(2).mean()
+    expected = float(loss.detach())
+    clipper.backward(loss)
+    info = clipper.step()
+    with torch.no_grad():
+        loss.zero_()
+    assert float(info.loss) == expected

@@ -220,7 +220,8 @@ class Clipper:
         self._count += contrib.count
         # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
         # later in-place change of the caller's loss tensor cannot change the step's loss
-        mean = losses.detach().double() if losses.dim() == 0 else losses.detach().double().mean()
+        # (a copy even when the loss already is float64: step() may return it as the reading)
+        mean = losses.detach().to(torch.float64, copy=True) if losses.dim() == 0 else losses.detach().double().mean()
         self._losses.append((mean, contrib.count))
         if contrib.clipped is not None:
             self._clipped.append(contrib.clipped)
@@ -256,7 +257,7 @@ class Clipper:
         process: the flags hold one entry per unit counted."""
         flags = [c.reshape(-1) for c in self._clipped]
         if not flags:
-            return torch.zeros((), device=self.device)
+            return torch.zeros((), dtype=torch.float32, device=self.device)
         return (flags[0] if len(flags) == 1 else torch.cat(flags)).float().sum() / self._count
 
     def _check_unused(self, losses: Tensor) -> None:
@@ -298,7 +299,13 @@ class Clipper:
             loss = self._mean_loss()
             clipped_fraction = self._clipped_fraction() if reports else None
             num = self._count
-        grad_norm = global_norm(grads)  # type: ignore[arg-type]
+        # Every DDP process reads the norm of the all-reduced gradient (and decides on its own
+        # whether to skip) and transforms that gradient on its own: with the kernels each one
+        # timed fastest, or BLAS rounding by memory alignment, they could round differently and
+        # the replicas drift apart.
+        fixed = _kernels.plain_kernels if self._group is not None else contextlib.nullcontext
+        with fixed():
+            grad_norm = global_norm(grads)  # type: ignore[arg-type]
         info = StepInfo(
             step=self.steps,
             skipped=False,
@@ -327,11 +334,7 @@ class Clipper:
                 if count is None:
                     count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
                 ctx = StepContext(self.params, self.layout.names, loss, count, self.layout.modules)
-                # every DDP process transforms the all-reduced gradient on its own: with the
-                # kernels each one timed fastest they could round differently and the replicas
-                # drift apart
-                fixed = _kernels.plain_kernels() if self._group is not None else contextlib.nullcontext()
-                with fixed:
+                with fixed():
                     _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
             self.optimizer.step()
             info.transforms = self.method.transform.readings(self._tr_state)

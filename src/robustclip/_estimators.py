@@ -352,6 +352,19 @@ class Method:
     estimator: Estimator
     transform: Chain
 
+    def __post_init__(self) -> None:
+        # a single transform (or none) given directly is a chain of one (or of none)
+        t = self.transform
+        if t is None:
+            object.__setattr__(self, "transform", Chain(()))
+        elif isinstance(t, GradientTransform) and not isinstance(t, Chain):
+            object.__setattr__(self, "transform", Chain((t,)))
+        elif not isinstance(t, Chain):
+            raise TypeError(
+                f"Method's transform must be a transform such as rc.clip_by_global_norm(1.0) or "
+                f"rc.chain(...) of them, got {type(t).__name__}."
+            )
+
     def __repr__(self) -> str:
         parts = [repr(self.estimator), *(repr(t) for t in self.transform.transforms)]
         return "chain(" + ", ".join(parts) + ")"
