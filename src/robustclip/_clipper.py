@@ -237,28 +237,37 @@ class Clipper:
         means = torch.stack([m for m, _ in self._losses])
         return means @ torch.tensor([c for _, c in self._losses], dtype=torch.float64, device=means.device)
 
+    def _clipped_flags(self) -> Tensor | None:
+        """This step's clipped flags, one entry per counted unit (sample or micro-batch)."""
+        flags = [c.reshape(-1) for c in self._clipped]
+        if not flags:
+            return None
+        return flags[0] if len(flags) == 1 else torch.cat(flags)
+
     def _sum_clipped(self) -> Tensor:
-        if not self._clipped:
+        flags = self._clipped_flags()
+        if flags is None:
             return torch.zeros((), dtype=torch.float64, device=self.device)
-        return torch.cat([c.reshape(-1) for c in self._clipped]).double().sum()
+        return flags.double().sum()
+
+    def _count_tensor(self) -> Tensor:
+        return torch.full((), float(self._count), dtype=torch.float64, device=self.device)
 
     def _mean_loss(self) -> Tensor:
         """The step's mean loss per counted unit, in one process (see :meth:`_sum_losses`)."""
         means = [m for m, _ in self._losses]
-        counts = {c for _, c in self._losses}
         if len(means) == 1:
             return means[0]
-        if len(counts) == 1:  # equal micro-batches: the plain mean of their means
+        if len({c for _, c in self._losses}) == 1:  # equal micro-batches: the mean of their means
             return torch.stack(means).mean()
         return self._sum_losses() / self._count
 
     def _clipped_fraction(self) -> Tensor:
-        """Share of this step's units (samples or micro-batches) that were scaled down, in one
-        process: the flags hold one entry per unit counted."""
-        flags = [c.reshape(-1) for c in self._clipped]
-        if not flags:
+        """Share of this step's units that were scaled down, in one process."""
+        flags = self._clipped_flags()
+        if flags is None:
             return torch.zeros((), dtype=torch.float32, device=self.device)
-        return (flags[0] if len(flags) == 1 else torch.cat(flags)).float().sum() / self._count
+        return flags.float().sum() / self._count
 
     def _check_unused(self, losses: Tensor) -> None:
         reached = {id(t) for t in reached_leaves([losses.grad_fn])}
@@ -280,7 +289,7 @@ class Clipper:
         grads = [p.grad for p in self.params]
         reports = bool(self._sample_norms or self._micro_norms)
         if self._group is not None:
-            count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
+            count = self._count_tensor()
             # the scalars travel in float64: a count or loss sum in the gradients' dtype
             # (fp16, bf16) would round or overflow
             scalars = torch.stack([count, self._sum_losses(), self._sum_clipped()])
@@ -331,9 +340,8 @@ class Clipper:
             )
         else:
             if self.method.transform.transforms:
-                if count is None:
-                    count = torch.full((), float(self._count), dtype=torch.float64, device=self.device)
-                ctx = StepContext(self.params, self.layout.names, loss, count, self.layout.modules)
+                num_t = self._count_tensor() if count is None else count
+                ctx = StepContext(self.params, self.layout.names, loss, num_t, self.layout.modules)
                 with fixed():
                     _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
             self.optimizer.step()
