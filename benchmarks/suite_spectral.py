@@ -42,8 +42,8 @@ import robustclip as rc
 from robustclip import thresholds as th
 from robustclip._spectral import spectral_clip
 from robustclip._transform import StepContext
-from robustclip.data import stdlib_corpus
-from robustclip.models import CharGPT, sequence_losses
+from robustclip.experiments.data import stdlib_corpus
+from robustclip.experiments.models import CharGPT, sequence_losses
 
 VOCAB = 96  # printable ASCII (95 characters) and the newline
 

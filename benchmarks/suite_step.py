@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import robustclip as rc
-from robustclip.models import MLP, CharGPT, SmallCNN, sequence_losses
+from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
 from robustclip.per_sample import PerSampleFallbackWarning
 
 MODELS = ("mlp", "cnn", "gpt")

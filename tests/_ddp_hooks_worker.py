@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import robustclip as rc
-from robustclip.models import CharGPT, sequence_losses
+from robustclip.experiments.models import CharGPT, sequence_losses
 from robustclip.per_sample import PerSampleFallbackWarning
 
 BATCH, STEPS, RADIUS, LR = 8, 2, 0.05, 0.5

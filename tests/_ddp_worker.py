@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import robustclip as rc
-from robustclip.models import MLP
+from robustclip.experiments.models import MLP
 from robustclip.per_sample import ENGINES
 
 from . import _oracles as O

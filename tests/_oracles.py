@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustclip.models import MLP, CharGPT, SmallCNN, sequence_losses
+from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
 
 
 def ce(out, y):

@@ -1,4 +1,4 @@
-"""robustclip.data: loaders checked against independent readings of the same files and laws."""
+"""robustclip.experiments.data: loaders checked against independent readings of the same files and laws."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from robustclip import data
+from robustclip.experiments import data
 
 
 def _ks(sample: torch.Tensor, cdf) -> float:
@@ -153,3 +153,22 @@ def test_text_and_corpus(tmp_path):
         data.load_text(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="block_size"):
         c.batch("val", 2, 500, torch.Generator())
+
+
+@pytest.mark.parametrize("old", ["data", "models"])
+def test_old_module_paths_warn_and_still_work(old):
+    """``robustclip.data``/``robustclip.models`` moved under ``robustclip.experiments``: the old
+    paths still import every name, with a DeprecationWarning that names the new path."""
+    import importlib
+    import sys
+
+    new = importlib.import_module(f"robustclip.experiments.{old}")
+    sys.modules.pop(f"robustclip.{old}", None)
+    with pytest.warns(DeprecationWarning, match=rf"robustclip\.{old} has moved to robustclip\.experiments\.{old}"):
+        shim = importlib.import_module(f"robustclip.{old}")
+    sys.modules.pop(f"robustclip.{old}", None)
+    assert new.__all__ and shim.__all__ == new.__all__
+    for name in new.__all__:
+        assert getattr(shim, name) is getattr(new, name)
+    if old == "data":
+        assert shim._check_fraction is new._check_fraction  # private helpers resolve too

@@ -170,7 +170,7 @@ def _loop_grads(model, x, y):
 
 
 def test_per_sample_gradients_match_loop_oracle():
-    from robustclip.models import MLP
+    from robustclip.experiments.models import MLP
 
     torch.manual_seed(0)
     model = MLP([5, 7, 3]).double()
@@ -187,7 +187,7 @@ def test_per_sample_gradients_match_loop_oracle():
 
 @pytest.mark.parametrize("engine", ["auto", *sorted(ENGINES)])
 def test_probe_gradients_match_autograd(engine):
-    from robustclip.models import MLP
+    from robustclip.experiments.models import MLP
 
     torch.manual_seed(0)
     model = nn.Sequential(MLP([5, 7, 3]), nn.Dropout(0.5)).double()  # dropout: eval mode in the probe
@@ -204,7 +204,7 @@ def test_probe_gradients_match_autograd(engine):
 
 
 def test_probe_rejects_bad_input():
-    from robustclip.models import MLP
+    from robustclip.experiments.models import MLP
 
     model = MLP([5, 3])
     x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
@@ -488,7 +488,7 @@ def test_spike_ratio_against_recent_median():
 
 
 def _tracker_setup(n=64, seed=0):
-    from robustclip.models import MLP
+    from robustclip.experiments.models import MLP
 
     torch.manual_seed(seed)
     model = MLP([5, 8, 3])

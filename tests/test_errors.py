@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustclip as rc
-from robustclip.models import MLP
+from robustclip.experiments.models import MLP
 
 from . import _oracles as O
 

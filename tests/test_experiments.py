@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import robustclip as rc
-from robustclip.data import write_fake_cifar
 from robustclip.experiments import list_experiments, load_problem, make_config
 from robustclip.experiments._config import apply_overrides, config_from_dict, parse_set_args
 from robustclip.experiments._methods import METHODS, MethodParams, available_methods, build_method
 from robustclip.experiments._run import TIME_KEYS, Interrupted, load_final_state, load_run
 from robustclip.experiments._runner import run_experiment as _run_experiment
+from robustclip.experiments.data import write_fake_cifar
 
 
 def run_experiment(*args, **kwargs):
@@ -280,8 +280,8 @@ def _rho_oracle(model, x, y):
 
 
 def test_sgc_sweep_and_rho_every(tmp_path):
-    from robustclip.data import load_digits
-    from robustclip.models import MLP
+    from robustclip.experiments.data import load_digits
+    from robustclip.experiments.models import MLP
 
     overrides = {**tiny("sgc"), "epochs": "4", "rho_every": "2"}
     out = run_experiment("sgc", overrides, out=tmp_path / "sgc", quiet=True)
@@ -531,7 +531,7 @@ def test_label_noise_problem_has_the_noise():
 
 @pytest.mark.parametrize("name", ["resnet18-group", "alexnet"])
 def test_cifar_models_per_sample_matches_the_loop_oracle(name):
-    from robustclip.models import AlexNet, ResNet18
+    from robustclip.experiments.models import AlexNet, ResNet18
 
     def make():
         return ResNet18(10, norm="group", width=4) if name == "resnet18-group" else AlexNet(10, hidden=8)
@@ -553,7 +553,7 @@ def test_cifar_models_per_sample_matches_the_loop_oracle(name):
 
 
 def test_resnet_batchnorm_variant():
-    from robustclip.models import ResNet18
+    from robustclip.experiments.models import ResNet18
 
     bn = ResNet18(10, norm="batch", width=4)
     with pytest.raises(ValueError, match="BatchNorm"):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustclip as rc
-from robustclip.models import MLP, CharGPT, SmallCNN, sequence_losses
+from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
 from robustclip.per_sample import (
     HookEngine,
     LoopEngine,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import robustclip as rc
-from robustclip.models import MLP
+from robustclip.experiments.models import MLP
 from robustclip.per_sample import ENGINES
 
 from . import _oracles as O

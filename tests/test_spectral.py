@@ -14,7 +14,7 @@ import robustclip as rc
 from robustclip import thresholds as th
 from robustclip._spectral import clip_singular_values, spectral_clip
 from robustclip._transform import StepContext
-from robustclip.models import MLP, CharGPT, SmallCNN, sequence_losses
+from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
 
 
 def oracle_clip(g: torch.Tensor, tau: float) -> torch.Tensor:

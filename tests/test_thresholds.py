@@ -14,7 +14,7 @@ from torch import nn
 import robustclip as rc
 from robustclip import thresholds as th
 from robustclip._spectral import spectral_clip
-from robustclip.models import MLP
+from robustclip.experiments.models import MLP
 
 INF = math.inf
 

@@ -5,7 +5,7 @@ mini-batch's gradient before summing (``rc.micro_batch_clip(c)``) beats clipping
 gradient (``rc.chain(rc.mean(), rc.clip_by_global_norm(c))``) at virtually no extra cost: the
 first bounds the influence of one bad micro-batch, the second only rescales the whole step.
 
-A nanoGPT-style character-level transformer (:class:`robustclip.models.CharGPT`) trains on a
+A nanoGPT-style character-level transformer (:class:`robustclip.experiments.models.CharGPT`) trains on a
 text corpus -- by default the Python standard library's own source files, which ship with every
 Python, or any text file via ``--set data=PATH``. Every optimizer step is built from ``K``
 micro-batches (``K`` calls to ``clipper.backward``, one ``clipper.step``). All methods see the same
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 import robustclip as rc
-from robustclip.data import CharCorpus, load_text
 from robustclip.experiments._methods import MethodParams, build_method, check_methods
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
@@ -36,7 +35,8 @@ from robustclip.experiments._run import (
     seed_everything,
 )
 from robustclip.experiments._train import clip_reading
-from robustclip.models import CharGPT, sequence_losses
+from robustclip.experiments.data import CharCorpus, load_text
+from robustclip.experiments.models import CharGPT, sequence_losses
 
 DESCRIPTION = "char-level GPT with K micro-batches: clip each micro-batch vs clip after accumulation vs none"
 

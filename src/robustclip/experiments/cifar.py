@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from robustclip.data import Split, find_cifar, load_cifar, normalize_images
 from robustclip.experiments._methods import (
     METHODS,
     MethodParams,
@@ -46,7 +45,8 @@ from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, method_table, resolve_device
 from robustclip.experiments._train import ArmSpec, check_amp, epoch_permutation, fit
-from robustclip.models import AlexNet, ResNet18, SmallCNN
+from robustclip.experiments.data import Split, find_cifar, load_cifar, normalize_images
+from robustclip.experiments.models import AlexNet, ResNet18, SmallCNN
 
 DESCRIPTIONS = {
     "cifar100-alexnet": "PS-Clip paper Fig. 3: AlexNet on CIFAR-100, SGDM vs Clip-SGD vs PS-Clip-SGD (needs the data)",

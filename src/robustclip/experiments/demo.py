@@ -2,7 +2,7 @@
 
 Problems (nothing is downloaded):
 
-* ``synthetic``: the synthetic heavy-tailed problem of :func:`robustclip.data.synthetic_classification`
+* ``synthetic``: the synthetic heavy-tailed problem of :func:`robustclip.experiments.data.synthetic_classification`
   -- a linear teacher labels Gaussian inputs ``x ~ N(0, I_d)``, and each training input is moved
   by ``sqrt(d) * R * u`` (``u`` a random unit direction, ``R`` a Pareto radius of tail index
   ``alpha``), so per-sample gradients have a heavy tail while the labels are right. Test inputs
@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robustclip.data import Split, load_digits, synthetic_classification
 from robustclip.experiments._methods import (
     MethodParams,
     available_methods,
@@ -49,7 +48,8 @@ from robustclip.experiments._run import (
     write_csv,
 )
 from robustclip.experiments._train import ArmSpec, TensorBatches, fit
-from robustclip.models import MLP
+from robustclip.experiments.data import Split, load_digits, synthetic_classification
+from robustclip.experiments.models import MLP
 
 DEMO_METHODS = ("SGDM", "Clip-SGD", "NSGD", "PS-Clip-SGD", "Spectral")
 

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustclip.data import load_digits
 from robustclip.experiments._methods import MethodParams, build_method, check_methods
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, resolve_device
 from robustclip.experiments._train import ArmSpec, TensorBatches, fit
-from robustclip.models import MLP, SmallCNN
+from robustclip.experiments.data import load_digits
+from robustclip.experiments.models import MLP, SmallCNN
 
 DESCRIPTION = "digits, 20% flipped labels: SGDM vs Clip-SGD vs PS-Clip-SGD at equal wall time"
 DEFAULT_THREADS = 1  # a tiny model: see run_experiment(threads=...)

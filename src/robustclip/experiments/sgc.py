@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustclip.data import load_digits
 from robustclip.experiments._methods import MethodParams, build_method, check_methods
 from robustclip.experiments._plot import Panel, Series, color_for, curves, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, resolve_device
 from robustclip.experiments._train import ArmSpec, TensorBatches, fit
-from robustclip.models import MLP
+from robustclip.experiments.data import load_digits
+from robustclip.experiments.models import MLP
 
 DESCRIPTION = "over-parameterization paper: rho-hat per epoch; largest stable step of SGD, Clip-SGD, NSGD"
 DEFAULT_THREADS = 1

@@ -42,7 +42,7 @@ from robustclip.experiments._run import (
     seed_everything,
 )
 from robustclip.experiments._train import TensorBatches, steps_with_batches
-from robustclip.models import MLP
+from robustclip.experiments.models import MLP
 
 DESCRIPTION = "spectral paper: MLP on x0*x1*x2 with rank-1 heavy-tailed noise; norm vs spectral clipping"
 DEFAULT_THREADS = 1

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 
 import robustclip as rc
-from robustclip.data import NOISE_KINDS, heavy_tailed
 from robustclip.experiments._methods import MethodParams, build_method, check_methods, step_size
 from robustclip.experiments._plot import Panel, Series, color_for, save_panels
 from robustclip.experiments._problem import Problem
 from robustclip.experiments._run import RunContext, RunData, seed_everything
+from robustclip.experiments.data import NOISE_KINDS, heavy_tailed
 
 DESCRIPTION = "PS-Clip paper Figs. 1-2: quantiles of the average gradient norm under heavy-tailed noise"
 DEFAULT_THREADS = 1
