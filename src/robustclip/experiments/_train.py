@@ -1,15 +1,15 @@
-"""The supervised training loop the classification experiments share.
+"""Pieces the experiments' training loops share: batches, evaluation, per-epoch readings.
 
-One *arm* trains one model with one method for a number of epochs, through ``rc.Clipper``::
+Every experiment writes its own loop, in the shape of ``examples/train_minimal.py``; these are
+the parts that would otherwise be copied into each. None of them runs a loop:
 
-    clipper = rc.Clipper(model, torch.optim.SGD(...), method)
-    for x, y in batches:
-        clipper.backward(loss_fn(model(x), y))   # per-sample losses, shape (B,)
-        clipper.step()
-
-Data order is a function of ``(seed, epoch)`` only, so a resumed arm sees exactly the batches an
-uninterrupted one would. Readings stay on the device and are summed there; the host reads them
-once per ``log_every`` steps and at each epoch's end.
+* :class:`TensorBatches` and :func:`steps_with_batches`: the mini-batch of each step, with a
+  sample order that depends on ``(seed, epoch)`` only, so a resumed arm sees exactly the batches
+  an uninterrupted one would;
+* :func:`evaluation`: loss and accuracy on whole data sets, in evaluation mode;
+* :class:`EpochMeter`: an epoch's step readings summed on the device (the host reads them once
+  per epoch) and the training clock, checkpointed with the arm;
+* :func:`autocast`, :func:`check_amp`: bfloat16 autocast for the ``amp`` option.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import robustclip as rc
-from robustclip.experiments._run import RunContext, seed_everything
 
-__all__ = ["ArmSpec", "TensorBatches", "check_amp", "clip_reading", "evaluate", "fit", "steps_with_batches"]
+__all__ = [
+    "EpochMeter", "TensorBatches", "autocast", "check_amp", "clip_reading", "epoch_permutation", "evaluate",
+    "evaluation", "step_reading", "steps_with_batches",
+]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -70,7 +71,7 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.float64, device=dev)
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(dev, non_blocking=True), y[i : i + batch_size].to(dev, non_blocking=True)
-        with _autocast(dev, amp):
+        with autocast(dev, amp):
             out = model(xb)
         out = out.float()
         tot_loss += loss_fn(out, yb).double().sum()
@@ -89,43 +90,31 @@ def check_amp(device: torch.device) -> None:
         )
 
 
-def _autocast(device: torch.device, amp: bool) -> Any:
+def autocast(device: torch.device, amp: bool) -> Any:
+    """bfloat16 autocast on ``device`` when ``amp``, else a context that does nothing."""
     if not amp:
         return contextlib.nullcontext()
     check_amp(device)
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-@dataclass
-class ArmSpec:
-    """Everything one arm of a classification experiment needs."""
+def evaluation(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    batch_size: int = 1024,
+    **sets: tuple[Tensor, Tensor],
+) -> dict[str, float]:
+    """``{"NAME_loss": ..., "NAME_acc": ...}`` for each named set, in the order given.
 
-    arm_id: str
-    method_label: str
-    build_model: Callable[[], nn.Module]
-    method: Any
-    lr: float
-    momentum: float
-    epochs: int
-    seed: int
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
-    batches: Any  # TensorBatches or anything with .steps_per_epoch and .epoch(epoch, start)
-    test: tuple[Tensor, Tensor] | None = None
-    train_eval: tuple[Tensor, Tensor] | None = None  # data for the full training loss, if wanted
-    weight_decay: float = 0.0
-    nesterov: bool = False
-    device: torch.device = torch.device("cpu")
-    amp: bool = False
-    cosine: bool = False  # cosine learning-rate decay to 0 over the run
-    log_every: int = 0  # also log a "step" record every this many steps (0: epochs only)
-    eval_batch: int = 1024
-    extra: dict[str, Any] | None = None  # added to every record (e.g. the seed, the lr)
-    #: also log an epoch-0 record (train/test evaluation of the untrained model, time 0)
-    eval_at_start: bool = False
-    #: called as ``on_epoch(model, epoch)`` at each epoch's end (and before training, epoch 0,
-    #: which implies ``eval_at_start``); its dict is added to the epoch record (e.g. the
-    #: strong-growth constant of the sgc experiment)
-    on_epoch: Callable[[nn.Module, int], dict[str, Any]] | None = None
+    Example: ``evaluation(model, loss_fn, device, train=(x, y), test=(xt, yt))``.
+    """
+    out: dict[str, float] = {}
+    for name, (x, y) in sets.items():
+        out[f"{name}_loss"], out[f"{name}_acc"] = evaluate(model, x, y, loss_fn, batch_size, device, amp)
+    return out
 
 
 def steps_with_batches(arm: Any, batches: Any, total: int, desc: str) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -144,84 +133,92 @@ def steps_with_batches(arm: Any, batches: Any, total: int, desc: str) -> Iterato
         yield step, x, y
 
 
-def fit(ctx: RunContext, spec: ArmSpec) -> dict[str, Any] | None:
-    """Train one arm, logging an ``epoch`` record per epoch; returns the last epoch's record.
+class EpochMeter:
+    """One arm's step readings summed over an epoch on the device, and its training clock.
 
-    Returns None if the arm was already finished in a resumed run.
+    ``add(info, out, y)`` after each ``clipper.step()`` reads nothing on the host; ``read(step)``
+    at an epoch's end returns the epoch's readings (one host read), stops the clock and starts
+    the next epoch's sums. Register the meter with the arm (``ctx.arm(id, {..., "meter":
+    meter})``): its ``state_dict`` is checkpointed, so a resumed arm continues its sums exactly.
+
+    The clock runs between :meth:`start_clock` and :meth:`read`, so evaluation between an
+    epoch's ``read`` and the next ``start_clock`` is not training time.
     """
-    if ctx.is_done(spec.arm_id):
-        return None
-    seed_everything(spec.seed)
-    model = spec.build_model().to(spec.device)
-    model.train()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-        nesterov=spec.nesterov and spec.momentum > 0,
-    )
-    spe = spec.batches.steps_per_epoch
-    total = spe * spec.epochs
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1)) if spec.cosine else None
-    objects: dict[str, Any] = {"model": model, "optimizer": opt}
-    if sched is not None:
-        objects["scheduler"] = sched
-    base = {"arm": spec.arm_id, "method": spec.method_label, **(spec.extra or {})}
-    last: dict[str, Any] | None = None
-    with rc.Clipper(model, opt, spec.method) as clipper:
-        objects["clipper"] = clipper
-        arm = ctx.arm(spec.arm_id, objects, state=_fresh_epoch_state(spec.device))
-        arm.state.setdefault("train_time", 0.0)
-        if arm.start == 0 and (spec.eval_at_start or spec.on_epoch is not None):
-            ctx.log({**base, "kind": "epoch", "epoch": 0, "step": 0, "time": 0.0, **_initial(spec, model)})
-        t_epoch = time.perf_counter()
-        for step, x, y in steps_with_batches(arm, spec.batches, total, spec.arm_id):
-            with _autocast(spec.device, spec.amp):
-                out = model(x)
-            out = out.float()
-            losses = spec.loss_fn(out, y)
-            if out.dim() == 2 and y.dim() == 1:  # classification: count correct answers on the device
-                arm.state["correct"] += (out.detach().argmax(1) == y).sum()
-                arm.state["seen"] += y.shape[0]
-            clipper.backward(losses)
-            info = clipper.step()
-            if sched is not None:
-                sched.step()
-            _accumulate(arm.state, info)
-            if spec.log_every and (step + 1) % spec.log_every == 0:
-                ctx.log({**base, "kind": "step", "step": step + 1, **_step_reading(info)})
-            if (step + 1) % spe == 0:
-                if spec.device.type == "cuda":
-                    torch.cuda.synchronize(spec.device)
-                arm.state["train_time"] += time.perf_counter() - t_epoch
-                last = _end_epoch(ctx, spec, model, arm.state, base, (step + 1) // spe, step + 1)
-                t_epoch = time.perf_counter()
-        arm.finish()
-    return last
 
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.train_time = 0.0  # seconds of training so far, over every epoch
+        self._t0: float | None = None
+        self._zero()
 
-def _initial(spec: ArmSpec, model: nn.Module) -> dict[str, Any]:
-    rec: dict[str, Any] = {}
-    if spec.train_eval is not None:
-        rec["train_loss"], rec["train_acc"] = evaluate(model, *spec.train_eval, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
-    if spec.test is not None:
-        rec["test_loss"], rec["test_acc"] = evaluate(model, *spec.test, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
-    if spec.on_epoch is not None:
-        rec.update(spec.on_epoch(model, 0))
-    return rec
+    def _zero(self) -> None:
+        z = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_sum, self.norm_sum, self.clip_sum = z, z.clone(), z.clone()
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = 0  # samples whose prediction was scored (classification only)
+        self.samples = 0  # per-sample norms summed
+        self.steps = 0
+        self.skipped = 0  # steps the clipper skipped (non-finite loss or gradient)
+        self.clip_steps = 0  # steps with a clipping reading (none for SGD, SGDM, NSGD)
 
+    def start_clock(self) -> None:
+        self._t0 = time.perf_counter()
 
-def _fresh_epoch_state(device: torch.device) -> dict[str, Any]:
-    z = torch.zeros((), dtype=torch.float64, device=device)
-    return {
-        "loss_sum": z.clone(),
-        "norm_sum": z.clone(),
-        "clip_sum": z.clone(),
-        "correct": torch.zeros((), dtype=torch.int64, device=device),
-        "seen": 0,
-        "samples": 0,
-        "steps": 0,
-        "skipped": 0,  # steps the clipper skipped (non-finite loss or gradient)
-        "clip_steps": 0,  # steps with a clipping reading (none for SGD, SGDM, NSGD)
-    }
+    def add(self, info: rc.StepInfo, out: Tensor | None = None, y: Tensor | None = None) -> None:
+        """Add one step's readings; with outputs ``out`` and integer labels ``y``, its hits."""
+        self.steps += 1
+        if out is not None and y is not None and out.dim() == 2 and y.dim() == 1:
+            self.correct += (out.detach().argmax(1) == y).sum()
+            self.seen += y.shape[0]
+        if info.skipped:
+            # nothing was applied; its loss is not finite and would poison the epoch's mean
+            self.skipped += 1
+            return
+        if info.loss is not None:
+            self.loss_sum += info.loss.double()
+        if info.per_sample_norms is not None:
+            self.norm_sum += info.per_sample_norms.double().sum()
+            self.samples += int(info.per_sample_norms.numel())
+        clipped = clip_reading(info)
+        if clipped is not None:
+            self.clip_sum += clipped.double()
+            self.clip_steps += 1
+
+    def read(self, step: int) -> dict[str, Any]:
+        """The epoch's readings as record fields (``step`` is the arm's step count so far)."""
+        if self._t0 is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.train_time += time.perf_counter() - self._t0
+            self._t0 = None
+        applied = self.steps - self.skipped
+        rec: dict[str, Any] = {
+            "step": step,
+            # the mean over the steps applied (NaN if the method skipped every step: it diverged)
+            "batch_loss": float(self.loss_sum) / applied if applied else float("nan"),
+            "skipped_steps": self.skipped,
+            "time": self.train_time,
+            "step_time": self.train_time / max(step, 1),
+        }
+        if self.clip_steps:
+            rec["clipped_fraction"] = float(self.clip_sum) / self.clip_steps
+        if self.seen:
+            rec["batch_acc"] = int(self.correct) / self.seen
+        if self.samples:
+            rec["ps_norm_mean"] = float(self.norm_sum) / self.samples
+        self._zero()
+        return rec
+
+    _FIELDS = ("loss_sum", "norm_sum", "clip_sum", "correct", "seen", "samples", "steps", "skipped", "clip_steps", "train_time")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._FIELDS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._FIELDS:
+            v = state[k]
+            # tensors come back on the CPU from a checkpoint; the sums live on the device
+            setattr(self, k, v.to(self.device) if isinstance(v, Tensor) else v)
 
 
 def clip_reading(info: rc.StepInfo) -> Tensor | None:
@@ -240,25 +237,8 @@ def clip_reading(info: rc.StepInfo) -> Tensor | None:
     return None
 
 
-def _accumulate(state: dict[str, Any], info: rc.StepInfo) -> None:
-    # device tensors only: no host read per step (``skipped`` is a bool the clipper already read)
-    state["steps"] += 1
-    if info.skipped:
-        # nothing was applied; its loss is not finite and would poison the epoch's mean
-        state["skipped"] += 1
-        return
-    if info.loss is not None:
-        state["loss_sum"] += info.loss.double()
-    if info.per_sample_norms is not None:
-        state["norm_sum"] += info.per_sample_norms.double().sum()
-        state["samples"] += int(info.per_sample_norms.numel())
-    clipped = clip_reading(info)
-    if clipped is not None:
-        state["clip_sum"] += clipped.double()
-        state["clip_steps"] += 1
-
-
-def _step_reading(info: rc.StepInfo) -> dict[str, Any]:
+def step_reading(info: rc.StepInfo) -> dict[str, Any]:
+    """One step's readings as record fields (device tensors: ``ctx.log`` reads them)."""
     out: dict[str, Any] = {"loss": info.loss, "grad_norm": info.grad_norm, "skipped": info.skipped}
     if info.per_sample_norms is not None:
         out["ps_norm_mean"] = info.per_sample_norms.mean()
@@ -266,33 +246,3 @@ def _step_reading(info: rc.StepInfo) -> dict[str, Any]:
     if info.clipped_fraction is not None:
         out["clipped_fraction"] = info.clipped_fraction
     return out
-
-
-def _end_epoch(
-    ctx: RunContext, spec: ArmSpec, model: nn.Module, state: dict[str, Any], base: dict[str, Any],
-    epoch: int, step: int,
-) -> dict[str, Any]:
-    applied = state["steps"] - state["skipped"]
-    rec: dict[str, Any] = {
-        **base, "kind": "epoch", "epoch": epoch, "step": step,
-        # the mean over the steps applied (NaN if the method skipped every step: it diverged)
-        "batch_loss": float(state["loss_sum"]) / applied if applied else float("nan"),
-        "skipped_steps": state["skipped"],
-        "time": state["train_time"],
-        "step_time": state["train_time"] / max(step, 1),
-    }
-    if state["clip_steps"]:
-        rec["clipped_fraction"] = float(state["clip_sum"]) / state["clip_steps"]
-    if state["seen"]:
-        rec["batch_acc"] = int(state["correct"]) / state["seen"]
-    if state["samples"]:
-        rec["ps_norm_mean"] = float(state["norm_sum"]) / state["samples"]
-    if spec.train_eval is not None:
-        rec["train_loss"], rec["train_acc"] = evaluate(model, *spec.train_eval, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
-    if spec.test is not None:
-        rec["test_loss"], rec["test_acc"] = evaluate(model, *spec.test, spec.loss_fn, spec.eval_batch, spec.device, spec.amp)
-    if spec.on_epoch is not None:
-        rec.update(spec.on_epoch(model, epoch))
-    ctx.log(rec)
-    state.update({k: v for k, v in _fresh_epoch_state(spec.device).items()})
-    return rec

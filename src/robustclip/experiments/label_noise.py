@@ -12,6 +12,14 @@ not finished one epoch within the budget.
 
 Per epoch it logs the mean per-sample gradient norm and the fraction clipped (samples for
 PS-Clip-SGD, steps for Clip-SGD), the paper's diagnostics.
+
+Each arm's loop is ``examples/train_minimal.py``'s, line for line, with resume added at its
+edges: ``ctx.arm`` names what a checkpoint holds (model, optimizer, clipper and the readings
+summed so far) and restores it; ``steps_with_batches`` is the example's ``range`` over steps and
+mini-batches, starting where the checkpoint stopped, with a sample order fixed by ``(seed,
+epoch)`` so a resumed epoch sees the same batches; an :class:`EpochMeter` keeps the example's
+running sums (and more readings) in the checkpoint; ``ctx.log`` writes what the example prints;
+``arm.finish`` saves the arm's final state.
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import robustclip as rc
 from robustclip.experiments._methods import MethodParams, build_method, check_methods
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
-from robustclip.experiments._run import RunContext, RunData, resolve_device
-from robustclip.experiments._train import ArmSpec, TensorBatches, fit
+from robustclip.experiments._run import RunContext, RunData, resolve_device, seed_everything
+from robustclip.experiments._train import EpochMeter, TensorBatches, evaluation, steps_with_batches
 from robustclip.experiments.data import load_digits
 from robustclip.experiments.models import MLP, SmallCNN
 
@@ -103,20 +112,40 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     arms = [(m, cfg.seed + k) for k in range(cfg.seeds) for m in cfg.methods]
     for method, seed in ctx.iterate(arms, "arms"):
+        arm_id = f"{method}/seed{seed}"
+        if ctx.is_done(arm_id):  # resume: a finished arm is not trained again
+            continue
+        tag = {"arm": arm_id, "method": method, "seed": seed}
+
+        # data, model, optimizer and the clipper between them
         split = load_digits(cfg.label_noise, seed=seed)
-        fit(ctx, ArmSpec(
-            arm_id=f"{method}/seed{seed}",
-            method_label=method,
-            build_model=lambda: _model(cfg),
-            method=build_method(method, MethodParams(clip=cfg.clip)),
-            lr=cfg.lr, momentum=cfg.momentum, epochs=cfg.epochs, seed=seed, loss_fn=_loss,
-            batches=TensorBatches(split.x_train, split.y_train, cfg.batch_size, seed, device),
-            test=(split.x_test, split.y_test),
-            train_eval=(split.x_train, split.y_train),
-            device=device,
-            eval_at_start=True,  # epoch 0 at time 0: the equal-time fallback
-            extra={"seed": seed},
-        ))
+        train, test = (split.x_train, split.y_train), (split.x_test, split.y_test)
+        batches = TensorBatches(*train, cfg.batch_size, seed, device)
+        seed_everything(seed)
+        model = _model(cfg).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        with rc.Clipper(model, optimizer, build_method(method, MethodParams(clip=cfg.clip))) as clipper:
+            # resume: everything the checkpoint holds, restored here if the run stopped mid-arm
+            meter = EpochMeter(device)
+            arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "clipper": clipper, "meter": meter})
+            if arm.start == 0:  # the untrained model at time 0: the equal-time fallback
+                ctx.log({**tag, "kind": "epoch", "epoch": 0, "step": 0, "time": 0.0,
+                         **evaluation(model, _loss, device, train=train, test=test)})
+
+            # training: resume picks up at arm.start, mid-epoch included
+            steps_per_epoch = batches.steps_per_epoch
+            meter.start_clock()
+            for step, x, y in steps_with_batches(arm, batches, cfg.epochs * steps_per_epoch, arm_id):
+                out = model(x)
+                clipper.backward(_loss(out, y))  # one loss per sample
+                info = clipper.step()
+                meter.add(info, out, y)
+                if (step + 1) % steps_per_epoch == 0:  # an epoch's end: evaluate, off the clock
+                    readings = meter.read(step + 1)
+                    ctx.log({**tag, "kind": "epoch", "epoch": (step + 1) // steps_per_epoch, **readings,
+                             **evaluation(model, _loss, device, train=train, test=test)})
+                    meter.start_clock()
+            arm.finish()
     return summarize(ctx.records, cfg.methods)
 
 

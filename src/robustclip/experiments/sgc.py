@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import robustclip as rc
 from robustclip.experiments._methods import MethodParams, build_method, check_methods
 from robustclip.experiments._plot import Panel, Series, color_for, curves, save_panels
 from robustclip.experiments._problem import Problem
-from robustclip.experiments._run import RunContext, RunData, resolve_device
-from robustclip.experiments._train import ArmSpec, TensorBatches, fit
+from robustclip.experiments._run import RunContext, RunData, resolve_device, seed_everything
+from robustclip.experiments._train import EpochMeter, TensorBatches, evaluation, steps_with_batches
 from robustclip.experiments.data import load_digits
 from robustclip.experiments.models import MLP
 
@@ -88,34 +89,48 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
 
     device = resolve_device(cfg.device)
     split = load_digits(0.0, seed=cfg.seed)
+    train, test = (split.x_train, split.y_train), (split.x_test, split.y_test)
     x_tr, y_tr = split.x_train.to(device), split.y_train.to(device)
 
-    def rho(model: nn.Module, epoch: int) -> dict[str, Any]:
-        # the finite-sum rho_hat over the whole training set, as the paper estimates it: one
-        # per-sample gradient of every training sample, so only every rho_every epochs
-        if epoch % cfg.rho_every:
-            return {}
-        est = estimate_strong_growth(model, _loss, x_tr, y_tr)
-        return {"rho_hat": est.rho, "grad_norm": math.sqrt(est.grad_sq_norm)}
+    def epoch_readings(model: nn.Module, part: str, epoch: int) -> dict[str, Any]:
+        # training loss from epoch 0 on: the sweep judges stability against the initial one
+        rec = evaluation(model, _loss, device, train=train, test=test)
+        if part == "main" and epoch % cfg.rho_every == 0:
+            # the finite-sum rho_hat over the whole training set, as the paper estimates it:
+            # one per-sample gradient of every training sample, so only every rho_every epochs
+            est = estimate_strong_growth(model, _loss, x_tr, y_tr)
+            rec.update(rho_hat=est.rho, grad_norm=math.sqrt(est.grad_sq_norm))
+        return rec
 
     arms = [("main", m, cfg.lr) for m in cfg.methods] + [("sweep", m, lr) for m in cfg.methods for lr in cfg.sweep_lrs]
     for part, method, lr in ctx.iterate(arms, "arms"):
-        fit(ctx, ArmSpec(
-            arm_id=f"{part}/{method}/lr{lr:g}",
-            method_label=method,
-            build_model=lambda: _model(cfg),
-            method=build_method(method, MethodParams(clip=cfg.clip)),
-            lr=lr, momentum=0.0, epochs=cfg.epochs if part == "main" else cfg.sweep_epochs,
-            seed=cfg.seed, loss_fn=_loss,
-            batches=TensorBatches(split.x_train, split.y_train, cfg.batch_size, cfg.seed, device),
-            test=(split.x_test, split.y_test),
-            train_eval=(split.x_train, split.y_train),
-            device=device,
-            extra={"part": part, "lr": lr},
-            # the sweep needs the initial training loss (epoch 0) to judge stability
-            eval_at_start=True,
-            on_epoch=rho if part == "main" else None,
-        ))
+        arm_id = f"{part}/{method}/lr{lr:g}"
+        if ctx.is_done(arm_id):
+            continue
+        tag = {"arm": arm_id, "method": method, "part": part, "lr": lr}
+        epochs = cfg.epochs if part == "main" else cfg.sweep_epochs
+        batches = TensorBatches(split.x_train, split.y_train, cfg.batch_size, cfg.seed, device)
+        seed_everything(cfg.seed)
+        model = _model(cfg).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
+
+        with rc.Clipper(model, optimizer, build_method(method, MethodParams(clip=cfg.clip))) as clipper:
+            meter = EpochMeter(device)
+            arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "clipper": clipper, "meter": meter})
+            if arm.start == 0:
+                ctx.log({**tag, "kind": "epoch", "epoch": 0, "step": 0, "time": 0.0, **epoch_readings(model, part, 0)})
+            steps_per_epoch = batches.steps_per_epoch
+            meter.start_clock()
+            for step, x, y in steps_with_batches(arm, batches, epochs * steps_per_epoch, arm_id):
+                out = model(x)
+                clipper.backward(_loss(out, y))
+                info = clipper.step()
+                meter.add(info, out, y)
+                if (step + 1) % steps_per_epoch == 0:
+                    epoch = (step + 1) // steps_per_epoch
+                    ctx.log({**tag, "kind": "epoch", "epoch": epoch, **meter.read(step + 1), **epoch_readings(model, part, epoch)})
+                    meter.start_clock()
+            arm.finish()
     return summarize(ctx.records, cfg)
 
 
