@@ -46,6 +46,7 @@ def cifar_dir(tmp_path_factory):
 def tiny(name: str, text_file: str = "", cifar_dir: str = "") -> dict[str, str]:
     """Overrides that make experiment ``name`` run in a second or two."""
     return {
+        "demo": {"scale": "0.1", "seeds": "1", "methods": "SGDM,PS-Clip-SGD"},
         "synthetic-noise": {"seeds": "3", "steps": "10", "regimes": "gaussian,pareto:1.1", "batch_size": "4"},
         "label-noise": {"epochs": "2", "seeds": "1", "hidden": "16", "batch_size": "64"},
         "accumulation": {
@@ -324,6 +325,8 @@ def _assert_same_final_weights(a: Path, b: Path) -> None:
         ("synthetic-noise", {"seeds": "2", "steps": "12", "regimes": "student:1.5", "methods": "Clip-SGD,PS-Clip-SGD"}, 4, 30),
         ("spectral-mlp", {"n_train": "256", "n_test": "64", "width": "8", "depth": "2", "epochs": "2", "eval_every": "3", "arms": "Clip-SGD,Spectral-Q85"}, 4, 23),
         ("accumulation", None, 2, 5),
+        # 42 steps per digits epoch, 3 epochs per arm: mid second arm
+        ("demo", {"scale": "0.1", "seeds": "1", "methods": "SGDM,PS-Clip-SGD", "problems": "digits"}, 10, 150),
         # mid second main arm: rho_hat records (every 2 epochs) and the sweep still to come
         ("sgc", {"hidden": "32", "epochs": "3", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2"}, 4, 37),
     ],
@@ -564,3 +567,45 @@ def test_resnet_batchnorm_variant():
     ref = ResNet18(10, norm="group", width=4)
     assert [(n, p.shape) for n, p in gn.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
     assert ResNet18(10, width=4)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# -- the package's shape ----------------------------------------------------------------------------
+
+
+def test_experiment_modules_import_no_circle():
+    """The modules of ``robustclip.experiments`` import each other without a circle (imports
+    inside functions count too; the registry's by-name ``importlib`` loads do not)."""
+    import ast
+
+    import robustclip.experiments as pkg
+
+    root = Path(pkg.__file__).parent
+    names = {p.stem for p in root.glob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps = edges.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "robustclip.experiments":
+                deps |= {a.name for a in node.names if a.name in names} | {"__init__"}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("robustclip.experiments."):
+                deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[2] for a in node.names if a.name.startswith("robustclip.experiments.")}
+        deps.discard(path.stem)
+    assert edges["_runner"] and "demo" not in edges["_runner"]  # the graph was read
+
+    def visit(m: str, stack: list[str]) -> None:
+        assert m not in stack, f"import circle: {' -> '.join([*stack[stack.index(m):], m])}"
+        for d in sorted(edges.get(m, ())):
+            visit(d, [*stack, m])
+
+    for m in edges:
+        visit(m, [])
+
+
+def test_demo_is_registered_like_the_others():
+    from robustclip.experiments import demo, describe, get_experiment
+
+    assert "demo" in list_experiments() and get_experiment("demo") is demo
+    assert "PS-Clip-SGD" in describe("demo")
+    assert make_config("demo", {"seeds": "2"}).seeds == 2

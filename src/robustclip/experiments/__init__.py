@@ -1,13 +1,15 @@
 """Built-in experiments that reproduce the papers' claims, and the helpers they share.
 
 Each experiment is one plain module, readable top to bottom: a ``Config`` dataclass (every
-hyperparameter with its default), ``run(cfg, ctx)`` (the training loops) and ``plot(runs,
-out_dir)``. Some also build a :class:`Problem` (model + data + per-sample loss) that other
+hyperparameter with its default), ``run(cfg, ctx)`` (its training loops, written out in the
+shape of ``examples/train_minimal.py``, with the run directory's checkpoints at their edges)
+and ``plot(runs, out_dir)``. Some also build a :class:`Problem` (model + data + per-sample loss) that other
 tools, such as ``robustclip diagnose``, reuse through :func:`load_problem`.
 
 ==================  ==========================================================================
 name                what it reproduces
 ==================  ==========================================================================
+demo                SGDM, Clip-SGD, NSGD, PS-Clip-SGD (Spectral) on two embedded problems
 synthetic-noise     PS-Clip paper Figs. 1-2: NSGD vs Clip-SGD vs PS-Clip-SGD under heavy tails
 label-noise         digits with flipped labels: SGDM vs Clip-SGD vs PS-Clip-SGD, equal time
 accumulation        char-level GPT: clip each micro-batch vs clip after accumulation vs none
@@ -21,84 +23,18 @@ cifar10-spectral    spectral clipping on CIFAR-10 (needs the CIFAR-10 files)
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
-from types import ModuleType
-from typing import Any
-
-from robustclip.experiments._config import apply_overrides
 from robustclip.experiments._problem import Problem
+from robustclip.experiments._registry import (
+    describe,
+    get_experiment,
+    list_experiments,
+    load_problem,
+    make_config,
+)
 from robustclip.experiments._run import load_final_state, load_run
+from robustclip.experiments._runner import plot_runs, run_experiment
 
 __all__ = [
     "Problem", "describe", "get_experiment", "list_experiments", "load_final_state", "load_problem", "load_run",
-    "make_config",
+    "make_config", "plot_runs", "run_experiment",
 ]
-
-#: experiment name -> its module (relative to this package); a module serving several names
-#: (cifar) gives each its defaults through ``default_config(name)``
-_REGISTRY: dict[str, str] = {
-    "synthetic-noise": "synthetic_noise",
-    "label-noise": "label_noise",
-    "accumulation": "accumulation",
-    "spectral-mlp": "spectral_mlp",
-    "sgc": "sgc",
-    "cifar100-alexnet": "cifar",
-    "cifar10-resnet18": "cifar",
-    "cifar10-spectral": "cifar",
-}
-
-
-def list_experiments() -> list[str]:
-    """Names of the built-in experiments, for ``robustclip run NAME``."""
-    return list(_REGISTRY)
-
-
-def get_experiment(name: str) -> ModuleType:
-    """The module of experiment ``name`` (with ``Config``, ``run``, ``plot``)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {list_experiments()}.")
-    return importlib.import_module(f"robustclip.experiments.{_REGISTRY[name]}")
-
-
-def describe(name: str) -> str:
-    """A one-line description of experiment ``name``."""
-    mod = get_experiment(name)
-    return getattr(mod, "DESCRIPTIONS", {}).get(name, mod.DESCRIPTION)
-
-
-def make_config(name: str, overrides: Mapping[str, Any] | None = None, *, from_string: bool = True) -> Any:
-    """The default config of experiment ``name`` with ``overrides`` applied.
-
-    ``overrides`` maps field names to strings (as from ``--set key=value``, parsed to the
-    field's type) or, with ``from_string=False``, to typed values (as from TOML).
-    """
-    mod = get_experiment(name)
-    cfg = mod.default_config(name) if hasattr(mod, "default_config") else mod.Config()
-    return apply_overrides(cfg, overrides, from_string=from_string)
-
-
-def load_problem(name: str, overrides: Mapping[str, str] | None = None) -> Problem:
-    """The model, data and per-sample loss of experiment ``name``, freshly initialised.
-
-    Args:
-        name: an experiment from :func:`list_experiments` that defines a single problem
-            (``label-noise``, ``synthetic-noise``, ``spectral-mlp``, ``sgc``, ``accumulation``
-            and the CIFAR ones).
-        overrides: config overrides as strings, e.g. ``{"label_noise": "0.4", "seed": "1"}``.
-
-    Example::
-
-        p = load_problem("label-noise")
-        losses = p.loss_fn(p.model(p.train[0][:32]), p.train[1][:32])   # shape (32,)
-    """
-    mod = get_experiment(name)
-    if not hasattr(mod, "problem"):
-        raise ValueError(f"experiment {name!r} does not define a single problem to load.")
-    return mod.problem(make_config(name, overrides))
-
-
-# imported last: the runner uses the registry functions above
-from robustclip.experiments._runner import plot_runs, run_experiment  # noqa: E402
-
-__all__ += ["plot_runs", "run_experiment"]

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from robustclip.experiments import get_experiment, make_config
 from robustclip.experiments._config import apply_overrides, load_toml
+from robustclip.experiments._registry import get_experiment, make_config
 from robustclip.experiments._run import RunContext, default_run_dir, load_run, resolve_device
 
-__all__ = ["plot_runs", "run_experiment"]
+__all__ = ["cpu_threads", "plot_runs", "quiet_skips", "run_config", "run_experiment"]
 
 
 def run_experiment(
@@ -44,12 +44,12 @@ def run_experiment(
         checkpoint_every: steps between checkpoints within an arm (arms always end with one).
         interrupt_after: testing aid: stop after this many steps without a checkpoint, as a kill.
         interrupt_by_kill: testing aid: at ``interrupt_after``, ``SIGKILL`` this process.
-        threads: torch CPU threads for the run (restored afterwards). ``None``: the experiment's
-            ``DEFAULT_THREADS`` (1 for the small-model experiments: intra-op threads do not
-            speed up tiny matrices, and on a shared machine they spin against each other), else
-            torch's default.
+        threads: torch CPU threads for the run (restored afterwards). ``None``: the config's
+            ``threads`` field if it has one (the demo), else the experiment's ``DEFAULT_THREADS``
+            (1 for the small-model experiments: intra-op threads do not speed up tiny matrices,
+            and on a shared machine they spin against each other), else torch's default.
     """
-    mod = get_experiment(name)
+    get_experiment(name)  # an unknown name is the first error, before any --resume check
     if resume:
         if out is None:
             raise ValueError("--resume needs --out DIR, the run directory to continue.")
@@ -68,9 +68,32 @@ def run_experiment(
         cfg = apply_overrides(cfg, load_toml(config_file), from_string=False)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
+    return run_config(name, cfg, out=out, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                      interrupt_after=interrupt_after, interrupt_by_kill=interrupt_by_kill, quiet=quiet,
+                      threads=threads)
+
+
+def run_config(
+    name: str,
+    cfg: Any,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    progress: bool | None = None,
+    interrupt_after: int | None = None,
+    interrupt_by_kill: bool = False,
+    quiet: bool = False,
+    threads: int | None = None,
+) -> Path:
+    """Run experiment ``name`` with the config ``cfg`` as built; the arguments are
+    :func:`run_experiment`'s."""
+    mod = get_experiment(name)
     preflight_checks(mod, cfg)
     path = Path(out) if out is not None else default_run_dir(name)
-    with cpu_threads(threads if threads is not None else getattr(mod, "DEFAULT_THREADS", None)):
+    if threads is None:
+        threads = getattr(cfg, "threads", getattr(mod, "DEFAULT_THREADS", None))
+    with cpu_threads(threads):
         return _execute(mod, name, cfg, path, resume, checkpoint_every, progress, interrupt_after,
                         interrupt_by_kill, quiet)
 
@@ -168,13 +191,7 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path | None = None) -> lis
             f"these runs are of different experiments ({sorted(kinds)}); plot runs of one "
             "experiment together."
         )
-    name = runs[0].experiment
-    if name == "demo":
-        from robustclip.experiments import demo
-
-        plot = demo.plot
-    else:
-        plot = get_experiment(name).plot
+    plot = get_experiment(runs[0].experiment).plot
     target = Path(out) if out is not None else Path(paths[0]) / "overlay"
     target.mkdir(parents=True, exist_ok=True)
     return plot(runs, target)

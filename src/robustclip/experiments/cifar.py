@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+import robustclip as rc
 from robustclip.experiments._methods import (
     METHODS,
     MethodParams,
@@ -43,8 +44,22 @@ from robustclip.experiments._methods import (
 )
 from robustclip.experiments._plot import Panel, curves, save_panels
 from robustclip.experiments._problem import Problem
-from robustclip.experiments._run import RunContext, RunData, method_table, resolve_device
-from robustclip.experiments._train import ArmSpec, check_amp, epoch_permutation, fit
+from robustclip.experiments._run import (
+    RunContext,
+    RunData,
+    method_table,
+    resolve_device,
+    seed_everything,
+)
+from robustclip.experiments._train import (
+    EpochMeter,
+    autocast,
+    check_amp,
+    epoch_permutation,
+    evaluation,
+    step_reading,
+    steps_with_batches,
+)
 from robustclip.experiments.data import Split, find_cifar, load_cifar, normalize_images
 from robustclip.experiments.models import AlexNet, ResNet18, SmallCNN
 
@@ -225,19 +240,44 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
     ds = AugmentedCIFAR(split.x_train, split.y_train, cfg.augment, cfg.seed)
     test = (normalize_images(split.x_test), split.y_test)
     for method in ctx.iterate(list(cfg.methods), "methods"):
+        arm_id = method
+        if ctx.is_done(arm_id):
+            continue
         lr = step_size(method, cfg.lr, cfg.clip, cfg.nsgd_lr)
-        fit(ctx, ArmSpec(
-            arm_id=method,
-            method_label=method,
-            build_model=lambda: build_model(cfg, split.num_classes),
-            method=build_method(method, MethodParams(clip=cfg.clip, tau=cfg.tau, rank=cfg.rank)),
-            lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
-            seed=cfg.seed, loss_fn=_loss,
-            batches=LoaderBatches(ds, cfg.batch_size, cfg.workers, device),
-            test=test,
-            device=device, amp=cfg.amp, cosine=cfg.cosine, log_every=cfg.log_every, eval_batch=500,
-            extra={"lr": lr},
-        ))
+        tag = {"arm": arm_id, "method": method, "lr": lr}
+        batches = LoaderBatches(ds, cfg.batch_size, cfg.workers, device)
+        total = cfg.epochs * batches.steps_per_epoch
+        seed_everything(cfg.seed)
+        model = build_model(cfg, split.num_classes).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.cosine:  # decay the step size to 0 over the run
+            scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        else:  # a constant step size
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        method_fn = build_method(method, MethodParams(clip=cfg.clip, tau=cfg.tau, rank=cfg.rank))
+        with rc.Clipper(model, optimizer, method_fn) as clipper:
+            meter = EpochMeter(device)
+            arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                                   "clipper": clipper, "meter": meter})
+            steps_per_epoch = batches.steps_per_epoch
+            meter.start_clock()
+            for step, x, y in steps_with_batches(arm, batches, total, arm_id):
+                with autocast(device, cfg.amp):
+                    out = model(x)
+                out = out.float()  # per-sample losses and norms in float32
+                clipper.backward(_loss(out, y))
+                info = clipper.step()
+                scheduler.step()
+                meter.add(info, out, y)
+                if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                    ctx.log({**tag, "kind": "step", "step": step + 1, **step_reading(info)})
+                if (step + 1) % steps_per_epoch == 0:
+                    epoch = (step + 1) // steps_per_epoch
+                    readings = meter.read(step + 1)
+                    ctx.log({**tag, "kind": "epoch", "epoch": epoch, **readings,
+                             **evaluation(model, _loss, device, amp=cfg.amp, batch_size=500, test=test)})
+                    meter.start_clock()
+            arm.finish()
     return summarize(ctx.records, cfg.methods)
 
 

@@ -1,4 +1,7 @@
-"""``robustclip demo``: the four (or five) methods on two embedded problems, in minutes on a CPU.
+"""demo: the four (or five) methods on two embedded problems, in about a minute on a CPU.
+
+``robustclip demo`` runs it into a fresh directory and prints its table; ``robustclip run demo``
+runs it like every other experiment (``--resume`` included).
 
 Problems (nothing is downloaded):
 
@@ -24,6 +27,7 @@ arXiv:2605.14800 (Clip-SGD, NSGD); Yukhimchuk et al., arXiv:2605.11838 (spectral
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import robustclip as rc
 from robustclip.experiments._methods import (
     MethodParams,
     available_methods,
@@ -39,18 +44,13 @@ from robustclip.experiments._methods import (
     check_methods,
 )
 from robustclip.experiments._plot import Panel, curves, save_panels
-from robustclip.experiments._run import (
-    RunContext,
-    RunData,
-    default_run_dir,
-    holds_run,
-    load_run,
-    write_csv,
-)
-from robustclip.experiments._train import ArmSpec, TensorBatches, fit
+from robustclip.experiments._run import RunContext, RunData, holds_run, seed_everything, write_csv
+from robustclip.experiments._runner import cpu_threads, quiet_skips, run_config
+from robustclip.experiments._train import EpochMeter, TensorBatches, evaluation, steps_with_batches
 from robustclip.experiments.data import Split, load_digits, synthetic_classification
 from robustclip.experiments.models import MLP
 
+DESCRIPTION = "SGDM, Clip-SGD, NSGD, PS-Clip-SGD (and Spectral) on two embedded problems, about a minute on a CPU"
 DEMO_METHODS = ("SGDM", "Clip-SGD", "NSGD", "PS-Clip-SGD", "Spectral")
 
 
@@ -125,35 +125,49 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
+    t0 = time.perf_counter()
     seeds = range(cfg.seed, cfg.seed + cfg.seeds)
     arms = [(p, m, s) for p in cfg.problems for s in seeds for m in cfg.methods]
     for problem, method, seed in ctx.iterate(arms, "demo"):
         setup = SETUPS[problem]
         lr = setup.lr.get(method, setup.lr["default"])
-        fit(ctx, _arm(f"{problem}/{method}/seed{seed}", problem, method, seed, lr, _data(problem, cfg, seed), cfg))
-    return summarize(ctx.records, cfg)
+        train_arm(ctx, f"{problem}/{method}/seed{seed}", problem, method, seed, lr, _data(problem, cfg, seed), cfg)
+    summary = summarize(ctx.records, cfg)
+    summary["total_time_s"] = time.perf_counter() - t0  # of this session, if the run was resumed
+    write_csv(summary["rows"], ctx.path / "results.csv")
+    return summary
 
 
-def _arm(arm_id: str, problem: str, method: str, seed: int, lr: float, split: Split, cfg: Config) -> ArmSpec:
+def train_arm(ctx: RunContext, arm_id: str, problem: str, method: str, seed: int, lr: float, split: Split,
+              cfg: Config) -> None:
+    """Train one (problem, method, seed) arm, logging an epoch record per epoch."""
+    if ctx.is_done(arm_id):
+        return
+    tag = {"arm": arm_id, "method": method, "problem": problem, "seed": seed, "lr": lr}
     setup = SETUPS[problem]
-    sizes = [split.x_train.shape[1], *setup.hidden, split.num_classes]
     device = torch.device("cpu")  # the demo is a CPU demo: tiny models, no transfer overhead
-    return ArmSpec(
-        arm_id=arm_id,
-        method_label=method,
-        build_model=lambda: MLP(sizes),
-        method=build_method(method, MethodParams(clip=setup.clip, tau=setup.tau)),
-        lr=lr,
-        momentum=cfg.momentum,
-        epochs=max(1, round(setup.epochs * cfg.scale)),
-        seed=seed,
-        loss_fn=_loss,
-        batches=TensorBatches(split.x_train, split.y_train, setup.batch_size, seed, device),
-        test=(split.x_test, split.y_test),
-        train_eval=(split.x_train, split.y_train),
-        device=device,
-        extra={"problem": problem, "seed": seed, "lr": lr},
-    )
+    train, test = (split.x_train, split.y_train), (split.x_test, split.y_test)
+    batches = TensorBatches(*train, setup.batch_size, seed, device)
+    seed_everything(seed)
+    model = MLP([split.x_train.shape[1], *setup.hidden, split.num_classes])
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    with rc.Clipper(model, optimizer, build_method(method, MethodParams(clip=setup.clip, tau=setup.tau))) as clipper:
+        meter = EpochMeter(device)
+        arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "clipper": clipper, "meter": meter})
+        steps_per_epoch = batches.steps_per_epoch
+        epochs = max(1, round(setup.epochs * cfg.scale))
+        meter.start_clock()
+        for step, x, y in steps_with_batches(arm, batches, epochs * steps_per_epoch, arm_id):
+            out = model(x)
+            clipper.backward(_loss(out, y))
+            info = clipper.step()
+            meter.add(info, out, y)
+            if (step + 1) % steps_per_epoch == 0:
+                readings = meter.read(step + 1)
+                ctx.log({**tag, "kind": "epoch", "epoch": (step + 1) // steps_per_epoch, **readings,
+                         **evaluation(model, _loss, device, train=train, test=test)})
+                meter.start_clock()
+        arm.finish()
 
 
 #: the seeds :func:`tune` picked the learning rates on: none of them is reported by the demo
@@ -192,8 +206,6 @@ def tune(
     cfg.check()
     if set(seeds) & set(range(cfg.seed, cfg.seed + cfg.seeds)):
         raise ValueError(f"tuning seeds {seeds} overlap the reported seeds; pick seeds outside them.")
-    from robustclip.experiments._runner import cpu_threads, quiet_skips
-
     ctx = RunContext(out, "demo-tune", cfg, checkpoint_every=0, progress=None if not quiet else False, quiet=quiet)
     try:
         with cpu_threads(cfg.threads), quiet_skips():
@@ -202,7 +214,7 @@ def tune(
                     split = validation_split(_data(problem, cfg, seed), seed)
                     for method in cfg.methods:
                         for lr in grid:
-                            fit(ctx, _arm(f"{problem}/{method}/lr{lr:g}/seed{seed}", problem, method, seed, lr, split, cfg))
+                            train_arm(ctx, f"{problem}/{method}/lr{lr:g}/seed{seed}", problem, method, seed, lr, split, cfg)
         final: dict[tuple[str, str, float], list[float]] = {}
         for r in ctx.records:
             if r.get("kind") == "epoch" and r["epoch"] == max(1, round(SETUPS[r["problem"]].epochs * cfg.scale)):
@@ -268,6 +280,12 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table, then the time it took."""
+    return (f"{format_table(summary)}\n\ntotal {summary['total_time_s']:.1f} s on {torch.get_num_threads()} "
+            "threads; results.csv, metrics (CSV, JSONL) and plots are in the run directory")
+
+
 def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
     paths = []
     problems: dict[str, None] = {}
@@ -295,35 +313,19 @@ def run_demo(
     progress: bool | None = None,
     quiet: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Run the demo into ``out`` (default ``runs/demo-<time>``); print and return its table."""
+    """``robustclip demo``: run the demo into a fresh ``out`` (default ``runs/demo-<time>``),
+    print its table and return the run directory and the summary.
+
+    The same run as ``robustclip run demo``, with the demo's settings for a first look: no
+    checkpoints within an arm (the demo takes about a minute), and a directory that already
+    holds a run is refused rather than offered ``--resume``.
+    """
     cfg = cfg or Config()
     cfg.check()
-    path = Path(out) if out is not None else default_run_dir("demo")
-    if holds_run(path):
+    if out is not None and holds_run(out):
         raise ValueError(
-            f"{str(path)!r} already holds a run; the demo always starts afresh (it takes about a "
+            f"{str(out)!r} already holds a run; the demo always starts afresh (it takes about a "
             "minute), so choose another --out directory or delete this one."
         )
-    from robustclip.experiments._runner import cpu_threads, quiet_skips
-
-    with cpu_threads(cfg.threads), quiet_skips():
-        return _run_demo(path, cfg, progress, quiet)
-
-
-def _run_demo(path: Path, cfg: Config, progress: bool | None, quiet: bool) -> tuple[Path, dict[str, Any]]:
-    t0 = time.perf_counter()
-    ctx = RunContext(path, "demo", cfg, progress=progress, checkpoint_every=0, quiet=quiet)
-    try:
-        ctx.note(f"robustclip demo: {', '.join(cfg.methods)} on {', '.join(cfg.problems)}; writing to {path}")
-        summary = run(cfg, ctx)
-        summary["total_time_s"] = time.perf_counter() - t0
-        ctx.finish(summary)
-    finally:
-        ctx.close()
-    write_csv(summary["rows"], path / "results.csv")
-    plot([load_run(path)], path)
-    if not quiet:
-        print(format_table(summary))
-        print(f"\ntotal {summary['total_time_s']:.1f} s on {torch.get_num_threads()} threads")
-        print(f"results, metrics (CSV, JSONL) and plots are in: {path}")
-    return path, summary
+    path = run_config("demo", cfg, out=out, checkpoint_every=0, progress=progress, quiet=quiet)
+    return path, json.loads((path / "summary.json").read_text())
