@@ -112,15 +112,16 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
         arm_id = method
         if ctx.is_done(arm_id):
             continue
+        tag = {"arm": arm_id, "method": method}
         seed_everything(cfg.seed)
         model = _model(cfg, c.vocab_size).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
-        with rc.Clipper(model, opt, build_method(method, MethodParams(clip=cfg.clip))) as clipper:
-            arm = ctx.arm(arm_id, {"model": model, "optimizer": opt, "clipper": clipper}, {"data": data_gen},
+        with rc.Clipper(model, optimizer, build_method(method, MethodParams(clip=cfg.clip))) as clipper:
+            arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "clipper": clipper}, {"data": data_gen},
                           state={"train_time": 0.0, "count": 0, "clip_steps": 0, **_sums(device)})
             if arm.start == 0:
-                ctx.log({"arm": arm_id, "method": method, "kind": "eval", "step": 0, "val_loss": _val_loss(model, val), "time": 0.0})
+                ctx.log({**tag, "kind": "eval", "step": 0, "val_loss": _val_loss(model, val), "time": 0.0})
             t0 = time.perf_counter()
             for step in arm.steps(cfg.steps, desc=method):
                 for _ in range(cfg.accumulation):
@@ -141,7 +142,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
                     arm.state["train_time"] += time.perf_counter() - t0
                     n = max(arm.state["count"], 1)
                     rec = {
-                        "arm": arm_id, "method": method, "kind": "eval", "step": step + 1,
+                        **tag, "kind": "eval", "step": step + 1,
                         "train_loss": float(arm.state["loss_sum"]) / n,
                         "val_loss": _val_loss(model, val), "time": arm.state["train_time"],
                     }

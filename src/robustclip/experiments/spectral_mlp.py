@@ -192,21 +192,21 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
         arm_id = f"{arm_label}/seed{seed}"
         if ctx.is_done(arm_id):
             continue
+        tag = {"arm": arm_id, "method": arm_label, "seed": seed}
         x, y, xt, yt = _data(cfg, seed)
         xt, yt = xt.to(device), yt.to(device)
         batches = TensorBatches(x, y, cfg.batch_size, seed, device)
         seed_everything(seed)
         model = _model(cfg).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         total = batches.steps_per_epoch * cfg.epochs
-        with rc.Clipper(model, opt, _method(arm_label, cfg, seed)) as clipper:
+        with rc.Clipper(model, optimizer, _method(arm_label, cfg, seed)) as clipper:
             # sums over the steps applied since the last evaluation; skipped steps (non-finite
             # gradient: the method diverged) are only counted
-            arm = ctx.arm(arm_id, {"model": model, "optimizer": opt, "clipper": clipper},
+            arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "clipper": clipper},
                           state={"loss_sum": 0.0, "applied": 0, "skipped": 0, "spikes": 0.0})
             if arm.start == 0:
-                ctx.log({"arm": arm_id, "method": arm_label, "seed": seed, "kind": "eval", "step": 0,
-                         "test_mse": _test_mse(model, xt, yt)})
+                ctx.log({**tag, "kind": "eval", "step": 0, "test_mse": _test_mse(model, xt, yt)})
             for step, xb, yb in steps_with_batches(arm, batches, total, arm_id):
                 clipper.backward(_loss(model(xb), yb))
                 info = clipper.step()
@@ -220,7 +220,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
                     n = arm.state["applied"]
                     ctx.log({
-                        "arm": arm_id, "method": arm_label, "seed": seed, "kind": "eval", "step": step + 1,
+                        **tag, "kind": "eval", "step": step + 1,
                         # the mean over the steps applied (NaN when every step was skipped)
                         "train_loss": arm.state["loss_sum"] / n if n else float("nan"),
                         "spike_rate": arm.state["spikes"] / n if n else float("nan"),

@@ -140,11 +140,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
         seed_everything(seed)
         model = NoisyObjective(cfg.dim, cfg.a, cfg.sigma, cfg.x0)
         lr = step_size(method, cfg.lr, cfg.clip, cfg.nsgd_lr)
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
         # the same noise stream for every method at a given (regime, seed): paired comparison
         g = torch.Generator().manual_seed(10_007 * seed + cfg.regimes.index(regime))
-        with rc.Clipper(model, opt, build_method(method, MethodParams(clip=cfg.clip, engine=cfg.engine))) as clipper:
-            arm = ctx.arm(arm_id, {"model": model, "optimizer": opt, "clipper": clipper}, {"noise": g},
+        with rc.Clipper(model, optimizer, build_method(method, MethodParams(clip=cfg.clip, engine=cfg.engine))) as clipper:
+            arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "clipper": clipper}, {"noise": g},
                           state={"norms": []})
             for _ in arm.steps(cfg.steps, desc=arm_id):
                 arm.state["norms"].append(float(model.true_grad().norm()))
