@@ -66,10 +66,12 @@ for step in range(epochs * steps_per_epoch):
     idx = order[b * batch_size : (b + 1) * batch_size]
     x, y = x_train[idx], y_train[idx]
     out = model(x)
-    clipper.backward(F.cross_entropy(out, y, reduction="none"))  # one loss per sample
+    losses = F.cross_entropy(out, y, reduction="none")  # one loss per sample
+    clipper.backward(losses)
     info = clipper.step()
-    loss_sum += info.loss
-    clipped_sum += info.clipped_fraction  # the share of this batch's samples that were clipped
+    loss_sum += losses.detach().mean()
+    if info.clipped_fraction is not None:  # the share of the batch's samples clipped (PS-Clip only)
+        clipped_sum += info.clipped_fraction
     if (step + 1) % steps_per_epoch == 0:  # an epoch's end: evaluate and print
         test_loss, test_acc = evaluate(x_test, y_test)
         print(f"epoch {epoch + 1:3d}  train loss {loss_sum.item() / steps_per_epoch:.4f}  "

@@ -137,7 +137,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
             meter.start_clock()
             for step, x, y in steps_with_batches(arm, batches, cfg.epochs * steps_per_epoch, arm_id):
                 out = model(x)
-                clipper.backward(_loss(out, y))  # one loss per sample
+                losses = _loss(out, y)  # one loss per sample
+                clipper.backward(losses)
                 info = clipper.step()
                 meter.add(info, out, y)
                 if (step + 1) % steps_per_epoch == 0:  # an epoch's end: evaluate, off the clock
