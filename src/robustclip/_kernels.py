@@ -40,7 +40,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ from robustclip import backends
 R = TypeVar("R")
 
 #: signature -> index of the candidate that was fastest when it was timed
-_CHOICES: dict[tuple, int] = {}
+_CHOICES: dict[tuple[Any, ...], int] = {}
 
 #: set inside :func:`plain_kernels`
 _PLAIN = False
@@ -69,7 +69,7 @@ def plain_kernels() -> Iterator[None]:
         _PLAIN = prev
 
 
-def chosen(key: tuple) -> int | None:
+def chosen(key: tuple[Any, ...]) -> int | None:
     """The choice for ``key``: 0 (the plain kernel) when autotuning is off
     (:data:`robustclip.backends.autotune`) or in deterministic mode, else the remembered one,
     ``None`` if it has not been timed yet."""
@@ -94,7 +94,7 @@ def _fastest(n: int, repeats: int, run: Callable[[int], object], before: Callabl
     return best.index(min(best))
 
 
-def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 5) -> R:
+def choose(key: tuple[Any, ...], candidates: Sequence[Callable[[], R]], repeats: int = 5) -> R:
     """Result of the fastest candidate for ``key``: timed on the first call (:func:`_fastest`),
     remembered afterwards. The candidates must compute the same value and have no side
     effects, since every one runs while timing."""
@@ -110,7 +110,7 @@ def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 5) 
     return last[0]
 
 
-def choose_inplace(key: tuple, out: Tensor, candidates: Sequence[Callable[[Tensor], object]], repeats: int = 3) -> None:
+def choose_inplace(key: tuple[Any, ...], out: Tensor, candidates: Sequence[Callable[[Tensor], object]], repeats: int = 3) -> None:
     """:func:`choose` for candidates that update a tensor in place: ``candidates[i](t)`` must
     leave the same value in ``t``. On the first call for ``key`` each candidate is timed on a
     scratch copy of ``out`` (refreshed before every run, outside the timer); then the fastest
@@ -170,7 +170,7 @@ def _layout(x: Tensor) -> str:
     return "s"
 
 
-def _signature(op: str, a: Tensor, b: Tensor) -> tuple:
+def _signature(op: str, a: Tensor, b: Tensor) -> tuple[Any, ...]:
     # sizes by power-of-two bucket, so that a new batch size (a last partial batch, Poisson
     # sampling) reuses the choice of its neighbours instead of timing again
     m, k = a.shape

@@ -170,6 +170,7 @@ def _randomized(
     after = torch.minimum(s[:, 0], tau)
     if q > rank:
         after = torch.maximum(after, s[:, rank])
+    assert finite is not None  # read from the first product with G
     return Decomposition(left, right, s[:, 0], after, finite, rank)
 
 

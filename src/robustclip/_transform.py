@@ -133,7 +133,7 @@ class Identity(GradientTransform[_EmptyState]):
         return grads, state
 
 
-def identity() -> GradientTransform:
+def identity() -> GradientTransform[Any]:
     """The transform that leaves the gradient as it is."""
     return Identity()
 

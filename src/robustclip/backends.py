@@ -27,7 +27,6 @@ Set it as an attribute, or for a block::
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 __all__ = ["autotune", "flags"]
@@ -40,13 +39,21 @@ autotune: bool = False
 def flags(*, autotune: bool | None = None) -> Iterator[None]:
     """Set the switches given inside a ``with`` block and restore them after it; ``None`` leaves
     a switch as it is."""
-    module = sys.modules[__name__]
-    prev = module.autotune
+    prev = _get_autotune()
     if autotune is not None:
         if not isinstance(autotune, bool):
             raise TypeError(f"autotune must be True or False, got {autotune!r}.")
-        module.autotune = autotune
+        _set_autotune(autotune)
     try:
         yield
     finally:
-        module.autotune = prev
+        _set_autotune(prev)
+
+
+def _get_autotune() -> bool:
+    return autotune
+
+
+def _set_autotune(value: bool) -> None:
+    global autotune
+    autotune = value
