@@ -62,6 +62,22 @@ def test_batch_level_methods(name, dtype):
         assert torch.allclose(info.grad_norm.double(), torch.tensor(O.flat_norm(g), dtype=torch.float64), rtol=1e-5)
 
 
+def test_per_sample_clip_sum_is_the_papers_box_by_hand():
+    """The reference itself, on numbers worked out by hand: ||(3, 4)|| = 5 is scaled to c = 2,
+    ||(0.6, 0.8)|| = 1 and a zero gradient are kept; an infinite radius clips nothing."""
+    grads = [
+        [torch.tensor([3.0]), torch.tensor([4.0])],
+        [torch.tensor([0.6]), torch.tensor([0.8])],
+        [torch.tensor([0.0]), torch.tensor([0.0])],
+    ]
+    total, num_clipped = per_sample_clip_sum(grads, 2.0)
+    assert num_clipped == 1
+    torch.testing.assert_close(torch.cat(total), torch.tensor([1.2 + 0.6, 1.6 + 0.8]))
+    total, num_clipped = per_sample_clip_sum(grads, float("inf"))
+    assert num_clipped == 0
+    torch.testing.assert_close(torch.cat(total), torch.tensor([3.6, 4.8]))
+
+
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", O.MODELS)

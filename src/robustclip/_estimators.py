@@ -300,7 +300,8 @@ class PerSample(Estimator[PerSampleState]):
         out: list[Tensor | None],
     ) -> tuple[Contribution, PerSampleState]:
         """``sum_i w_i g_i`` through the engine: :func:`per_sample_clip_sum` (or its
-        normalizing and per-layer forms) without ever holding the ``g_i``."""
+        normalizing and per-layer forms) without a list of every ``g_i``: the hook engine never
+        forms them, the others a chunk of samples at a time."""
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.rule == "normalize" else self._radii(state, layout)
         group_norms = accumulate_into(engine, losses, lambda sq: self.weights(sq, radii), out)
