@@ -4,7 +4,8 @@ The public API is what this module exports; everything in underscored modules is
 
 * :class:`Clipper` drives an optimizer with a gradient method.
 * Sample-level estimators: :func:`mean`, :func:`per_sample_clip`, :func:`per_sample_normalize`,
-  :func:`micro_batch_clip`.
+  :func:`micro_batch_clip`; write your own by subclassing :class:`Estimator` (it reports a
+  :class:`Contribution`).
 * Batch-level transforms: :func:`clip_by_global_norm`, :func:`clip_by_tensor_norm`,
   :func:`normalize`, :func:`l0l1_warmup`, :func:`spectral_clip`, composed with :func:`chain`.
 * Opt-in kernel autotuning: :mod:`robustclip.backends` (``rc.backends.autotune = True``).
