@@ -1,6 +1,11 @@
 """Step time and peak memory of per-sample clipping against the plain step and other tools.
 
-``python benchmarks/run.py --suite step --json PATH [--markdown]``
+``python benchmarks/run.py --suite step --json PATH [--markdown] [--autotune on|off]``
+
+``--autotune`` sets ``robustclip.backends.autotune`` for the timed steps and the memory
+processes (default ``off``, the library's default); every record says which. Record both
+settings with two runs, e.g. ``--autotune on --json step_on.json`` and ``--autotune off
+--json step_off.json --extra-json step_on.json --extra-label "autotune on" --markdown``.
 
 A *step* is zero_grad + forward + backward + clip + optimizer step (SGD, lr 0, so the weights
 stay fixed and every method sees the same model). Methods (record names):
@@ -90,6 +95,13 @@ def add_arguments(parser) -> None:
         help="'issue': the sizes of the issue; 'gpt2-small': GPT d=768, 12 layers, T=1024 (GPU)",
     )
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
+    parser.add_argument(
+        "--autotune",
+        choices=["on", "off"],
+        default="off",
+        help="robustclip.backends.autotune: time kernel candidates and keep the fastest (on), or "
+        "PyTorch's plain kernels (off, the default)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-check", action="store_true", help="skip max_rel_err")
     parser.add_argument(
@@ -347,6 +359,7 @@ def _memory_worker(conf: dict, queue) -> None:
         warnings.simplefilter("ignore")
         if conf["threads"]:
             torch.set_num_threads(conf["threads"])
+        rc.backends.autotune = conf["autotune"]
         model, x, y, losses = build(conf["model"], conf["device"], conf["scale"], conf["batch"])
         step = make_step(conf["method"], model, x, y, losses, conf["radius"], conf["batch_radius"])
         cuda = conf["device"].startswith("cuda")
@@ -396,6 +409,8 @@ def run(args) -> list[dict]:
     # the tools' warnings (Opacus' full-backward-hook notes, fallback notices) would drown the
     # JSON printed at the end; the benchmark measures, it does not diagnose
     warnings.simplefilter("ignore")
+    autotune = args.autotune == "on"
+    rc.backends.autotune = autotune
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
     have_opacus = opacus_available()
@@ -463,6 +478,7 @@ def run(args) -> list[dict]:
                 "ratio_vs_plain": round(med[method] / plain, 3) if plain and method in med else None,
                 "peak_mb": None,
                 "max_rel_err": errs.get(method),
+                "autotune": args.autotune,
             }
             if plain and method in med:
                 paired = sorted(r[method] / r["plain"] for r in rounds)
@@ -483,6 +499,7 @@ def run(args) -> list[dict]:
                     "batch_radius": batch_radius,
                     "warmup": 2,
                     "steps": 5,
+                    "autotune": autotune,
                 }
                 peaks, err = measure_memory(conf)
                 if peaks is not None:
@@ -539,6 +556,7 @@ def to_markdown(records: list[dict], args) -> str:
         "The paired ratio is the median over rounds of the method's median step in a round "
         "divided by the plain step's in the same round, with the interquartile range over "
         "rounds: a measure of how far the machine's noise moves the ratio. "
+        f"Kernel autotuning (`robustclip.backends.autotune`): {getattr(args, 'autotune', 'off')}. "
         f"Load average (1, 5, 15 min) when the table was written: {load}; other processes "
         "shared the CPU.",
         "",

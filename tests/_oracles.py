@@ -1,7 +1,8 @@
 """Obviously-correct reference implementations: loops over samples and micro-batches.
 
 Per-sample gradients come from a batch of one (``model(x[i:i+1])``), so nothing the library
-does (hooks, vmap, graph reuse) is involved.
+does (hooks, vmap, graph reuse) is involved. Per-sample clipping is the paper's box as
+``robustclip._estimators.per_sample_clip_sum`` states it, applied to those gradients.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustclip._estimators import per_sample_clip_sum
 from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
 
 
@@ -56,20 +58,19 @@ def clip_vec(gs, c):
 
 
 def per_sample_clip(model, loss_fn, x, y, params, c, per_layer_groups=None, radii=None):
-    acc = [torch.zeros_like(p) for p in params]
-    for gs in sample_grads(model, loss_fn, x, y, params):
-        if per_layer_groups is None:
-            scaled = clip_vec(gs, c)
-        else:
-            scaled = list(gs)
-            for gname, idx in per_layer_groups.items():
-                r = radii[gname] if radii is not None else c
-                part = clip_vec([gs[i] for i in idx], r)
-                for i, v in zip(idx, part):
-                    scaled[i] = v
-        for a, g in zip(acc, scaled):
-            a.add_(g)
-    return [a / x.shape[0] for a in acc]
+    """PS-Clip's mean ``(1/B) sum_i min(1, c/||g_i||) g_i`` (``c`` None: no clipping); with
+    ``per_layer_groups`` each group's part of ``g_i`` is clipped to its own radius."""
+    grads = sample_grads(model, loss_fn, x, y, params)
+    if per_layer_groups is None:
+        total, _ = per_sample_clip_sum(grads, math.inf if c is None else c)
+    else:
+        total = [torch.zeros_like(p) for p in params]
+        for gname, idx in per_layer_groups.items():
+            r = radii[gname] if radii is not None else c
+            part, _ = per_sample_clip_sum([[gs[i] for i in idx] for gs in grads], math.inf if r is None else r)
+            for i, v in zip(idx, part):
+                total[i] = v
+    return [t / x.shape[0] for t in total]
 
 
 def per_sample_normalize(model, loss_fn, x, y, params, gamma):

@@ -1,8 +1,11 @@
-"""Properties that hold for any input: no clipping = mean, bounded influence, chunking, state."""
+"""Properties that hold for any input: no clipping = mean, bounded influence, chunking, state;
+and one of the code itself: the core modules import each other without a circle."""
 
 from __future__ import annotations
 
+import ast
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +143,94 @@ def test_step_info_holds_device_tensors_until_as_dict():
     d = info.as_dict()
     assert d["num_samples"] == x.shape[0] and len(d["per_sample_norms"]) == x.shape[0]
     assert 0.0 <= d["clipped_fraction"] <= 1.0 and isinstance(d["loss"], float)
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def core_import_graph() -> dict[str, set[str]]:
+    """module -> the core modules it imports anywhere in its text (lazy imports inside
+    functions included), for ``src/robustclip/*.py`` and ``src/robustclip/per_sample/``.
+
+    A package's ``__init__`` importing its own submodules (its table of contents, or a registry
+    loading its entries) is left out: those submodules may import what the package defines
+    first, as the layer rules do with ``register``."""
+    root = SRC / "robustclip"
+    files = sorted(root.glob("*.py")) + sorted((root / "per_sample").rglob("*.py"))
+    modules = {_module_name(f): f for f in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                # `from pkg import sub` imports the submodule where there is one
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            own = name + "." if path.name == "__init__.py" else None
+            deps.update(t for t in targets if t in modules and t != name and not (own and t.startswith(own)))
+        graph[name] = deps
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """An import circle of ``graph`` (``[a, b, ..., a]``), or None: a depth-first search."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return path[path.index(d) :] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_core_modules_import_without_a_circle():
+    graph = core_import_graph()
+    # the rooms of the layout are there, with the imports it promises
+    assert {"robustclip._method", "robustclip._estimators", "robustclip._math", "robustclip._svd"} <= set(graph)
+    assert "robustclip._method" not in graph["robustclip._estimators"] | graph["robustclip._transform"]
+    assert "robustclip._math" in graph["robustclip._estimators"] & graph["robustclip._spectral"]
+    assert "robustclip.per_sample._grads" in graph["robustclip.per_sample._engine"]
+    circle = find_circle(graph)
+    assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+def test_the_import_graph_sees_a_circle(tmp_path, monkeypatch):
+    """The graph is built from the source text: a lazy import inside a function counts."""
+    pkg = tmp_path / "robustclip"
+    (pkg / "per_sample").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from robustclip import a\n")
+    (pkg / "per_sample" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from robustclip import b\n")
+    (pkg / "b.py").write_text("def f():\n    from robustclip.a import x\n")
+    (pkg / "c.py").write_text("import robustclip.a\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["SRC"]), "SRC", tmp_path)
+    graph = core_import_graph()
+    assert graph["robustclip.a"] == {"robustclip.b"} and graph["robustclip.b"] == {"robustclip.a"}
+    assert graph["robustclip.c"] == {"robustclip.a"} and graph["robustclip"] == set()
+    assert find_circle(graph) == ["robustclip.a", "robustclip.b", "robustclip.a"]
+    assert find_circle({"x": {"y"}, "y": set()}) is None

@@ -1,11 +1,12 @@
-"""robustclip._kernels: every candidate kernel against a float64 product, and the timed choice."""
+"""robustclip._kernels: every candidate kernel against a float64 product, the timed choice
+(robustclip.backends.autotune on; the switch itself and its default are in test_backends.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from robustclip import _kernels
+from robustclip import _kernels, backends
 
 N_CANDIDATES = 4 if _kernels.ONEDNN_MATMUL else 2
 
@@ -22,7 +23,9 @@ def operand(shape: tuple[int, int], layout: str, dtype: torch.dtype, seed: int) 
 
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
+    """Autotuning on, with a fresh choice cache: these tests are about the timed choice."""
     monkeypatch.setattr(_kernels, "_CHOICES", {})
+    monkeypatch.setattr(backends, "autotune", True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -218,3 +221,4 @@ def test_sum_of_squares_of_complex_and_real_tensors_exactly():
     assert got.dtype == torch.float32 and float(got) == 35.0
     got = _kernels.sum_of_squares([torch.tensor([3 + 4j], dtype=torch.complex128)])
     assert got.dtype == torch.float64 and float(got) == 25.0
+

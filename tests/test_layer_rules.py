@@ -302,6 +302,7 @@ def test_embedding_index_norm_is_exact_with_repeats(padding_idx):
     check_rule(layer, idx)
 
 
+@pytest.mark.usefixtures("autotune_on")
 def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkeypatch):
     """The first call for a layer shape times both per-sample kernels and remembers the faster;
     both give the same per-sample gradients; deterministic mode always takes im2col."""

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import robustclip as rc
+from robustclip._estimators import per_sample_clip_sum
 from robustclip.per_sample import ENGINES
 
 from . import _oracles as O
@@ -61,6 +62,22 @@ def test_batch_level_methods(name, dtype):
         assert torch.allclose(info.grad_norm.double(), torch.tensor(O.flat_norm(g), dtype=torch.float64), rtol=1e-5)
 
 
+def test_per_sample_clip_sum_is_the_papers_box_by_hand():
+    """The reference itself, on numbers worked out by hand: ||(3, 4)|| = 5 is scaled to c = 2,
+    ||(0.6, 0.8)|| = 1 and a zero gradient are kept; an infinite radius clips nothing."""
+    grads = [
+        [torch.tensor([3.0]), torch.tensor([4.0])],
+        [torch.tensor([0.6]), torch.tensor([0.8])],
+        [torch.tensor([0.0]), torch.tensor([0.0])],
+    ]
+    total, num_clipped = per_sample_clip_sum(grads, 2.0)
+    assert num_clipped == 1
+    torch.testing.assert_close(torch.cat(total), torch.tensor([1.2 + 0.6, 1.6 + 0.8]))
+    total, num_clipped = per_sample_clip_sum(grads, float("inf"))
+    assert num_clipped == 0
+    torch.testing.assert_close(torch.cat(total), torch.tensor([3.6, 4.8]))
+
+
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", O.MODELS)
@@ -76,7 +93,8 @@ def test_per_sample_methods(name, dtype, engine):
     ref = O.per_sample_clip(model, loss_fn, x, y, params, c)
     assert O.max_rel_err(got, ref) <= TOL[dtype]
     assert torch.allclose(info.per_sample_norms.double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
-    expected_frac = sum(n > c for n in norms) / len(norms)
+    _, num_clipped = per_sample_clip_sum(O.sample_grads(model, loss_fn, x, y, params), c)
+    expected_frac = num_clipped / len(norms)
     assert float(info.clipped_fraction) == pytest.approx(expected_frac)
 
     got, _ = run_clipper(rc.per_sample_normalize(0.01, engine=engine), model, opt, [(x, y)], loss_fn)
@@ -243,12 +261,10 @@ def test_first_contribution_owns_its_gradients(method):
 
 def test_custom_estimator_that_only_adds_gets_zero_filled_buffers():
     """An estimator written to add into ``out`` (``writes_new_grads`` False) never sees None."""
-    from robustclip._estimators import Contribution
-
     class AddOnly(rc.Estimator):
         def contribute(self, losses, state, layout, engine, out):
             torch._foreach_add_(out, torch.autograd.grad(losses.sum(), layout.params))
-            return Contribution(losses.shape[0]), state
+            return rc.Contribution(losses.shape[0]), state
 
     model = nn.Linear(3, 2)
     x = torch.randn(4, 3)
@@ -305,10 +321,10 @@ def test_first_backward_is_autograds_own_accumulation(method, monkeypatch):
     (no copy), and only there: a parameter the optimizer does not hold gets no gradient, one the
     loss does not reach gets zeros. Under DDP (``direct_backward`` off) the same numbers come
     from ``autograd.grad``."""
-    from robustclip import _estimators
+    from robustclip.per_sample import _grads
 
     results = {}
-    real = _estimators._grads
+    real = _grads.autograd_grads
     for direct in (True, False):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -320,7 +336,7 @@ def test_first_backward_is_autograds_own_accumulation(method, monkeypatch):
         clipper = rc.Clipper(model, torch.optim.SGD(params, lr=0.0), est, allow_unused=True)
         clipper.layout.direct_backward = direct
         calls = []
-        monkeypatch.setattr(_estimators, "_grads", lambda loss, ps, calls=calls: calls.append(1) or real(loss, ps))
+        monkeypatch.setattr(_grads, "autograd_grads", lambda loss, ps, calls=calls: calls.append(1) or real(loss, ps))
         xs = [torch.randn(5, 3), torch.randn(3, 3)]
         for x in xs:
             clipper.backward(model(x).pow(2).sum(1))
@@ -394,11 +410,11 @@ def test_gradients_sharing_a_buffer_are_copied(method):
 def test_no_direct_backward_under_an_initialized_process_group(monkeypatch):
     """With a process group up (a distributed wrapper anywhere in the model), the first
     backward goes through autograd.grad: no wrapper hook sees an unclipped gradient."""
-    from robustclip import _estimators
+    from robustclip.per_sample import _grads
 
     calls = []
-    real = _estimators._grads
-    monkeypatch.setattr(_estimators, "_grads", lambda loss, ps: calls.append(1) or real(loss, ps))
+    real = _grads.autograd_grads
+    monkeypatch.setattr(_grads, "autograd_grads", lambda loss, ps: calls.append(1) or real(loss, ps))
     model = nn.Linear(3, 2)
     clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.micro_batch_clip(1.0))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

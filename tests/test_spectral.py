@@ -12,7 +12,8 @@ from torch import nn
 
 import robustclip as rc
 from robustclip import thresholds as th
-from robustclip._spectral import clip_singular_values, spectral_clip
+from robustclip._spectral import spectral_clip
+from robustclip._svd import clip_singular_values
 from robustclip._transform import StepContext
 from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
 

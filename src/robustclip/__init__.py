@@ -4,24 +4,27 @@ The public API is what this module exports; everything in underscored modules is
 
 * :class:`Clipper` drives an optimizer with a gradient method.
 * Sample-level estimators: :func:`mean`, :func:`per_sample_clip`, :func:`per_sample_normalize`,
-  :func:`micro_batch_clip`.
+  :func:`micro_batch_clip`; write your own by subclassing :class:`Estimator` (it reports a
+  :class:`Contribution`).
 * Batch-level transforms: :func:`clip_by_global_norm`, :func:`clip_by_tensor_norm`,
   :func:`normalize`, :func:`l0l1_warmup`, :func:`spectral_clip`, composed with :func:`chain`.
+* Opt-in kernel autotuning: :mod:`robustclip.backends` (``rc.backends.autotune = True``).
 * Thresholds for every clipping radius: :mod:`robustclip.thresholds`.
 * Which clipping a problem needs: :mod:`robustclip.diagnostics`.
 """
 
-from robustclip import diagnostics, thresholds
+from robustclip import backends, diagnostics, thresholds
 from robustclip._batchnorm import convert_batchnorm_to_groupnorm
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import (
+    Contribution,
     Estimator,
-    Method,
     mean,
     micro_batch_clip,
     per_sample_clip,
     per_sample_normalize,
 )
+from robustclip._method import Method, chain
 from robustclip._norm_transforms import (
     clip_by_global_norm,
     clip_by_tensor_norm,
@@ -29,19 +32,21 @@ from robustclip._norm_transforms import (
     normalize,
 )
 from robustclip._spectral import spectral_clip
-from robustclip._transform import GradientTransform, StepContext, chain, identity
+from robustclip._transform import GradientTransform, StepContext, identity
 from robustclip.per_sample import PerSampleFallbackWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Clipper",
+    "Contribution",
     "Estimator",
     "GradientTransform",
     "Method",
     "PerSampleFallbackWarning",
     "StepContext",
     "StepInfo",
+    "backends",
     "chain",
     "clip_by_global_norm",
     "clip_by_tensor_norm",

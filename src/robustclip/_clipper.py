@@ -19,11 +19,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustclip import _distributed, _kernels
 from robustclip._batchnorm import check_no_training_batchnorm
-from robustclip._estimators import Method, as_method
-from robustclip._transform import StepContext, global_norm
+from robustclip._math import global_norm
+from robustclip._method import Method, as_method
+from robustclip._transform import StepContext
 from robustclip._validate import check_losses
 from robustclip.per_sample import ParamLayout
-from robustclip.per_sample._engine import fill_missing, unwrap_model
+from robustclip.per_sample._engine import unwrap_model
+from robustclip.per_sample._grads import fill_missing
 from robustclip.per_sample._graph import reached_leaves
 
 log = logging.getLogger("robustclip")

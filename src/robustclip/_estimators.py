@@ -16,23 +16,61 @@ estimator              contribution of one micro-batch k           count
 
 References: PS-Clip-SGD and micro-batch clipping, Nobile & Grohs, arXiv:2605.02701;
 per-sample normalization ("automatic clipping"), Bu et al., arXiv:2206.07136.
+
+:func:`per_sample_clip_sum` writes PS-Clip-SGD's sum out plainly, as the reference the fast
+engines are tested against. Who owns ``p.grad`` while a step accumulates, and how a first
+contribution becomes the gradient without a copy, is in ``per_sample/_grads.py``; pairing an
+estimator with transforms (``Method``, ``chain``) is one floor up, in ``_method.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-from robustclip._norm_transforms import clip_coefficient
-from robustclip._transform import Chain, GradientTransform, global_norm
+from robustclip._math import clip_coefficient, global_norm
+from robustclip._transform import state_from_plain, state_to_plain
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
-from robustclip.per_sample._engine import accumulate_into, auto_engine, new_grad
+from robustclip.per_sample._engine import accumulate_into, auto_engine
+from robustclip.per_sample._grads import add_into, gradients
 from robustclip.thresholds import Threshold, as_threshold
+
+__all__ = [
+    "Contribution",
+    "Estimator",
+    "mean",
+    "micro_batch_clip",
+    "per_sample_clip",
+    "per_sample_clip_sum",
+    "per_sample_normalize",
+]
+
+#: an estimator's state: a NamedTuple of threshold states (``()`` for a stateless one)
+S = TypeVar("S")
+
+
+def per_sample_clip_sum(per_sample_grads: Sequence[Sequence[Tensor]], c: float) -> tuple[list[Tensor], int]:
+    """PS-Clip-SGD's box (Nobile & Grohs, arXiv:2605.02701), as plainly as it can be written:
+    ``sum_i min(1, c/||g_i||) g_i`` over the samples' gradients ``g_i`` (each a list of
+    per-parameter tensors; ``||g_i||`` the L2 norm over all of them), and how many samples were
+    scaled down. The clipper divides the sum by the batch size at ``step()``. A reference, one
+    sample at a time with float64 norms on the host; training computes the same sum with a
+    per-sample engine (:class:`PerSample`) and never holds the ``g_i``."""
+    clipped_sum = [torch.zeros_like(t) for t in per_sample_grads[0]]
+    num_clipped = 0
+    for g_i in per_sample_grads:
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g_i))
+        scale = min(1.0, c / norm) if norm > 0 else 1.0
+        num_clipped += scale < 1.0
+        for acc, t in zip(clipped_sum, g_i):
+            acc.add_(t * scale)
+    return clipped_sum, num_clipped
 
 
 @dataclass
@@ -47,8 +85,14 @@ class Contribution:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Estimator:
-    """Base class of sample-level estimators."""
+class Estimator(Generic[S]):
+    """Base class of sample-level estimators, generic in their state type ``S``.
+
+    :meth:`contribute` sees the public types of :mod:`robustclip.per_sample`: the
+    :class:`~robustclip.per_sample.ParamLayout` (parameters, names, layer groups) and, for a
+    per-sample estimator, its :class:`~robustclip.per_sample.PerSampleEngine`; it reports a
+    :class:`Contribution`.
+    """
 
     name = "estimator"
     #: True if the estimator needs one loss per sample (and so a per-sample engine)
@@ -57,126 +101,49 @@ class Estimator:
     #: step) and puts new tensors there; otherwise the clipper hands it zero-filled buffers
     writes_new_grads = False
 
-    def init(self, layout: ParamLayout, device: torch.device) -> Any:
-        return ()
+    def init(self, layout: ParamLayout, device: torch.device) -> S:
+        return cast(S, ())
 
     def contribute(
         self,
         losses: Tensor,
-        state: Any,
+        state: S,
         layout: ParamLayout,
         engine: PerSampleEngine | None,
         out: list[Tensor | None],
-    ) -> tuple[Contribution, Any]:
+    ) -> tuple[Contribution, S]:
         """Add this (micro-)batch's contribution to ``out`` (aligned with ``layout.params``); a
         ``None`` entry (no gradient yet this step) gets a new tensor laid out like its
         parameter."""
         raise NotImplementedError
 
-    def state_to_dict(self, state: Any) -> Any:
-        from robustclip._transform import state_to_plain
-
+    def state_to_dict(self, state: S) -> Any:
         return state_to_plain(state)
 
-    def state_from_dict(self, template: Any, data: Any) -> Any:
-        from robustclip._transform import state_from_plain
-
-        return state_from_plain(template, data)
+    def state_from_dict(self, template: S, data: Any) -> S:
+        return cast(S, state_from_plain(template, data))
 
 
-def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
-    # autograd.grad, not backward(): the estimator owns accumulation, and DDP's reducer hooks
-    # stay silent (the clipper all-reduces once per step itself).
-    gs = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
-
-
-def _direct_grads(loss: Tensor, layout: ParamLayout, out: list[Tensor | None]) -> list[Tensor] | None:
-    """The first gradient of a step written by autograd into ``p.grad`` (as a plain
-    ``backward()`` does), or ``None`` where that is not allowed, so the caller falls back to
-    :func:`_grads`. The caller may change the returned tensors in place: autograd's
-    accumulation copies a gradient another reference holds (a tensor hook, another parameter),
-    and what it keeps as a view into a larger buffer (a parameter used through ``torch.cat`` or
-    ``view``, whose buffer a hook may hold) is copied here. A copy of every gradient would be
-    one more pass over new memory, which costs more than the pass itself.
-
-    Not allowed: when the clipper forbids it (``ParamLayout.direct_backward``: DDP), whenever a
-    process group is initialized (a distributed wrapper's hooks on the accumulation would
-    reduce the unclipped gradient), after an earlier contribution, and with post-accumulate
-    hooks, which would see an unclipped gradient."""
-    params = layout.params
-    if not layout.direct_backward or any(o is not None for o in out):
-        return None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return None
-    if any(p.grad is not None or getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
-        return None
-    loss.backward(inputs=params)
-    grads = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            g = torch.zeros_like(p)
-        elif g.storage_offset() != 0 or g.untyped_storage().nbytes() != g.numel() * g.element_size():
-            g = g.clone()  # shares a buffer with other tensors
-        grads.append(g)
-    return grads
-
-
-def _gradients(loss: Tensor, layout: ParamLayout, out: list[Tensor | None]) -> tuple[list[Tensor], bool]:
-    """The gradients of ``loss``, and whether they are tensors of the clipper's own
-    (:func:`_direct_grads`) rather than autograd's results, which others may hold."""
-    direct = _direct_grads(loss, layout, out)
-    return (direct, True) if direct is not None else (_grads(loss, layout.params), False)
-
-
-def _add_into(
-    out: list[Tensor | None],
-    values: list[Tensor],
-    params: list[Tensor],
-    coef: Tensor | None = None,
-    owned: bool = False,
-) -> None:
-    """``out += coef * values`` (``coef`` 1 if None), fused over the entries that exist; a
-    ``None`` entry gets a new tensor, laid out like its parameter, or, if the values are
-    ``owned`` (see :func:`_gradients`), the value itself, scaled where it is."""
-    have = [i for i, o in enumerate(out) if o is not None]
-    if have:
-        dst, src = [out[i] for i in have], [values[i] for i in have]
-        if coef is None:
-            torch._foreach_add_(dst, src)  # type: ignore[arg-type]
-        else:
-            torch._foreach_addcmul_(dst, src, [coef] * len(src))  # type: ignore[arg-type]
-    missing = [i for i, o in enumerate(out) if o is None]
-    if not missing:
-        return
-    src = [values[i] for i in missing]
-    if owned:  # tensors of our own, laid out like their parameters: scaled where they are
-        if coef is not None:
-            torch._foreach_mul_(src, coef)  # type: ignore[arg-type]
-        for i, v in zip(missing, src):
-            out[i] = v
-        return
-    # new tensors, not autograd's results themselves: a gradient hook may hold those, and
-    # autograd may hand one tensor to two parameters
-    new = torch._foreach_mul(src, coef) if coef is not None else [v.clone() for v in src]
-    for i, v in zip(missing, new):
-        out[i] = new_grad(params[i], v)
-
-
-class Mean(Estimator):
+class Mean(Estimator[tuple[()]]):
     """The mini-batch mean gradient: plain SGD, the baseline."""
 
     name = "mean"
     writes_new_grads = True
 
-    def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
+    def contribute(
+        self,
+        losses: Tensor,
+        state: tuple[()],
+        layout: ParamLayout,
+        engine: PerSampleEngine | None,
+        out: list[Tensor | None],
+    ) -> tuple[Contribution, tuple[()]]:
         if losses.dim() == 0:
             total, count = losses, 1
         else:
             total, count = losses.sum(), losses.shape[0]
-        g, owned = _gradients(total, layout, out)
-        _add_into(out, g, layout.params, owned=owned)
+        g, owned = gradients(total, layout.params, layout.direct_backward, out)
+        add_into(out, g, layout.params, owned=owned)
         return Contribution(count), state
 
     def __repr__(self) -> str:
@@ -187,7 +154,7 @@ class MicroBatchClipState(NamedTuple):
     threshold: Any
 
 
-class MicroBatchClip(Estimator):
+class MicroBatchClip(Estimator[MicroBatchClipState]):
     """Clip each micro-batch's mean gradient before accumulating (arXiv:2605.02701, Sec. 4).
 
     With K micro-batches per step the gradient is ``(1/K) sum_k clip_c(gbar_k)``. Compare with
@@ -200,17 +167,24 @@ class MicroBatchClip(Estimator):
     def __init__(self, max_norm: float | Threshold) -> None:
         self.threshold = as_threshold(max_norm)
 
-    def init(self, layout, device):  # type: ignore[override]
+    def init(self, layout: ParamLayout, device: torch.device) -> MicroBatchClipState:
         return MicroBatchClipState(self.threshold.init(device))
 
-    def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
+    def contribute(
+        self,
+        losses: Tensor,
+        state: MicroBatchClipState,
+        layout: ParamLayout,
+        engine: PerSampleEngine | None,
+        out: list[Tensor | None],
+    ) -> tuple[Contribution, MicroBatchClipState]:
         mean_loss = losses if losses.dim() == 0 else losses.mean()
-        g, owned = _gradients(mean_loss, layout, out)
+        g, owned = gradients(mean_loss, layout.params, layout.direct_backward, out)
         norm = global_norm(g)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
-        _add_into(out, g, layout.params, coef.to(g[0].dtype), owned=owned)
+        add_into(out, g, layout.params, coef.to(g[0].dtype), owned=owned)
         norm1 = norm.reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)
@@ -220,10 +194,10 @@ class MicroBatchClip(Estimator):
 
 
 class PerSampleState(NamedTuple):
-    thresholds: tuple  # one threshold state (flat rule) or one per layer group
+    thresholds: tuple[Any, ...]  # one threshold state (flat rule) or one per layer group
 
 
-class PerSample(Estimator):
+class PerSample(Estimator[PerSampleState]):
     """Per-sample weighting ``sum_i w_i g_i``, computed by a per-sample engine.
 
     ``rule`` is ``"clip"`` (``w = min(1, c/||g_i||)``) or ``"normalize"``
@@ -297,7 +271,7 @@ class PerSample(Estimator):
         n = layout.num_groups if self.per_layer else 1
         return [self.threshold] * n
 
-    def init(self, layout, device):  # type: ignore[override]
+    def init(self, layout: ParamLayout, device: torch.device) -> PerSampleState:
         if self.rule == "normalize":
             return PerSampleState(())
         return PerSampleState(tuple(t.init(device) for t in self._group_thresholds(layout)))
@@ -317,8 +291,18 @@ class PerSample(Estimator):
             return clip_coefficient(group_sq.sqrt(), radii.to(group_sq.device))
         return clip_coefficient(group_sq.sum(0, keepdim=True).sqrt(), radii.to(group_sq.device))
 
-    def contribute(self, losses, state, layout, engine, out):  # type: ignore[override]
-        assert engine is not None
+    def contribute(
+        self,
+        losses: Tensor,
+        state: PerSampleState,
+        layout: ParamLayout,
+        engine: PerSampleEngine | None,
+        out: list[Tensor | None],
+    ) -> tuple[Contribution, PerSampleState]:
+        """``sum_i w_i g_i`` through the engine: :func:`per_sample_clip_sum` (or its
+        normalizing and per-layer forms) without a list of every ``g_i``: the hook engine never
+        forms them, the others a chunk of samples at a time."""
+        assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.rule == "normalize" else self._radii(state, layout)
         group_norms = accumulate_into(engine, losses, lambda sq: self.weights(sq, radii), out)
         flat = group_norms.pow(2).sum(0).sqrt()
@@ -345,54 +329,10 @@ class PerSample(Estimator):
         return f"per_sample_clip({radius!r}, per_layer={self.per_layer}, engine={self.engine!r})"
 
 
-@dataclass(frozen=True)
-class Method:
-    """A sample-level estimator followed by a chain of batch-level transforms."""
-
-    estimator: Estimator
-    transform: Chain
-
-    def __post_init__(self) -> None:
-        # a single transform (or none) given directly is a chain of one (or of none)
-        t = self.transform
-        if t is None:
-            object.__setattr__(self, "transform", Chain(()))
-        elif isinstance(t, GradientTransform) and not isinstance(t, Chain):
-            object.__setattr__(self, "transform", Chain((t,)))
-        elif not isinstance(t, Chain):
-            raise TypeError(
-                f"Method's transform must be a transform such as rc.clip_by_global_norm(1.0) or "
-                f"rc.chain(...) of them, got {type(t).__name__}."
-            )
-
-    def __repr__(self) -> str:
-        parts = [repr(self.estimator), *(repr(t) for t in self.transform.transforms)]
-        return "chain(" + ", ".join(parts) + ")"
-
-
-def as_method(method: Any) -> Method:
-    """Normalise anything the Clipper accepts into a :class:`Method`."""
-    if method is None:
-        return Method(Mean(), Chain(()))
-    if isinstance(method, Method):
-        return method
-    if isinstance(method, Estimator):
-        return Method(method, Chain(()))
-    if isinstance(method, Chain):
-        return Method(Mean(), method)
-    if isinstance(method, GradientTransform):
-        return Method(Mean(), Chain((method,)))
-    raise TypeError(
-        f"Clipper got {type(method).__name__} as its method; pass an estimator such as "
-        "rc.per_sample_clip(1.0), a transform such as rc.clip_by_global_norm(1.0), or "
-        "rc.chain(...) of them."
-    )
-
-
 # -- public factories ------------------------------------------------------------------------------
 
 
-def mean() -> Estimator:
+def mean() -> Estimator[Any]:
     """The plain mini-batch mean gradient (SGD's estimator)."""
     return Mean()
 
@@ -403,7 +343,7 @@ def per_sample_clip(
     per_layer: bool = False,
     engine: str = "auto",
     max_chunk_elements: int = 2**26,
-) -> Estimator:
+) -> Estimator[Any]:
     """PS-Clip-SGD's estimator: ``g = (1/B) sum_i min(1, c/||g_i||) g_i`` (arXiv:2605.02701).
 
     Args:
@@ -427,11 +367,11 @@ def per_sample_clip(
 
 def per_sample_normalize(
     gamma: float = 0.01, *, engine: str = "auto", max_chunk_elements: int = 2**26
-) -> Estimator:
+) -> Estimator[Any]:
     """Per-sample normalization ("automatic clipping", arXiv:2206.07136): ``g_i/(||g_i|| + gamma)``."""
     return PerSample("normalize", gamma=gamma, engine=engine, max_chunk_elements=max_chunk_elements)
 
 
-def micro_batch_clip(max_norm: float | Threshold) -> Estimator:
+def micro_batch_clip(max_norm: float | Threshold) -> Estimator[Any]:
     """Clip each micro-batch's mean gradient to norm ``c`` before accumulating (arXiv:2605.02701)."""
     return MicroBatchClip(max_norm)

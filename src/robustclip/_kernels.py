@@ -1,19 +1,25 @@
-"""Timed kernel choices for the products robustclip computes itself.
+"""Kernel choices for the products robustclip computes itself, timed when
+:data:`robustclip.backends.autotune` is on.
 
 Several operations have more than one correct kernel, and which is fastest depends on the
 machine, the shapes and the memory layout, often by 2x or more, in directions no operation
-count predicts. Like ``torch.backends.cudnn.benchmark``, the first call for a *signature* times
-every candidate and later calls reuse the fastest (:func:`choose`). Under
-``torch.use_deterministic_algorithms(True)`` the first candidate (the plain PyTorch kernel) is
-always used, so that a run resumed in a new process rounds exactly as the original did.
+count predicts. With ``robustclip.backends.autotune = True``, like
+``torch.backends.cudnn.benchmark``, the first call for a *signature* times every candidate and
+later calls reuse the fastest (:func:`choose`). Off (the default), and under
+``torch.use_deterministic_algorithms(True)``, the first candidate (the plain PyTorch kernel) is
+always used and nothing is timed or remembered: :func:`matmul` is ``torch.matmul``,
+:func:`addmm_` is ``Tensor.addmm_``, and a choice made through :func:`chosen` (the per-sample
+convolution kernel of ``per_sample/rules/conv.py``: im2col) is candidate 0. A run resumed in a
+new process then rounds exactly as the original did.
 
-:func:`matmul` uses this for float32 and bfloat16 products on the CPU. PyTorch multiplies
-float32 matrices there with its BLAS (MKL on x86 builds); oneDNN, which PyTorch also ships, is
-1.5-3x faster on some CPUs for the thin and medium products of robustclip (on a 2-core AMD EPYC
-with AVX-512: the clipped weight gradient of a 784x512 layer at batch 256 in 0.50 ms instead of
-1.02 ms; ``G^T Z`` for a 768x3072 ``G`` and 16 columns in 0.22 ms instead of 0.69 ms), and the
-best operand order differs by layout. Both kernels compute in float32 with float32
-accumulation; only the rounding order differs.
+:func:`matmul` uses the timed choice for float32 and bfloat16 products on the CPU. PyTorch
+multiplies float32 matrices there with its BLAS (MKL on x86 builds); oneDNN, which PyTorch also
+ships, is 1.5-3x faster on some CPUs for the thin and medium products of robustclip (on a 2-core
+AMD EPYC with AVX-512: the clipped weight gradient of a 784x512 layer at batch 256 in 0.50 ms
+instead of 1.02 ms; ``G^T Z`` for a 768x3072 ``G`` and 16 columns in 0.22 ms instead of
+0.69 ms), and the best operand order differs by layout. oneDNN's product is reached through a
+private PyTorch op, which is one more reason autotuning is opt-in. Both kernels compute in
+float32 with float32 accumulation; only the rounding order differs.
 
 Updates in place (``out += a @ b``, :func:`addmm_`) stay on PyTorch's BLAS: oneDNN's products
 return a new tensor as large as ``out``, and inside a training step, among other large
@@ -23,6 +29,9 @@ the inner dimension of a low-rank update whose trailing columns are zero, and wh
 it by column blocks: MKL's update of a 3072x768 float32 matrix takes 0.17 ms with an inner
 dimension of 8 and 0.33 ms with 16, but for 768x3072 it takes 0.69 ms with 8 and 0.53 ms with
 16, and 0.38 ms as four 768x768 blocks of inner dimension 8.
+
+:func:`sum_of_squares` is not timed: it streams large CPU float tensors through BLAS ``dot`` by
+a fixed rule, whatever the switch.
 """
 
 from __future__ import annotations
@@ -31,15 +40,17 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
+from robustclip import backends
+
 R = TypeVar("R")
 
 #: signature -> index of the candidate that was fastest when it was timed
-_CHOICES: dict[tuple, int] = {}
+_CHOICES: dict[tuple[Any, ...], int] = {}
 
 #: set inside :func:`plain_kernels`
 _PLAIN = False
@@ -58,10 +69,11 @@ def plain_kernels() -> Iterator[None]:
         _PLAIN = prev
 
 
-def chosen(key: tuple) -> int | None:
-    """The remembered choice for ``key``: 0 (the plain kernel) in deterministic mode, ``None``
-    if it has not been timed yet."""
-    if torch.are_deterministic_algorithms_enabled():
+def chosen(key: tuple[Any, ...]) -> int | None:
+    """The choice for ``key``: 0 (the plain kernel) when autotuning is off
+    (:data:`robustclip.backends.autotune`) or in deterministic mode, else the remembered one,
+    ``None`` if it has not been timed yet."""
+    if not backends.autotune or torch.are_deterministic_algorithms_enabled():
         return 0
     return _CHOICES.get(key)
 
@@ -82,7 +94,7 @@ def _fastest(n: int, repeats: int, run: Callable[[int], object], before: Callabl
     return best.index(min(best))
 
 
-def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 5) -> R:
+def choose(key: tuple[Any, ...], candidates: Sequence[Callable[[], R]], repeats: int = 5) -> R:
     """Result of the fastest candidate for ``key``: timed on the first call (:func:`_fastest`),
     remembered afterwards. The candidates must compute the same value and have no side
     effects, since every one runs while timing."""
@@ -98,7 +110,7 @@ def choose(key: tuple, candidates: Sequence[Callable[[], R]], repeats: int = 5) 
     return last[0]
 
 
-def choose_inplace(key: tuple, out: Tensor, candidates: Sequence[Callable[[Tensor], object]], repeats: int = 3) -> None:
+def choose_inplace(key: tuple[Any, ...], out: Tensor, candidates: Sequence[Callable[[Tensor], object]], repeats: int = 3) -> None:
     """:func:`choose` for candidates that update a tensor in place: ``candidates[i](t)`` must
     leave the same value in ``t``. On the first call for ``key`` each candidate is timed on a
     scratch copy of ``out`` (refreshed before every run, outside the timer); then the fastest
@@ -113,6 +125,7 @@ def choose_inplace(key: tuple, out: Tensor, candidates: Sequence[Callable[[Tenso
 
 
 def _onednn_available() -> bool:
+    # only looked up here, never called: a PyTorch without the op leaves the BLAS candidates
     try:
         torch.ops.mkldnn._linear_pointwise  # noqa: B018 - resolving the op is the check
     except (AttributeError, RuntimeError):
@@ -132,7 +145,8 @@ def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
 
 def _routable(a: Tensor, b: Tensor) -> bool:
     return (
-        ONEDNN_MATMUL
+        backends.autotune
+        and ONEDNN_MATMUL
         and torch.backends.mkldnn.enabled
         and a.device.type == "cpu"
         and a.dtype == b.dtype
@@ -156,7 +170,7 @@ def _layout(x: Tensor) -> str:
     return "s"
 
 
-def _signature(op: str, a: Tensor, b: Tensor) -> tuple:
+def _signature(op: str, a: Tensor, b: Tensor) -> tuple[Any, ...]:
     # sizes by power-of-two bucket, so that a new batch size (a last partial batch, Poisson
     # sampling) reuses the choice of its neighbours instead of timing again
     m, k = a.shape
@@ -175,9 +189,10 @@ def _candidates(a: Tensor, b: Tensor, rows: bool = False) -> tuple[Callable[[], 
 
 
 def matmul(a: Tensor, b: Tensor, rows: bool = False) -> Tensor:
-    """``a @ b`` with the fastest kernel for float32 and bfloat16 CPU matrices (2-D, or a batch
-    of them as 3-D tensors); the result may be column-major unless ``rows`` asks for a
-    row-major one. Anything else is ``torch.matmul``."""
+    """``a @ b``: with :data:`robustclip.backends.autotune` on, by the fastest kernel for
+    float32 and bfloat16 CPU matrices (2-D, or a batch of them as 3-D tensors), and the result
+    may then be column-major unless ``rows`` asks for a row-major one. Anything else, and
+    everything with autotuning off, is ``torch.matmul``."""
     if a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]:
         if a.shape[0] == 0 or not _routable(a[0], b[0]):
             return a @ b
@@ -202,10 +217,10 @@ def addmm_(out: Tensor, a: Tensor, b: Tensor, inner: int | None = None) -> Tenso
     (``a``'s columns there, or ``b``'s rows, are zero; ``None``: no such promise). For float32
     CPU matrices the fastest of three ways is timed once per signature (see the module
     docstring): the full product, the product over the first ``inner`` columns, and the latter
-    by square column blocks. They add the same terms
-    (the others are zero), in a different rounding order; in float32 accumulation either way.
-    Anything else (the blocks would round a bfloat16 product before adding it), and
-    deterministic mode, is ``out.addmm_(a, b)``."""
+    by square column blocks, when :data:`robustclip.backends.autotune` is on. They add the same
+    terms (the others are zero), in a different rounding order; in float32 accumulation either
+    way. Anything else (the blocks would round a bfloat16 product before adding it), autotuning
+    off and deterministic mode is ``out.addmm_(a, b)``."""
     k = a.shape[-1]
     plain = inner is None or inner >= k or out.dim() != 2 or out.dtype != a.dtype
     if plain or a.dtype != torch.float32 or not _routable(a, b):

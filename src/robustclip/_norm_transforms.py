@@ -6,37 +6,36 @@
   ``gamma = 1/(L0 + L1 (f(x) - f*))``.
 
 No clip coefficient is tested on the host (``if coef < 1`` would sync with the device): the
-gradient is multiplied by a clamped coefficient, as ``torch.nn.utils.clip_grad_norm_`` does.
+gradient is multiplied by a clamped coefficient (:func:`robustclip._math.clip_coefficient`), as
+``torch.nn.utils.clip_grad_norm_`` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from robustclip._transform import GradientTransform, StepContext, global_norm
+from robustclip._math import clip_coefficient, global_norm
+from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_nonneg
 from robustclip.thresholds import Threshold, as_threshold
 
 __all__ = ["clip_by_global_norm", "clip_by_tensor_norm", "normalize", "l0l1_warmup"]
 
-
-def clip_coefficient(norm: Tensor, radius: Tensor) -> Tensor:
-    """``min(1, radius/norm)``, equal to 1 at ``norm = 0`` and NaN only if ``norm`` is NaN."""
-    return (radius / norm).clamp(max=1.0)
+Grads = list[Tensor]
 
 
 class ClipByGlobalNormState(NamedTuple):
-    threshold: object
+    threshold: Any
     norm: Tensor  # reading: the global norm before clipping
     radius: Tensor  # reading: the radius used at this step
     clipped: Tensor  # reading: 1.0 if the gradient was scaled down
 
 
-class ClipByGlobalNorm(GradientTransform):
+class ClipByGlobalNorm(GradientTransform[ClipByGlobalNormState]):
     """Clip-SGD's clipping: scale the whole gradient to global norm at most ``c``.
 
     Reference: Pascanu, Mikolov, Bengio, "On the difficulty of training recurrent neural
@@ -54,7 +53,9 @@ class ClipByGlobalNorm(GradientTransform):
         z = torch.zeros((), device=dev)
         return ClipByGlobalNormState(self.threshold.init(dev), z, z.clone(), z.clone())
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(
+        self, grads: Grads, state: ClipByGlobalNormState, ctx: StepContext
+    ) -> tuple[Grads, ClipByGlobalNormState]:
         norm = global_norm(grads)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
@@ -62,7 +63,7 @@ class ClipByGlobalNorm(GradientTransform):
         th = self.threshold.observe(state.threshold, norm.reshape(1))
         return grads, ClipByGlobalNormState(th, norm, radius, (coef < 1).float())
 
-    def readings(self, state):  # type: ignore[override]
+    def readings(self, state: ClipByGlobalNormState) -> dict[str, Any]:
         return {"norm": state.norm, "radius": state.radius, "clipped": state.clipped}
 
     def __repr__(self) -> str:
@@ -70,11 +71,11 @@ class ClipByGlobalNorm(GradientTransform):
 
 
 class ClipByTensorNormState(NamedTuple):
-    thresholds: tuple
+    thresholds: tuple[Any, ...]
     clipped_fraction: Tensor  # reading: share of tensors that were scaled down
 
 
-class ClipByTensorNorm(GradientTransform):
+class ClipByTensorNorm(GradientTransform[ClipByTensorNormState]):
     """Per-tensor (per-layer) Clip-SGD: each parameter's gradient clipped to norm ``c``.
 
     A threshold object keeps one state per tensor, so an adaptive radius is layer-wise.
@@ -91,7 +92,9 @@ class ClipByTensorNorm(GradientTransform):
             tuple(self.threshold.init(p.device) for p in params), torch.zeros((), device=dev)
         )
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(
+        self, grads: Grads, state: ClipByTensorNormState, ctx: StepContext
+    ) -> tuple[Grads, ClipByTensorNormState]:
         norms = torch._foreach_norm(grads, 2.0)
         radii = [self.threshold.value(s) for s in state.thresholds]
         coefs = [clip_coefficient(n.to(torch.promote_types(n.dtype, torch.float32)), r) for n, r in zip(norms, radii)]
@@ -102,7 +105,7 @@ class ClipByTensorNorm(GradientTransform):
         frac = torch.stack([(c < 1).float() for c in coefs]).mean()
         return grads, ClipByTensorNormState(new, frac)
 
-    def readings(self, state):  # type: ignore[override]
+    def readings(self, state: ClipByTensorNormState) -> dict[str, Any]:
         return {"clipped_fraction": state.clipped_fraction}
 
     def __repr__(self) -> str:
@@ -113,7 +116,7 @@ class NormalizeState(NamedTuple):
     norm: Tensor
 
 
-class Normalize(GradientTransform):
+class Normalize(GradientTransform[NormalizeState]):
     """Normalized SGD's direction ``g/||g||`` (0 when ``g = 0``).
 
     Reference: Nesterov (1984); Cutkosky & Mehta, "Momentum improves normalized SGD"
@@ -126,7 +129,7 @@ class Normalize(GradientTransform):
         dev = params[0].device if len(params) else None
         return NormalizeState(torch.zeros((), device=dev))
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(self, grads: Grads, state: NormalizeState, ctx: StepContext) -> tuple[Grads, NormalizeState]:
         norm = global_norm(grads)
         # where(), not a host-side test: safe at g = 0 without a sync.
         inv = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
@@ -141,7 +144,7 @@ class WarmupState(NamedTuple):
     step_size: Tensor  # reading: the gamma used at this step
 
 
-class L0L1Warmup(GradientTransform):
+class L0L1Warmup(GradientTransform[WarmupState]):
     """Scale the gradient by the warm-up step ``1/(L0 + L1 (f(x) - f*))``.
 
     Use it with ``torch.optim.SGD(lr=1.0)`` and the full batch to get the deterministic GD with
@@ -163,7 +166,7 @@ class L0L1Warmup(GradientTransform):
         dev = params[0].device if len(params) else None
         return WarmupState(torch.zeros((), device=dev))
 
-    def update(self, grads, state, ctx: StepContext):  # type: ignore[override]
+    def update(self, grads: Grads, state: WarmupState, ctx: StepContext) -> tuple[Grads, WarmupState]:
         if ctx.loss is None:
             raise ValueError("l0l1_warmup needs the loss value; call Clipper.backward(losses) first.")
         gap = (ctx.loss.detach() - self.f_star).clamp(min=0.0)
@@ -175,7 +178,7 @@ class L0L1Warmup(GradientTransform):
         return f"l0l1_warmup(l0={self.l0}, l1={self.l1}, f_star={self.f_star})"
 
 
-def clip_by_global_norm(max_norm: float | Threshold) -> GradientTransform:
+def clip_by_global_norm(max_norm: float | Threshold) -> GradientTransform[ClipByGlobalNormState]:
     """Clip the aggregated gradient to global L2 norm ``max_norm`` (Clip-SGD).
 
     Args:
@@ -184,16 +187,16 @@ def clip_by_global_norm(max_norm: float | Threshold) -> GradientTransform:
     return ClipByGlobalNorm(max_norm)
 
 
-def clip_by_tensor_norm(max_norm: float | Threshold) -> GradientTransform:
+def clip_by_tensor_norm(max_norm: float | Threshold) -> GradientTransform[ClipByTensorNormState]:
     """Clip each parameter tensor's gradient to L2 norm ``max_norm`` (per-layer Clip-SGD)."""
     return ClipByTensorNorm(max_norm)
 
 
-def normalize() -> GradientTransform:
+def normalize() -> GradientTransform[NormalizeState]:
     """Normalize the aggregated gradient to unit global norm (NSGD); zero stays zero."""
     return Normalize()
 
 
-def l0l1_warmup(l0: float, l1: float, f_star: float = 0.0) -> GradientTransform:
+def l0l1_warmup(l0: float, l1: float, f_star: float = 0.0) -> GradientTransform[WarmupState]:
     """Multiply the gradient by ``1/(L0 + L1 (f(x) - f*))`` (arXiv:2605.14800, app. C.4)."""
     return L0L1Warmup(l0, l1, f_star)

@@ -1,9 +1,9 @@
-"""Batch-level gradient transformations and how they compose.
+"""Batch-level gradient transformations and how they chain.
 
 A :class:`GradientTransform` is an immutable object holding hyperparameters, plus two functions:
 
 * ``init(params) -> state`` builds the explicit state (a NamedTuple of tensors, or a tuple of
-  such for :func:`chain`);
+  such for :class:`Chain`);
 * ``update(grads, state, ctx) -> (grads, state)`` transforms the aggregated gradient. It may
   write into ``grads`` in place (the clipper owns them) and returns them.
 
@@ -11,20 +11,24 @@ The clipper runs the chain once per optimizer step, after accumulation and the d
 all-reduce and before ``optimizer.step()``. Readings for diagnostics (norm before clipping,
 whether it clipped) are part of the state, as device tensors, so reading them is the user's
 choice and costs no sync in the step itself.
+
+:func:`robustclip.chain`, which also puts a sample-level estimator in front, lives one floor up
+in ``_method.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-from robustclip import _kernels
+__all__ = ["Chain", "GradientTransform", "StepContext", "identity"]
 
-__all__ = ["GradientTransform", "StepContext", "chain", "identity"]
+#: a transform's state: a NamedTuple of tensors (or a tuple of such, for a chain)
+S = TypeVar("S")
 
 
 @dataclass
@@ -48,21 +52,20 @@ class StepContext:
     modules: Sequence[torch.nn.Module | None] = field(default_factory=list)
 
 
-class GradientTransform:
-    """Base class of batch-level transforms. Subclasses define ``init`` and ``update``."""
+class GradientTransform(Generic[S]):
+    """Base class of batch-level transforms, generic in their state type ``S``. Subclasses
+    define ``init`` and ``update``."""
 
     #: name under which the transform's readings appear in :class:`robustclip.StepInfo`.
     name: str = "transform"
 
-    def init(self, params: Sequence[Tensor]) -> Any:
-        return ()
+    def init(self, params: Sequence[Tensor]) -> S:
+        return cast(S, ())
 
-    def update(
-        self, grads: list[Tensor], state: Any, ctx: StepContext
-    ) -> tuple[list[Tensor], Any]:
+    def update(self, grads: list[Tensor], state: S, ctx: StepContext) -> tuple[list[Tensor], S]:
         raise NotImplementedError
 
-    def readings(self, state: Any) -> dict[str, Any]:
+    def readings(self, state: S) -> dict[str, Any]:
         """Diagnostic readings from ``state`` (device tensors; no sync)."""
         if isinstance(state, tuple) and hasattr(state, "_asdict"):
             return {k: v for k, v in state._asdict().items() if isinstance(v, Tensor)}
@@ -71,11 +74,11 @@ class GradientTransform:
     # ``state_dict`` support: a NamedTuple state becomes a plain dict of tensors, which
     # ``torch.load(weights_only=True)`` accepts; ``state_from_dict`` rebuilds it using a fresh
     # ``init`` state as the template, so the structure never has to be pickled.
-    def state_to_dict(self, state: Any) -> Any:
+    def state_to_dict(self, state: S) -> Any:
         return state_to_plain(state)
 
-    def state_from_dict(self, template: Any, data: Any) -> Any:
-        return state_from_plain(template, data)
+    def state_from_dict(self, template: S, data: Any) -> S:
+        return cast(S, state_from_plain(template, data))
 
 
 def state_to_plain(state: Any) -> Any:
@@ -120,40 +123,42 @@ class _EmptyState(NamedTuple):
     pass
 
 
-class Identity(GradientTransform):
+class Identity(GradientTransform[_EmptyState]):
     name = "identity"
 
     def init(self, params: Sequence[Tensor]) -> _EmptyState:
         return _EmptyState()
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(self, grads: list[Tensor], state: _EmptyState, ctx: StepContext) -> tuple[list[Tensor], _EmptyState]:
         return grads, state
 
 
-def identity() -> GradientTransform:
+def identity() -> GradientTransform[Any]:
     """The transform that leaves the gradient as it is."""
     return Identity()
 
 
-class Chain(GradientTransform):
+class Chain(GradientTransform[tuple[Any, ...]]):
     """Apply transforms one after another; the state is the tuple of their states."""
 
     name = "chain"
 
-    def __init__(self, transforms: Sequence[GradientTransform]) -> None:
-        self.transforms = tuple(transforms)
+    def __init__(self, transforms: Sequence[GradientTransform[Any]]) -> None:
+        self.transforms: tuple[GradientTransform[Any], ...] = tuple(transforms)
 
-    def init(self, params: Sequence[Tensor]) -> tuple:
+    def init(self, params: Sequence[Tensor]) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in self.transforms)
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(
+        self, grads: list[Tensor], state: tuple[Any, ...], ctx: StepContext
+    ) -> tuple[list[Tensor], tuple[Any, ...]]:
         new_states = []
         for t, s in zip(self.transforms, state):
             grads, s = t.update(grads, s, ctx)
             new_states.append(s)
         return grads, tuple(new_states)
 
-    def readings(self, state: Any) -> dict[str, Any]:
+    def readings(self, state: tuple[Any, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for t, s in zip(self.transforms, state):
             key = t.name
@@ -164,10 +169,10 @@ class Chain(GradientTransform):
             out[key] = t.readings(s)
         return out
 
-    def state_to_dict(self, state: Any) -> Any:
+    def state_to_dict(self, state: tuple[Any, ...]) -> Any:
         return [t.state_to_dict(s) for t, s in zip(self.transforms, state)]
 
-    def state_from_dict(self, template: Any, data: Any) -> Any:
+    def state_from_dict(self, template: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
         if not isinstance(data, (list, tuple)) or len(data) != len(self.transforms):
             raise ValueError(
                 f"state_dict holds {len(data) if hasattr(data, '__len__') else '?'} transform "
@@ -178,57 +183,3 @@ class Chain(GradientTransform):
     def __repr__(self) -> str:
         return "chain(" + ", ".join(repr(t) for t in self.transforms) + ")"
 
-
-def chain(*pieces: Any) -> Any:
-    """Compose gradient methods into one, read left to right like an algorithm box.
-
-    The first piece may be a sample-level estimator (:func:`robustclip.per_sample_clip`,
-    :func:`robustclip.micro_batch_clip`, ...); the rest are batch-level transforms applied to
-    the aggregated gradient. Example::
-
-        rc.chain(rc.per_sample_clip(1.0), rc.clip_by_global_norm(5.0))
-
-    Returns a :class:`GradientTransform` when every piece is one, otherwise a
-    :class:`robustclip.Method` pairing the estimator with the transform chain.
-    """
-    from robustclip._estimators import Estimator, Method
-
-    flat: list[Any] = []
-    for p in pieces:
-        if isinstance(p, Method):
-            flat.append(p.estimator)
-            flat.extend(p.transform.transforms if isinstance(p.transform, Chain) else [p.transform])
-        elif isinstance(p, Chain):
-            flat.extend(p.transforms)
-        else:
-            flat.append(p)
-    estimators = [i for i, p in enumerate(flat) if isinstance(p, Estimator)]
-    for p in flat:
-        if not isinstance(p, (Estimator, GradientTransform)):
-            raise TypeError(
-                f"chain() takes robustclip estimators and transforms, got {type(p).__name__}. "
-                "Build pieces with e.g. rc.per_sample_clip(1.0) or rc.clip_by_global_norm(1.0)."
-            )
-    if len(estimators) > 1:
-        raise ValueError(
-            "chain() got more than one sample-level estimator "
-            f"({', '.join(repr(flat[i]) for i in estimators)}); a step has one way of turning "
-            "per-sample losses into a gradient. Keep one and express the rest as transforms."
-        )
-    if estimators and estimators[0] != 0:
-        raise ValueError(
-            f"the sample-level estimator {flat[estimators[0]]!r} must come first in chain(): it "
-            "produces the gradient that the batch-level transforms then act on."
-        )
-    transforms = [p for p in flat if isinstance(p, GradientTransform)]
-    if not estimators:
-        return Chain(transforms)
-    return Method(flat[0], Chain(transforms))
-
-
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of the concatenation of ``tensors``, in float32 or wider, without a host sync
-    (:func:`robustclip._kernels.sum_of_squares`)."""
-    if len(tensors) == 0:
-        return torch.zeros(())
-    return _kernels.sum_of_squares(list(tensors)).sqrt()

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+# the p.grad plumbing lives in _grads; engines import new_grad and fill_missing from here too
+from robustclip.per_sample._grads import fill_missing
+from robustclip.per_sample._grads import new_grad as new_grad
+
 #: maps squared norms of shape (groups, chunk) to weights of shape (groups, chunk) or (1, chunk)
 WeightFn = Callable[[Tensor], Tensor]
 
@@ -153,26 +157,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     return model
-
-
-def new_grad(p: Tensor, value: Tensor | None = None) -> Tensor:
-    """``value`` (a tensor nothing else references) as ``p``'s new gradient: in ``p``'s dtype
-    and laid out like ``p``, copied only if it is not; zeros if ``value`` is None."""
-    if value is None:
-        return torch.zeros_like(p)
-    value = value.to(p.dtype).reshape(p.shape)
-    if value.stride() != p.stride():
-        value = torch.empty_like(p).copy_(value)
-    return value
-
-
-def fill_missing(out: list[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
-    """Zeros, in place, for the entries of ``out`` that have no gradient yet (``None``); for
-    code that only adds into ``out``."""
-    for i, (o, p) in enumerate(zip(out, params)):
-        if o is None:
-            out[i] = torch.zeros_like(p)
-    return out  # type: ignore[return-value]
 
 
 def accumulate_into(
