@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustclip.per_sample.rules import register
-from robustclip.per_sample.rules._terms import OuterTerm, Term
+from robustclip.per_sample.rules import OuterTerm, Term, register
 
 
 def _unsupported(m: nn.Embedding) -> str | None:
