@@ -48,11 +48,11 @@ class Unit:
     reason: str = ""
 
     @property
-    def names(self) -> frozenset:
+    def names(self) -> frozenset[str]:
         return frozenset(self.params)
 
     @property
-    def indices(self) -> frozenset:
+    def indices(self) -> frozenset[int]:
         return frozenset(self.params.values())
 
 
@@ -70,8 +70,8 @@ class Call:
     x: Tensor | None = None  # rules: the layer input
     x_version: int = 0
     # fallbacks only
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
     out_positions: list[int] = field(default_factory=list)  # leaves of the output pytree
     out_values: list[Tensor] = field(default_factory=list)
     out_versions: list[int] = field(default_factory=list)
@@ -204,7 +204,7 @@ class Recorder:
         # calls inside a fallback unit belong to its replay, not to the step
         return torch.is_grad_enabled() and not self._mute and not self._fallback_depth
 
-    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
             return
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
@@ -225,10 +225,10 @@ class Recorder:
                 stacklevel=4,
             )
 
-    def _fallback_enter(self, module: nn.Module, args: tuple) -> None:
+    def _fallback_enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._fallback_depth += 1
 
-    def _fallback_hook(self, unit: Unit, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _fallback_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self._fallback_depth -= 1
         if not self._recording():
             return

@@ -43,17 +43,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from torch import Tensor, nn
 
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
 
+M = TypeVar("M", bound=nn.Module)
 #: terms(module, x, grad_out, names) -> {parameter name: Term} for the trainable ``names``
 TermsFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Term]]
 #: unsupported(module) -> why this module is not covered, or None
 UnsupportedFn = Callable[[nn.Module], str | None]
 #: source_param(module, names) -> the parameter to request for the output's gradient, or None
 SourceFn = Callable[[nn.Module, frozenset[str]], str | None]
+F = TypeVar("F", bound=Callable[..., dict[str, Term]])
 
 
 def _covered(module: nn.Module) -> str | None:
@@ -78,16 +81,21 @@ RULES: dict[type, Rule] = {}
 
 
 def register(
-    module_type: type,
-    unsupported: UnsupportedFn | None = None,
+    module_type: type[M],
+    unsupported: Callable[[M], str | None] | None = None,
     *,
-    source_param: SourceFn | None = None,
-) -> Callable[[TermsFn], TermsFn]:
+    source_param: Callable[[M, frozenset[str]], str | None] | None = None,
+) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the rule of ``module_type`` (exact type and subclasses that
     keep its ``forward``), with its declared special cases."""
 
-    def deco(fn: TermsFn) -> TermsFn:
-        RULES[module_type] = Rule(module_type, fn, unsupported or _covered, source_param or _output_itself)
+    def deco(fn: F) -> F:
+        RULES[module_type] = Rule(
+            module_type,
+            fn,
+            cast(UnsupportedFn, unsupported or _covered),
+            cast(SourceFn, source_param or _output_itself),
+        )
         return fn
 
     return deco
@@ -99,7 +107,7 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
         rule = RULES.get(cls)
         if rule is None:
             continue
-        if type(module).forward is not cls.forward:
+        if type(module).forward is not getattr(cls, "forward", None):
             return None, f"it subclasses {cls.__name__} but overrides forward()"
         why = rule.unsupported(module)
         if why:
