@@ -152,6 +152,7 @@ class HookEngine(PerSampleEngine):
             release(calls)  # also after an error: the calls hold the step's graph
 
     def _step(self, calls: list[Call], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+        """The phases of the module docstring, in order."""
         if losses.grad_fn is None:
             raise ValueError("the losses have no autograd graph; compute them from the model's output.")
         batch = losses.shape[0]
@@ -172,6 +173,9 @@ class HookEngine(PerSampleEngine):
         return self._weighted_sums(got, batch, weight_fn, out, losses.device)
 
     def _backward(self, plan: Plan, losses: Tensor, retain: bool) -> Gathered:
+        """Phases 2 and 3: the one backward pass over the plan's requests, during which the
+        streamed calls are processed (:meth:`_on_output_grad`); then the terms of the calls
+        after it, of the bare parameters and of the fallback modules."""
         got = Gathered()
         if not plan.requests:
             return got
@@ -220,6 +224,8 @@ class HookEngine(PerSampleEngine):
     def _weighted_sums(
         self, got: Gathered, batch: int, weight_fn: WeightFn, out: list[Tensor | None], device: torch.device
     ) -> Tensor:
+        """Phases 4 and 5: the norms not taken yet, the weights over the whole batch, and
+        ``out[p] += sum_i w_i g_i``. Returns the per-sample, per-group norms."""
         lay = self.layout
         sq_list: list[Tensor] = []
         for idx, p in enumerate(lay.params):
