@@ -285,6 +285,21 @@ def test_registry_covers_the_issue_layers():
         assert cls in RULES
 
 
+def test_rule_authors_get_terms_and_the_supported_layers_from_the_registry():
+    from robustclip.per_sample import rules
+    from robustclip.per_sample.rules import _terms
+
+    assert (rules.Term, rules.DenseTerm, rules.OuterTerm) == (_terms.Term, _terms.DenseTerm, _terms.OuterTerm)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval())
+    engine = HookEngine(model, ParamLayout.build(model, list(model.parameters())))
+    with pytest.warns(UserWarning, match="BatchNorm1d") as record:
+        engine.attach()
+    engine.detach()
+    message = str(record[0].message)
+    listed = message.split("Supported layers: ")[1].rstrip(".").split(", ")
+    assert sorted(listed) == sorted(t.__name__ for t in RULES)
+
+
 def test_rule_for_refuses_what_it_does_not_model():
     class Scaled(nn.Linear):
         def forward(self, x):

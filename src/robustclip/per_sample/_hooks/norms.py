@@ -1,6 +1,6 @@
 """Per-sample squared norms of one parameter, from its terms: the cost model and its strategies.
 
-Step 4 of the hook engine (``engine.py``). A parameter's terms (``rules/_terms.py``) describe its
+Phase 4 of the hook engine (``engine.py``). A parameter's terms (``rules/_terms.py``) describe its
 per-sample gradients ``g_i`` lazily; :func:`choose` prices the ways to get ``||g_i||^2`` from them
 and :func:`sq_norms` runs the cheapest:
 
