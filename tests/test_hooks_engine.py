@@ -24,6 +24,7 @@ from robustclip.per_sample import (
     PerSampleFallbackWarning,
     VmapEngine,
 )
+from robustclip.per_sample._hooks import plan as plan_module
 
 RTOL = 1e-5
 
@@ -440,7 +441,7 @@ def test_close_removes_the_hooks():
     engine = clipper.engine
     clipper.close()
     model(x)
-    assert engine._calls == [] and engine._handles == []
+    assert engine.recorder.calls == [] and engine.recorder.handles == []
     assert all(not m._forward_hooks for m in model.modules())
 
 
@@ -449,7 +450,7 @@ def test_evaluation_passes_are_not_recorded():
     clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.per_sample_clip(1.0, engine="hooks"))
     with torch.no_grad():
         model(x)
-    assert clipper.engine._calls == []
+    assert clipper.engine.recorder.calls == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         clipper.backward(losses_fn(model(x)))
@@ -493,16 +494,16 @@ def test_forward_passes_without_backward_warn():
 
 
 def _requested_sources(model, x, losses_fn):
-    """The source edges the engine requests (see ``HookEngine._source_edge``), by unit name."""
+    """The source edges the engine requests (see ``_hooks.plan.source_edge``), by unit name."""
     asked = []
-    orig = HookEngine._source_edge
+    orig = plan_module.source_edge
 
-    def spy(self, call):
+    def spy(call):
         asked.append(call.unit.name)
-        return orig(self, call)
+        return orig(call)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(HookEngine, "_source_edge", spy)
+        mp.setattr(plan_module, "source_edge", spy)
         compare_engines((model, x, losses_fn))
     return asked
 
@@ -543,8 +544,8 @@ def test_source_edge_of_a_conv_is_its_output_and_of_a_linear_its_bias():
         engine.attach()
         try:
             model(x)
-            call = engine._calls[-1]
-            (key,) = engine._source_edge(call)
+            call = engine.recorder.calls[-1]
+            (key,) = plan_module.source_edge(call)
         finally:
             engine.detach()
         bias_node = torch.autograd.graph.get_gradient_edge(model[0].bias).node

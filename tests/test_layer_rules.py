@@ -1,5 +1,8 @@
 """Each layer rule of the hook engine against the batch-of-one oracle, shapes drawn by hypothesis.
 
+The oracle test is parametrised over the rule registry: every registered layer type needs a case
+in ``CASES`` (a strategy drawing layers and inputs), or the tests fail.
+
 The oracle runs the layer on one sample at a time (a batch of one) and differentiates that
 sample's loss: the definition of a per-sample gradient, sharing nothing with the engine. Every
 norm strategy the engine may pick ("keep", "ghost", "chunks", "index") is forced in turn, with
@@ -24,6 +27,8 @@ from robustclip.per_sample.rules._terms import gram
 from robustclip.per_sample.rules.conv import ConvTerm
 
 SETTINGS = settings(max_examples=15, deadline=None)
+#: a layer, a batch of inputs, and whether to force the convolutions' matmul path
+Case = tuple[nn.Module, torch.Tensor, bool]
 PLANS = (None, "keep", "ghost", "chunks", "index")
 
 
@@ -82,20 +87,15 @@ def conv_matmul_path():
 # -- Linear ---------------------------------------------------------------------------------------
 
 
-@SETTINGS
-@given(
-    batch=st.integers(1, 4),
-    mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
-    d_in=st.integers(1, 6),
-    d_out=st.integers(1, 6),
-    bias=st.booleans(),
-    frozen_weight=st.booleans(),
-)
-def test_linear(batch, mid, d_in, d_out, bias, frozen_weight):
+@st.composite
+def linear_cases(draw: st.DrawFn) -> Case:
+    batch, d_in, d_out = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    bias = draw(st.booleans())
     layer = nn.Linear(d_in, d_out, bias=bias)
-    if frozen_weight and bias:
+    if draw(st.booleans()) and bias:
         layer.weight.requires_grad_(False)  # bias-only training (BitFit)
-    check_rule(layer, torch.randn(batch, *mid, d_in))
+    return layer, torch.randn(batch, *mid, d_in), False
 
 
 @pytest.mark.parametrize("mid", [(), (5,)], ids=["2d", "3d"])
@@ -137,7 +137,7 @@ def test_linear_float32_clipped_sum_through_each_kernel(kernel, mid):
 
 
 @st.composite
-def conv_cases(draw, nd: int):
+def conv_cases(draw: st.DrawFn, nd: int) -> Case:
     groups = draw(st.sampled_from([1, 2]))
     c_in = groups * draw(st.integers(1, 2))
     c_out = groups * draw(st.integers(1, 3))
@@ -171,16 +171,6 @@ SAME_PADDING_WARNING = pytest.mark.filterwarnings("ignore:Using padding='same':U
 
 
 @SAME_PADDING_WARNING
-@pytest.mark.parametrize("nd", [1, 2], ids=["conv1d", "conv2d"])
-@SETTINGS
-@given(data=st.data())
-def test_conv(nd, data):
-    layer, x, matmul_path = data.draw(conv_cases(nd))
-    with conv_matmul_path() if matmul_path else contextlib.nullcontext():
-        check_rule(layer, x)
-
-
-@SAME_PADDING_WARNING
 @SETTINGS
 @given(case=st.one_of(conv_cases(1), conv_cases(2)))
 def test_conv_patch_gram_without_unfolding(case):
@@ -200,74 +190,91 @@ def test_conv_patch_gram_without_unfolding(case):
 # -- Embedding ------------------------------------------------------------------------------------
 
 
-@SETTINGS
-@given(
-    batch=st.integers(1, 4),
-    length=st.integers(1, 6),
-    vocab=st.integers(2, 7),
-    dim=st.integers(1, 4),
-    pad=st.booleans(),
-    transposed=st.booleans(),
-    max_norm=st.booleans(),
-)
-def test_embedding(batch, length, vocab, dim, pad, transposed, max_norm):
+@st.composite
+def embedding_cases(draw: st.DrawFn) -> Case:
+    batch, length, vocab, dim = (draw(st.integers(lo, hi)) for lo, hi in ((1, 4), (1, 6), (2, 7), (1, 4)))
+    pad, transposed, max_norm = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     layer = nn.Embedding(vocab, dim, padding_idx=0 if pad else None, max_norm=1.0 if max_norm else None)
     if transposed:  # a non-contiguous index tensor
         idx = torch.randint(0, vocab, (length, batch)).t()
     else:
         idx = torch.randint(0, vocab, (batch, length))
-    check_rule(layer, idx)
+    return layer, idx, False
 
 
 # -- normalisation layers ---------------------------------------------------------------------------
 
 
-@SETTINGS
-@given(
-    batch=st.integers(1, 4),
-    mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+@st.composite
+def layer_norm_cases(draw: st.DrawFn) -> Case:
+    batch = draw(st.integers(1, 4))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
     # over a single value LayerNorm's output is the constant bias and its weight gradient is
     # pure rounding noise, which no two computations reproduce alike
-    shape=st.lists(st.integers(1, 4), min_size=1, max_size=2).filter(lambda s: math.prod(s) > 1),
-    bias=st.booleans(),
-)
-def test_layer_norm(batch, mid, shape, bias):
+    shape = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2).filter(lambda s: math.prod(s) > 1))
+    bias = draw(st.booleans())
     layer = nn.LayerNorm(shape, elementwise_affine=True, bias=bias)
     with torch.no_grad():
         layer.weight.normal_()
         if bias:
             layer.bias.normal_()
-    check_rule(layer, torch.randn(batch, *mid, *shape))
+    return layer, torch.randn(batch, *mid, *shape), False
 
 
-@SETTINGS
-@given(
-    batch=st.integers(1, 4),
-    groups=st.integers(1, 3),
-    per_group=st.integers(2, 3),  # GroupNorm needs more than one value per group
-    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
-)
-def test_group_norm(batch, groups, per_group, spatial):
-    c = groups * per_group
+@st.composite
+def group_norm_cases(draw: st.DrawFn) -> Case:
+    batch, groups = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    c = groups * draw(st.integers(2, 3))  # GroupNorm needs more than one value per group
+    spatial = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
     layer = nn.GroupNorm(groups, c)
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
-    check_rule(layer, torch.randn(batch, c, *spatial))
+    return layer, torch.randn(batch, c, *spatial), False
 
 
-@SETTINGS
-@given(
-    batch=st.integers(1, 4),
-    mid=st.lists(st.integers(1, 3), min_size=0, max_size=2),
-    shape=st.lists(st.integers(1, 4), min_size=1, max_size=2),
-    eps=st.sampled_from([None, 1e-5]),
-)
-def test_rms_norm(batch, mid, shape, eps):
-    layer = nn.RMSNorm(shape, eps=eps)
+@st.composite
+def rms_norm_cases(draw: st.DrawFn) -> Case:
+    batch = draw(st.integers(1, 4))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    shape = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
+    layer = nn.RMSNorm(shape, eps=draw(st.sampled_from([None, 1e-5])))
     with torch.no_grad():
         layer.weight.normal_()
-    check_rule(layer, torch.randn(batch, *mid, *shape))
+    return layer, torch.randn(batch, *mid, *shape), False
+
+
+# -- every registered rule against the oracle ------------------------------------------------------
+
+#: one case per registered layer type: a strategy drawing (layer, batch input, whether to take
+#: the convolutions' matmul path). A rule registered without a case here fails the tests below.
+CASES: dict[type, st.SearchStrategy[Case]] = {
+    nn.Linear: linear_cases(),
+    nn.Conv1d: conv_cases(1),
+    nn.Conv2d: conv_cases(2),
+    nn.Embedding: embedding_cases(),
+    nn.LayerNorm: layer_norm_cases(),
+    nn.GroupNorm: group_norm_cases(),
+    nn.RMSNorm: rms_norm_cases(),
+}
+
+
+def test_every_registered_rule_has_a_case():
+    missing = [t.__name__ for t in RULES if t not in CASES]
+    assert not missing, f"registered rules without a test case: {missing}; add them to CASES"
+    assert set(CASES) <= set(RULES), "a case for a layer type that has no registered rule"
+
+
+@SAME_PADDING_WARNING
+@pytest.mark.parametrize("module_type", list(RULES), ids=lambda t: t.__name__)
+@SETTINGS
+@given(data=st.data())
+def test_rule_against_the_batch_of_one_oracle(module_type, data):
+    assert module_type in CASES, f"the rule of {module_type.__name__} has no test case: add one to CASES"
+    layer, x, matmul_path = data.draw(CASES[module_type])
+    assert type(layer) is module_type
+    with conv_matmul_path() if matmul_path else contextlib.nullcontext():
+        check_rule(layer, x)
 
 
 # -- the registry ---------------------------------------------------------------------------------
@@ -276,6 +283,21 @@ def test_rms_norm(batch, mid, shape, eps):
 def test_registry_covers_the_issue_layers():
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
         assert cls in RULES
+
+
+def test_rule_authors_get_terms_and_the_supported_layers_from_the_registry():
+    from robustclip.per_sample import rules
+    from robustclip.per_sample.rules import _terms
+
+    assert (rules.Term, rules.DenseTerm, rules.OuterTerm) == (_terms.Term, _terms.DenseTerm, _terms.OuterTerm)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval())
+    engine = HookEngine(model, ParamLayout.build(model, list(model.parameters())))
+    with pytest.warns(UserWarning, match="BatchNorm1d") as record:
+        engine.attach()
+    engine.detach()
+    message = str(record[0].message)
+    listed = message.split("Supported layers: ")[1].rstrip(".").split(", ")
+    assert sorted(listed) == sorted(t.__name__ for t in RULES)
 
 
 def test_rule_for_refuses_what_it_does_not_model():

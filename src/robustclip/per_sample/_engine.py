@@ -20,6 +20,7 @@ every per-sample rule does; this is what lets engines process the batch in chunk
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -132,10 +133,11 @@ class PerSampleEngine:
         raise NotImplementedError
 
     def group_sq_norms(self, per_param_sq: Sequence[Tensor]) -> Tensor:
-        """Sum per-parameter squared norms (each shape (chunk,)) into groups -> (G, chunk)."""
+        """Sum per-parameter squared norms (each shape (chunk,)) into groups -> (G, chunk), in
+        the widest of their dtypes (float32 at least)."""
         lay = self.layout
         chunk = per_param_sq[0].shape[0]
-        dtype = acc_dtype(per_param_sq[0].dtype)
+        dtype = acc_dtype(functools.reduce(torch.promote_types, (s.dtype for s in per_param_sq)))
         out = per_param_sq[0].new_zeros((lay.num_groups, chunk), dtype=dtype)
         idx = lay.group_index(out.device)
         out.index_add_(0, idx, torch.stack([s.to(dtype) for s in per_param_sq]))

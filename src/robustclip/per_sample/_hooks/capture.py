@@ -5,6 +5,8 @@ A *unit* is a module that directly owns trainable parameters. If a rule covers i
 the unit falls back to replaying its whole subtree per sample with torch.func, and each call
 records everything needed for that (inputs, outputs, autocast state).
 
+The :class:`Recorder` holds the forward hooks and the calls recorded since the last backward.
+
 Output gradients are taken at the *edge* of the output (the autograd node that produced it and
 its output number), captured when the layer returns. An in-place operation applied later
 (``ReLU(inplace=True)``) rebases the output tensor onto a new node, but the captured edge still
@@ -14,14 +16,24 @@ the activation. All state lives in the engine; modules and parameters are never 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
 
 from robustclip.per_sample._engine import ParamLayout
 from robustclip.per_sample.rules import Rule, rule_for
+
+#: an autograd node and one of its outputs: the key of a gradient the backward pass can request
+EdgeKey = tuple[Any, int]
 
 
 @dataclass(eq=False)
@@ -36,11 +48,11 @@ class Unit:
     reason: str = ""
 
     @property
-    def names(self) -> frozenset:
+    def names(self) -> frozenset[str]:
         return frozenset(self.params)
 
     @property
-    def indices(self) -> frozenset:
+    def indices(self) -> frozenset[int]:
         return frozenset(self.params.values())
 
 
@@ -54,31 +66,36 @@ class Call:
     #: gradient edges (node, output number) of the inputs that require grad: the graph walk
     #: stops at their nodes, and a gradient requested exactly there also makes autograd compute
     #: this call's output gradient
-    in_keys: list[tuple[Any, int]]
+    in_keys: list[EdgeKey]
     x: Tensor | None = None  # rules: the layer input
     x_version: int = 0
     # fallbacks only
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
     out_positions: list[int] = field(default_factory=list)  # leaves of the output pytree
     out_values: list[Tensor] = field(default_factory=list)
     out_versions: list[int] = field(default_factory=list)
     autocast: tuple[str, bool, Any] | None = None
 
     @property
+    def input_leaves(self) -> list[Any]:
+        """The leaves of the recorded ``(args, kwargs)`` (fallbacks)."""
+        return pytree.tree_leaves((self.args, self.kwargs))
+
+    @property
     def in_nodes(self) -> list[Any]:
         return [node for node, _ in self.in_keys]
 
     @property
-    def keys(self) -> list[tuple[Any, int]]:
+    def keys(self) -> list[EdgeKey]:
         return [(e.node, e.output_nr) for e in self.out_edges]
 
 
-def edge_key(edge: GradientEdge) -> tuple[Any, int]:
+def edge_key(edge: GradientEdge) -> EdgeKey:
     return (edge.node, edge.output_nr)
 
 
-def input_keys(tensors: list[Tensor]) -> list[tuple[Any, int]]:
+def input_keys(tensors: list[Tensor]) -> list[EdgeKey]:
     return [edge_key(get_gradient_edge(t)) for t in tensors if t.requires_grad]
 
 
@@ -129,3 +146,123 @@ def plan_units(model: nn.Module, layout: ParamLayout) -> list[Unit]:
 
     visit(model, "")
     return units
+
+
+class Recorder:
+    """The forward hooks: one :class:`Call` per call of a unit, held until the engine takes them.
+
+    ``on_output_grad(call, grad)`` is registered as a tensor hook on each rule call's output: it
+    fires with ``dL/d(output)`` as the backward pass computes it (also after an in-place change
+    of the output, which registers later hooks on a new node), so the engine can process the
+    layer while its output gradient is hot instead of holding that gradient to the end.
+    """
+
+    def __init__(self, units: list[Unit], on_output_grad: Callable[[Call, Tensor], None]) -> None:
+        self.units = units
+        self.on_output_grad = on_output_grad
+        self.handles: list[RemovableHandle] = []
+        self.calls: list[Call] = []
+        self._fallback_depth = 0
+        self._mute = 0
+
+    def attach(self) -> None:
+        if self.handles:
+            return
+        for u in self.units:
+            if u.rule is None:
+                self.handles.append(u.module.register_forward_pre_hook(self._fallback_enter))
+                self.handles.append(
+                    u.module.register_forward_hook(partial(self._fallback_hook, u), with_kwargs=True, always_call=True)
+                )
+            else:
+                self.handles.append(u.module.register_forward_hook(partial(self._rule_hook, u), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        release(self.calls)
+        self.calls = []
+        self._fallback_depth = 0
+
+    def take(self) -> list[Call]:
+        """The calls recorded since the last take, in forward order; recording starts afresh."""
+        calls, self.calls = self.calls, []
+        return calls
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Forward passes inside this block (torch.func replays, the engine's own backward
+        passes) are not recorded."""
+        self._mute += 1
+        try:
+            yield
+        finally:
+            self._mute -= 1
+
+    def _recording(self) -> bool:
+        # calls inside a fallback unit belong to its replay, not to the step
+        return torch.is_grad_enabled() and not self._mute and not self._fallback_depth
+
+    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
+            return
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        call = Call(unit, [get_gradient_edge(output)], [tuple(output.shape)], input_keys([x]), x=x, x_version=x._version)
+        self._record(call)
+        output.register_hook(partial(self.on_output_grad, call))
+
+    def _record(self, call: Call) -> None:
+        # Calls (and through them their forward pass's graph) are held until the next
+        # backward(losses). Forward passes that never get one, with grad enabled, pile up.
+        self.calls.append(call)
+        if len(self.calls) == 64 * max(len(self.units), 1):
+            warnings.warn(
+                "robustclip: the hook engine has recorded 64 forward passes without a "
+                "clipper.backward(losses); each keeps its autograd graph alive until then. Run "
+                "evaluation under torch.no_grad() (or torch.inference_mode()).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _fallback_enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._fallback_depth += 1
+
+    def _fallback_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self._fallback_depth -= 1
+        if not self._recording():
+            return
+        leaves = pytree.tree_leaves(output)
+        pos = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.grad_fn is not None]
+        if not pos:
+            return
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        dev = ins[0].device.type if ins else "cpu"
+        self._record(
+            Call(
+                unit,
+                [get_gradient_edge(leaves[i]) for i in pos],
+                [tuple(leaves[i].shape) for i in pos],
+                input_keys(ins),
+                args=args,
+                kwargs=kwargs,
+                out_positions=pos,
+                out_values=[leaves[i] for i in pos],
+                out_versions=[leaves[i]._version for i in pos],
+                autocast=(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)),
+            )
+        )
+
+
+def release(calls: list[Call]) -> None:
+    """Drop what recorded calls hold of a step: inputs, outputs and autograd nodes.
+
+    A call references autograd nodes (its output edge, its input's node), and the output's node
+    references the call back through the tensor hook: a reference cycle that would keep the
+    step's graph, and the activations it saved, alive until Python's cyclic garbage collector
+    ran. The engine cuts it as soon as a step is done.
+    """
+    for c in calls:
+        c.x = None
+        c.args, c.kwargs, c.out_values = (), {}, []
+        c.out_edges, c.in_keys = [], []

@@ -11,24 +11,88 @@ through the unit's own part of the batch's graph, which reuses the real forward 
 Per-sample gradients of a chunk are materialised and dropped after use: if the unit's
 ``B x params`` fit in the budget they are kept for the weighted sum, otherwise they are replayed
 a second time with the weights.
+
+:class:`Fallbacks` holds what the engine learns about each unit across steps (which take graph
+mode); ``verify.py`` holds which replays have been checked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
 from robustclip.per_sample._engine import acc_dtype
-from robustclip.per_sample._hooks.capture import Call
+from robustclip.per_sample._hooks.capture import Call, Unit
+from robustclip.per_sample._hooks.verify import ReplayError, Verifier, check_replay_output
 from robustclip.per_sample.rules._terms import DenseTerm, Term
 
+#: a block whose forward passes the engine does not record
+Muted = Callable[[], AbstractContextManager[None]]
 
-class ReplayError(RuntimeError):
-    """The replay cannot reproduce the unit's forward pass (randomness, samples mixing)."""
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+class PerSampleFallbackWarning(UserWarning):
+    """A part of the model is not covered by a fast per-sample rule and takes a slower path."""
+
+
+class Fallbacks:
+    """Per-sample terms of the units no rule covers, and how each unit has behaved so far.
+
+    A unit is replayed per sample (:class:`Replay`) unless it has dropout that is active, or a
+    replay of it failed its first check: then it takes graph mode (:func:`graph_mode_terms`).
+    """
+
+    def __init__(self, units: list[Unit], verifier: Verifier, muted: Muted) -> None:
+        self.verifier = verifier
+        self.muted = muted
+        #: units (by id) that take graph mode
+        self.graph_mode: set[int] = set()
+        self._dropouts = {id(u): [m for m in u.module.modules() if isinstance(m, DROPOUT)] for u in units if u.rule is None}
+
+    def prepare(self, calls: list[Call]) -> bool:
+        """Before the backward pass: units with active dropout take graph mode. Returns whether
+        the backward pass must keep the batch's graph (graph mode needs it after the pass, and
+        so does a first replay, which may switch to it)."""
+        for c in calls:
+            if any(m.training and m.p > 0 for m in self._dropouts[id(c.unit)]):
+                self.graph_mode.add(id(c.unit))
+        checked = self.verifier.replays_checked
+        return any(id(c.unit) in self.graph_mode or id(c.unit) not in checked for c in calls)
+
+    def terms(self, call: Call, grads: list[Tensor], batch: int, params: list[Tensor], budget: int) -> dict[int, Term]:
+        """The terms of one call, by parameter index, from its output gradients ``grads``."""
+        uid = id(call.unit)
+        checked = self.verifier.replays_checked
+        if uid not in self.graph_mode:
+            try:
+                rep = Replay(call, grads, batch, params, budget, uid not in checked, self.muted)
+                rep.run()
+            except ReplayError as e:
+                if uid in checked:
+                    raise ValueError(
+                        f"the module '{call.unit.name}' could not be replayed per sample ({e}); it "
+                        "uses randomness or mixes samples. Use engine='loop', or put its random "
+                        "layers in eval mode."
+                    ) from e
+                warnings.warn(
+                    f"robustclip: module '{call.unit.name}' cannot be replayed per sample ({e}); "
+                    "its per-sample gradients now come from one backward per sample through its "
+                    "part of the graph (exact, slower).",
+                    PerSampleFallbackWarning,
+                    stacklevel=6,
+                )
+                self.graph_mode.add(uid)
+            else:
+                checked.add(uid)
+                return {idx: ReplayTerm(rep, idx) for idx in rep.idxs}
+        return graph_mode_terms(call, grads, batch, params)
 
 
 class Replay:
@@ -42,9 +106,9 @@ class Replay:
         params: list[Tensor],
         budget: int,
         check: bool,
-        engine: Any,
+        muted: Muted,
     ) -> None:
-        self.call, self.batch, self.engine = call, batch, engine
+        self.call, self.batch, self.muted = call, batch, muted
         unit = call.unit
         self.idxs = sorted(set(unit.params.values()))
         self.pos = {idx: j for j, idx in enumerate(self.idxs)}
@@ -91,7 +155,7 @@ class Replay:
     def _chunk(self, sl: slice) -> list[Tensor]:
         xs = [self.leaves[i][sl] for i in self.batched]
         gs = [g[sl] for g in self.grads]
-        with self.engine.replaying():
+        with self.muted():
             try:
                 # made per call: a vmapped bound method kept on self would be a reference cycle
                 # holding the recorded inputs until a garbage collection
@@ -104,7 +168,7 @@ class Replay:
         if self.check:
             for got, ref, ver in zip(primal, self.call.out_values, self.call.out_versions):
                 if ref._version == ver:  # an output changed in place later cannot be compared
-                    _check(got, ref[sl])
+                    check_replay_output(got, ref[sl])
         return list(grads)
 
     # -- what the engine asks -------------------------------------------------------------------------
@@ -188,11 +252,3 @@ def graph_mode_terms(call: Call, grads: list[Tensor], batch: int, params: list[T
             per[j].append(torch.zeros_like(p) if g is None else g)
     return {idx: DenseTerm(torch.stack(per[j])) for j, idx in enumerate(idxs)}
 
-
-def _check(got: Tensor, ref: Tensor) -> None:
-    got, ref = got.detach().float(), ref.detach().float()
-    scale = max(float(ref.abs().amax()) if ref.numel() else 0.0, 1.0)
-    half = ref.dtype in (torch.float16, torch.bfloat16)
-    tol = (1e-2 if half else 1e-4) * scale
-    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=0, atol=tol):
-        raise ReplayError("the replay of the module one sample at a time does not reproduce its output")

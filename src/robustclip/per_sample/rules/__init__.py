@@ -1,56 +1,101 @@
 """Per-layer rules of the hook engine: one file per layer type, registered here.
 
-A rule turns one call of a layer, seen as its input ``x`` (batch first) and the gradient of the
-loss sum with respect to its output ``grad_out`` (batch first), into one
-:class:`~robustclip.per_sample.rules._terms.Term` per trainable parameter: a lazy description of
-the per-sample gradients from which the engine takes norms and the clipped sum without holding
-``B x params`` numbers (see ``_terms.py``).
+How to write a rule
+-------------------
+A rule sees one call of a layer as its input ``x`` (batch first) and the gradient of the loss
+sum with respect to its output, ``grad_out`` (batch first), and returns one :class:`Term` per
+trainable parameter (``names``: the parameters being trained). A term is a lazy description
+of the per-sample gradients ``g_i`` of that parameter, from which the engine takes norms and the
+clipped sum without holding ``B x params`` numbers (``_terms.py``):
+
+* :class:`OuterTerm` ``(u, v, n_u, shape, dtype)``: ``g_i = sum_{k,t} u[i,k,t] (x) v[i,k,t]``,
+  a sum of outer products over ``T`` positions in ``K`` blocks (weights of Linear, Conv,
+  Embedding); its norm has a Gram ("ghost") form;
+* :class:`DenseTerm` ``(g)``: the per-sample gradients themselves, ``(B, *shape)``, for
+  parameters no larger than the activations they come from (biases, normalisation scales).
 
 Adding a layer type is adding a file::
 
-    # rules/my_layer.py
-    from robustclip.per_sample.rules import register
-    from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm
+    # rules/my_scale.py                   y = x * weight, weight of shape (C,)
+    from robustclip.per_sample.rules import DenseTerm, register
 
-    @register(MyLayer)
-    def my_layer_terms(module, x, grad_out, names):
-        return {"weight": OuterTerm(...)}
+    @register(MyScale)
+    def my_scale_terms(module, x, grad_out, names):
+        b = grad_out.shape[0]
+        per_sample = (grad_out * x).reshape(b, -1, module.weight.shape[0]).sum(1)
+        return {"weight": DenseTerm(per_sample)} if "weight" in names else {}
 
-and importing it at the bottom of this file. Every rule is tested against the batch-of-one
-oracle in ``tests/test_layer_rules.py``: add the layer there too.
+importing it at the bottom of this file, and adding a case to the table ``CASES`` of
+``tests/test_layer_rules.py``, which tests every registered rule against the batch-of-one
+oracle (a registered type without a case fails the tests).
+
+A rule also declares its own special cases, as keywords of :func:`register`:
+
+* ``unsupported(module)``: why this particular module is not covered (an option the rule does
+  not model), or None; such modules take the per-module fallback;
+* ``source_param(module, names)``: the name of a trainable parameter whose gradient, requested
+  in place of the layer's output, makes autograd compute the output gradient more cheaply
+  (the engine requests one gradient below the first layers so that the backward pass reaches
+  them; see ``_hooks/plan.py``), or None for the output itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from torch import Tensor, nn
 
-from robustclip.per_sample.rules._terms import Term
+from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
 
+M = TypeVar("M", bound=nn.Module)
 #: terms(module, x, grad_out, names) -> {parameter name: Term} for the trainable ``names``
-TermsFn = Callable[[nn.Module, Tensor, Tensor, frozenset], dict[str, Term]]
+TermsFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Term]]
+#: unsupported(module) -> why this module is not covered, or None
+UnsupportedFn = Callable[[nn.Module], str | None]
+#: source_param(module, names) -> the parameter to request for the output's gradient, or None
+SourceFn = Callable[[nn.Module, frozenset[str]], str | None]
+F = TypeVar("F", bound=Callable[..., dict[str, Term]])
+
+
+def _covered(module: nn.Module) -> str | None:
+    return None
+
+
+def _output_itself(module: nn.Module, names: frozenset[str]) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
 class Rule:
+    """A layer type's rule and the special cases it declares (see the module docstring)."""
+
     module_type: type
     terms: TermsFn
-    #: returns why a particular module of this type is not covered (an option the rule does not
-    #: model, e.g. ``scale_grad_by_freq``), or None
-    unsupported: Callable[[nn.Module], str | None]
+    unsupported: UnsupportedFn = _covered
+    source_param: SourceFn = _output_itself
 
 
 RULES: dict[type, Rule] = {}
 
 
-def register(module_type: type, unsupported: Callable[[nn.Module], str | None] | None = None):
+def register(
+    module_type: type[M],
+    unsupported: Callable[[M], str | None] | None = None,
+    *,
+    source_param: Callable[[M, frozenset[str]], str | None] | None = None,
+) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the rule of ``module_type`` (exact type and subclasses that
-    keep its ``forward``)."""
+    keep its ``forward``), with its declared special cases."""
 
-    def deco(fn: TermsFn) -> TermsFn:
-        RULES[module_type] = Rule(module_type, fn, unsupported or (lambda m: None))
+    def deco(fn: F) -> F:
+        RULES[module_type] = Rule(
+            module_type,
+            fn,
+            cast(UnsupportedFn, unsupported or _covered),
+            cast(SourceFn, source_param or _output_itself),
+        )
         return fn
 
     return deco
@@ -62,13 +107,18 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
         rule = RULES.get(cls)
         if rule is None:
             continue
-        if type(module).forward is not cls.forward:
+        if type(module).forward is not getattr(cls, "forward", None):
             return None, f"it subclasses {cls.__name__} but overrides forward()"
         why = rule.unsupported(module)
         if why:
             return None, why
         return rule, ""
     return None, "no per-sample rule is registered for its type"
+
+
+def supported_layers() -> str:
+    """The layer types that have a rule, for messages: ``"Conv1d, Conv2d, ..."``."""
+    return ", ".join(t.__name__ for t in RULES)
 
 
 # the rules, one file per layer type (importing registers them)
@@ -82,4 +132,20 @@ from robustclip.per_sample.rules import (  # noqa: E402
     rms_norm,
 )
 
-__all__ = ["RULES", "Rule", "broadcast", "conv", "embedding", "group_norm", "layer_norm", "linear", "register", "rms_norm", "rule_for"]
+__all__ = [
+    "RULES",
+    "DenseTerm",
+    "OuterTerm",
+    "Rule",
+    "Term",
+    "broadcast",
+    "conv",
+    "embedding",
+    "group_norm",
+    "layer_norm",
+    "linear",
+    "register",
+    "rms_norm",
+    "rule_for",
+    "supported_layers",
+]

@@ -4,7 +4,8 @@ A rule never returns ``B x params`` per-sample gradients. It returns a *term* pe
 per call of the layer, a lazy description of the per-sample gradients ``g_i`` from which the
 engine can get, at its choice,
 
-* the per-sample squared norms ``||g_i||^2`` (several ways, priced by :func:`plan`),
+* the per-sample squared norms ``||g_i||^2`` (several ways, priced by the cost model
+  of ``_hooks/norms.py``),
 * the per-sample gradients of a chunk of samples (to check, or to keep when that is cheaper),
 * the weighted sum ``sum_i w_i g_i`` (the clipped gradient), in one matmul or scatter.
 
@@ -212,7 +213,7 @@ class OuterTerm(Term):
         out.view(self.n_u, -1).addmm_(u.reshape(bt, -1).t(), v.reshape(bt, -1))
 
 
-# -- norms ---------------------------------------------------------------------------------------
+# -- Grams and sums ---------------------------------------------------------------------------------------
 
 
 def gram(x: Tensor, y: Tensor) -> Tensor:
@@ -244,87 +245,9 @@ def self_gram(x: Tensor) -> Tensor:
     return gram(x, x)
 
 
-def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
-    """``||sum_a g_{a,i}||^2`` from the factors only: ``sum_{a,b} <U_a U_b^T, V_a V_b^T>``."""
-    batch = terms[0].batch
-    tt = sum(t.T for t in terms)
-    per_sample = 2 * terms[0].K * tt * tt + 1
-    chunk = max(1, min(batch, budget // per_sample))
-    dt = acc_dtype(terms[0].dtype)
-    out = []
-    for s in range(0, batch, chunk):
-        sl = slice(s, min(s + chunk, batch))
-        acc = None
-        if len(terms) == 1:  # a term may know a cheaper way to its own Grams
-            acc = (terms[0].u_gram(sl) * terms[0].v_gram(sl)).sum(dim=(1, 2, 3))
-        else:
-            us = [t.u_chunk(sl) for t in terms]
-            vs = [t.v_chunk(sl) for t in terms]
-            for a in range(len(terms)):
-                for b in range(a, len(terms)):
-                    val = (gram(us[a], us[b]) * gram(vs[a], vs[b])).sum(dim=(1, 2, 3))
-                    if b != a:
-                        val = 2 * val
-                    acc = val if acc is None else acc + val
-        assert acc is not None
-        out.append(acc.to(dt))
-    return out[0] if len(out) == 1 else torch.cat(out)
-
-
-def index_sq_norms(term: OuterTerm) -> Tensor:
-    """Exact squared norms of an embedding-like term in ``O(B T n_v)``, without ``T^2`` or ``n_u``.
-
-    Sample ``i``'s gradient has one row per *distinct* index: the sum of the ``v`` rows that share
-    it. Sorting each sample's indices finds, for every position, the group of equal indices it
-    belongs to; scattering ``v`` into those groups and squaring gives the norm. No host sync:
-    every shape is fixed.
-    """
-    u, v = term.u, term.v
-    assert v is not None
-    b, k, t = u.shape
-    flat_u = u.reshape(b * k, t)
-    srt, perm = flat_u.sort(dim=1)
-    new = torch.ones_like(srt, dtype=torch.long)
-    new[:, 1:] = (srt[:, 1:] != srt[:, :-1]).long()
-    gid_sorted = new.cumsum(1) - 1
-    gid = torch.empty_like(gid_sorted).scatter_(1, perm, gid_sorted)
-    vv = v.reshape(b * k, t, -1).to(acc_dtype(v.dtype))
-    sums = torch.zeros_like(vv).scatter_add_(1, gid.unsqueeze(-1).expand_as(vv), vv)
-    return sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1)
-
-
 def sum_materialized(terms: Sequence[Term], sl: slice) -> Tensor:
+    """Per-sample gradients of samples ``sl`` of one parameter: the sum of its terms'."""
     g = terms[0].materialize(sl)
     for t in terms[1:]:
         g = g + t.materialize(sl)
     return g
-
-
-def plan(terms: Sequence[Term], keep_ok: bool) -> str:
-    """How to get one parameter's per-sample norms, by a cost model.
-
-    * ``"keep"``: materialise every sample's gradient and keep it for the weighted sum. Chosen
-      when it is no larger than the activations and output gradients it lets the engine free
-      (``keep_ok``), because then it is the cheapest in time (one batched matmul replaces the
-      weight-gradient matmul) *and* does not raise the peak memory.
-    * ``"index"``: the sort-based exact norm of a single embedding term.
-    * ``"ghost"``: the Gram form, when ``T^2 (n_u + n_v)`` beats ``T n_u n_v``.
-    * ``"chunks"``: materialise a chunk of samples at a time, take the norms, free.
-    """
-    if all(isinstance(t, DenseTerm) for t in terms):
-        return "keep"
-    if keep_ok:
-        return "keep"
-    if not all(isinstance(t, OuterTerm) for t in terms):
-        return "chunks"
-    outer = [t for t in terms if isinstance(t, OuterTerm)]
-    if len(outer) == 1 and outer[0].index:
-        return "index"
-    mat = sum(t.materialize_cost() for t in outer) + outer[0].batch * outer[0].numel
-    ghost = 0.0
-    for a in outer:
-        for b in outer:
-            cu = a.n_u if not (a.index or b.index) else 1
-            cv = a.n_v
-            ghost += a.batch * a.K * a.T * b.T * (cu + cv + 1)
-    return "ghost" if ghost < mat else "chunks"

@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from robustclip._kernels import choose, chosen
 from robustclip.per_sample._engine import acc_dtype
-from robustclip.per_sample.rules import register
-from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
+from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
 from robustclip.per_sample.rules._util import sum_positions
 
 #: elements of unfolded patches per im2col chunk: small enough to stay in cache between the

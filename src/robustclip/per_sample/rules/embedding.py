@@ -3,7 +3,7 @@
 Per sample, ``grad W_i = sum_t e_{idx_t} (x) G_{i,t}``: an outer-product term whose ``u`` side
 is one-hot, kept as the index tensor itself. Positions holding ``padding_idx`` get no gradient
 (as in ``torch.nn.functional.embedding``), so their ``G`` rows are zeroed. The norm of a lone
-embedding term is exact in ``O(B T d)`` by grouping equal indices (``_terms.index_sq_norms``);
+embedding term is exact in ``O(B T d)`` by grouping equal indices (``_hooks/norms.py``);
 the clipped sum is one ``index_add`` of the weight-scaled ``G`` rows.
 
 ``sparse=True`` and ``scale_grad_by_freq=True`` are not modelled (the latter scales by counts
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustclip.per_sample.rules import register
-from robustclip.per_sample.rules._terms import OuterTerm, Term
+from robustclip.per_sample.rules import OuterTerm, Term, register
 
 
 def _unsupported(m: nn.Embedding) -> str | None:

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustclip.per_sample._engine import acc_dtype
-from robustclip.per_sample.rules import register
-from robustclip.per_sample.rules._terms import DenseTerm, Term
+from robustclip.per_sample.rules import DenseTerm, Term, register
 from robustclip.per_sample.rules._util import sum_positions
 
 

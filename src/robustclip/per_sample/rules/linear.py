@@ -10,13 +10,25 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustclip.per_sample.rules import register
-from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
+from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
 from robustclip.per_sample.rules._util import sum_positions
 
 
-@register(nn.Linear)
-def linear_terms(module: nn.Linear, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def _bias_source(module: nn.Module, names: frozenset[str]) -> str | None:
+    """A first Linear layer's output gradient is requested through its bias.
+
+    Requesting the output itself makes autograd hold that gradient to the end of the pass;
+    requesting the bias runs the layer's backward node for the bias alone (a sum) and frees the
+    output gradient once the engine has processed it. (A convolution does not declare this:
+    oneDNN computes a convolution's bias gradient in its weight-gradient kernel, as slow as the
+    weight gradient itself; measured 2.1 ms for the bias alone against 0.2 ms for the sum, first
+    layer of the benchmark CNN.)
+    """
+    return "bias" if isinstance(getattr(module, "bias", None), Tensor) and "bias" in names else None
+
+
+@register(nn.Linear, source_param=_bias_source)
+def linear_terms(module: nn.Linear, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     b = grad_out.shape[0]
     g = grad_out.reshape(b, 1, -1, module.out_features)
     terms: dict[str, Term] = {}

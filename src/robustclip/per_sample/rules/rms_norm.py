@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustclip.per_sample._engine import acc_dtype
-from robustclip.per_sample.rules import register
-from robustclip.per_sample.rules._terms import Term
+from robustclip.per_sample.rules import Term, register
 from robustclip.per_sample.rules.layer_norm import affine_norm_terms
 
 

@@ -1,0 +1,181 @@
+"""Per-sample squared norms of one parameter, from its terms: the cost model and its strategies.
+
+Phase 4 of the hook engine (``engine.py``). A parameter's terms (``rules/_terms.py``) describe its
+per-sample gradients ``g_i`` lazily; :func:`choose` prices the ways to get ``||g_i||^2`` from them
+and :func:`sq_norms` runs the cheapest:
+
+* ``"keep"``: materialise every sample's gradient and keep it for the weighted sum. Chosen when
+  it is no larger than the activations and output gradients it lets the engine free, because
+  then it is the cheapest in time (one batched matmul replaces the weight-gradient matmul) *and*
+  does not raise the peak memory. Always for dense terms (biases, normalisation scales).
+* ``"index"``: the sort-based exact norm of a single embedding term, ``O(B T n_v)``.
+* ``"ghost"``: the Gram form ``||g_i||^2 = sum_{a,b} <U_a U_b^T, V_a V_b^T>`` (Goodfellow,
+  arXiv:1510.01799; Li et al., arXiv:2110.05679), when ``T^2 (n_u + n_v)`` beats materialising
+  ``T n_u n_v``, as in mixed ghost clipping (Bu et al., arXiv:2205.10683).
+* ``"chunks"``: materialise a chunk of samples at a time, take the norms, free it.
+
+Norms accumulate in float32 at least. Temporaries of one parameter stay below ``budget``
+elements (chunks of samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from robustclip.per_sample._engine import acc_dtype
+from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term, gram, sum_materialized
+
+#: the strategies :func:`choose` picks from (tests force each in turn)
+STRATEGIES = ("keep", "ghost", "index", "chunks")
+
+
+@dataclass
+class Gathered:
+    """What a step has gathered per parameter (by layout index) on its way to the weighted sums."""
+
+    #: lazy per-sample gradients (the parameter's terms) still needed for the weighted sum
+    terms: dict[int, list[Term]] = field(default_factory=dict)
+    #: squared norms already taken, ``(B,)``
+    sq: dict[int, Tensor] = field(default_factory=dict)
+    #: per-sample gradients materialised and kept (``"keep"``), ``(B, *shape)``; they replace the terms
+    kept: dict[int, Tensor] = field(default_factory=dict)
+
+    def add(self, terms: Mapping[int, Term]) -> None:
+        """One more use of each parameter ``terms`` names (a call, a bare use)."""
+        for idx, t in terms.items():
+            self.terms.setdefault(idx, []).append(t)
+
+    def take_norms(self, idx: int, p: Tensor, batch: int, budget: int, force: str | None = None) -> None:
+        """Take parameter ``idx``'s norms from its terms now; what the strategy keeps replaces them."""
+        sq, kept = sq_norms(self.terms[idx], batch, p, budget, force)
+        self.sq[idx] = sq
+        if kept is not None:
+            self.kept[idx] = kept
+            del self.terms[idx]  # frees the activations the terms held
+
+
+def sq_norms(
+    terms: Sequence[Term], batch: int, p: Tensor, budget: int, force: str | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Squared norms ``(B,)`` of one parameter's per-sample gradients, and those gradients if
+    the strategy keeps them. ``force`` (tests): a strategy of :data:`STRATEGIES` to use where
+    it applies."""
+    if len(terms) == 1 and terms[0].precomputed_sq is not None:
+        return terms[0].precomputed_sq, None
+    how = strategy(terms, batch, p, force)
+    if how == "index":
+        return index_sq_norms(cast(OuterTerm, terms[0])), None
+    if how == "ghost":  # chosen only when every term is an OuterTerm
+        return ghost_sq_norms(cast(Sequence[OuterTerm], terms), budget), None
+    return materialized_sq_norms(terms, batch, p, budget, keep=how == "keep")
+
+
+def strategy(terms: Sequence[Term], batch: int, p: Tensor, force: str | None = None) -> str:
+    """The strategy for one parameter: the cost model's choice, or ``force`` where it applies."""
+    keep_ok = batch * p.numel() * terms[0].dtype.itemsize <= sum(t.hold_bytes() for t in terms)
+    if force in ("keep", "chunks"):
+        return force
+    if force == "ghost" and all(isinstance(t, OuterTerm) for t in terms):
+        return "ghost"
+    if force == "index" and len(terms) == 1 and isinstance(terms[0], OuterTerm) and terms[0].index:
+        return "index"
+    return choose(terms, keep_ok)
+
+
+def choose(terms: Sequence[Term], keep_ok: bool) -> str:
+    """The cost model (see the module docstring). ``keep_ok``: the parameter's per-sample
+    gradients are no larger than the activations and output gradients its terms hold."""
+    if all(isinstance(t, DenseTerm) for t in terms):
+        return "keep"
+    if keep_ok:
+        return "keep"
+    if not all(isinstance(t, OuterTerm) for t in terms):
+        return "chunks"
+    outer = [t for t in terms if isinstance(t, OuterTerm)]
+    if len(outer) == 1 and outer[0].index:
+        return "index"
+    mat = sum(t.materialize_cost() for t in outer) + outer[0].batch * outer[0].numel
+    ghost = 0.0
+    for a in outer:
+        for b in outer:
+            cu = a.n_u if not (a.index or b.index) else 1
+            cv = a.n_v
+            ghost += a.batch * a.K * a.T * b.T * (cu + cv + 1)
+    return "ghost" if ghost < mat else "chunks"
+
+
+def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
+    """``||sum_a g_{a,i}||^2`` from the factors only: ``sum_{a,b} <U_a U_b^T, V_a V_b^T>``."""
+    batch = terms[0].batch
+    tt = sum(t.T for t in terms)
+    per_sample = 2 * terms[0].K * tt * tt + 1
+    chunk = max(1, min(batch, budget // per_sample))
+    dt = acc_dtype(terms[0].dtype)
+    out = []
+    for s in range(0, batch, chunk):
+        sl = slice(s, min(s + chunk, batch))
+        acc = None
+        if len(terms) == 1:  # a term may know a cheaper way to its own Grams
+            acc = (terms[0].u_gram(sl) * terms[0].v_gram(sl)).sum(dim=(1, 2, 3))
+        else:
+            us = [t.u_chunk(sl) for t in terms]
+            vs = [t.v_chunk(sl) for t in terms]
+            for a in range(len(terms)):
+                for b in range(a, len(terms)):
+                    val = (gram(us[a], us[b]) * gram(vs[a], vs[b])).sum(dim=(1, 2, 3))
+                    if b != a:
+                        val = 2 * val
+                    acc = val if acc is None else acc + val
+        assert acc is not None
+        out.append(acc.to(dt))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def index_sq_norms(term: OuterTerm) -> Tensor:
+    """Exact squared norms of an embedding-like term in ``O(B T n_v)``, without ``T^2`` or ``n_u``.
+
+    Sample ``i``'s gradient has one row per *distinct* index: the sum of the ``v`` rows that share
+    it. Sorting each sample's indices finds, for every position, the group of equal indices it
+    belongs to; scattering ``v`` into those groups and squaring gives the norm. No host sync:
+    every shape is fixed.
+    """
+    u, v = term.u, term.v
+    assert v is not None
+    b, k, t = u.shape
+    flat_u = u.reshape(b * k, t)
+    srt, perm = flat_u.sort(dim=1)
+    new = torch.ones_like(srt, dtype=torch.long)
+    new[:, 1:] = (srt[:, 1:] != srt[:, :-1]).long()
+    gid_sorted = new.cumsum(1) - 1
+    gid = torch.empty_like(gid_sorted).scatter_(1, perm, gid_sorted)
+    vv = v.reshape(b * k, t, -1).to(acc_dtype(v.dtype))
+    sums = torch.zeros_like(vv).scatter_add_(1, gid.unsqueeze(-1).expand_as(vv), vv)
+    return sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1)
+
+
+def materialized_sq_norms(
+    terms: Sequence[Term], batch: int, p: Tensor, budget: int, keep: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Norms from materialised per-sample gradients, a chunk of samples at a time within
+    ``budget``; with ``keep``, the gradients too."""
+    dt = acc_dtype(p.dtype)
+    per_sample = sum(t.transient_per_sample() for t in terms) + p.numel()
+    chunk = max(1, min(batch, budget // per_sample))
+    sqs, parts = [], []
+    for s in range(0, batch, chunk):
+        g = sum_materialized(terms, slice(s, min(s + chunk, batch)))
+        sqs.append(sq_rows(g, dt))
+        if keep:
+            parts.append(g)
+    kept = (parts[0] if len(parts) == 1 else torch.cat(parts)) if keep else None
+    return (sqs[0] if len(sqs) == 1 else torch.cat(sqs)), kept
+
+
+def sq_rows(g: Tensor, dt: torch.dtype) -> Tensor:
+    """Squared norm of each row of ``g`` (B, ...), in ``dt``, without a squared temporary."""
+    return torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=dt).square()

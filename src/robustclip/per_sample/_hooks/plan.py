@@ -1,0 +1,258 @@
+"""Planning one step of the hook engine: from the recorded calls to the jobs of its backward pass.
+
+From the calls recorded in the forward pass (``capture.py``) and the walk of the losses' graph
+(``walk.py``), before any gradient is computed, :func:`make_plan` decides
+
+* how each call the losses depend on gets its per-sample gradients: its rule, on its output
+  gradient or, for an output without a batch dimension, on the per-sample gradient recovered at
+  the consumers that broadcast it over the batch (``rules/broadcast.py``); or the per-module
+  fallback (``fallback.py``);
+* how each bare parameter does (at its broadcasting consumer);
+* which rule calls are *streamed*: processed inside the backward pass, by the tensor hook on
+  their output, as soon as their output gradient exists (their parameters have no other use
+  this step; the others, tied or shared, are processed after the pass, together);
+* which gradient edges the one backward pass requests;
+* or why the model's gradient cannot be split by sample (``problems``: the whole model falls
+  back).
+
+Pure: it reads the graph through node names, ``next_functions`` and metadata only, runs no
+autograd, and changes nothing, so any objects with those attributes can stand in for the graph
+(``tests/test_hooks_plan.py``). A :class:`Plan` prints as a table, one row per job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from robustclip.per_sample._engine import ParamLayout
+from robustclip.per_sample._hooks.capture import Call, EdgeKey, edge_key
+from robustclip.per_sample._hooks.walk import WalkResult
+from robustclip.per_sample.rules import broadcast
+
+#: an autograd node (or a stand-in with ``name()`` and ``next_functions``)
+Node = Any
+
+
+@dataclass(eq=False)
+class RuleJob:
+    """A call of a layer with a rule."""
+
+    call: Call
+    #: for an output without a batch dimension: the consumers that broadcast it over the batch,
+    #: each with its factor (``rules/broadcast.py``); the rule then sees the per-sample output
+    #: gradient recovered there. None for a batch-first output.
+    consumers: list[tuple[Node, float | Tensor]] | None = None
+    #: processed inside the backward pass by the tensor hook on its output
+    streamed: bool = False
+    #: what the pass requests so that it reaches this (first) layer: ``"output"``, or the
+    #: parameter the rule declares as ``source_param``; None when a request below serves it
+    requests: str | None = None
+
+
+@dataclass(eq=False)
+class BareJob:
+    """A parameter used directly in the forward pass, recovered at its broadcasting consumer."""
+
+    node: Node
+    factor: float | Tensor
+    idx: int
+    name: str
+
+
+@dataclass(eq=False)
+class Plan:
+    """The jobs of one step; see the module docstring."""
+
+    batch: int
+    rules: list[RuleJob] = field(default_factory=list)
+    fallbacks: list[Call] = field(default_factory=list)
+    bare: list[BareJob] = field(default_factory=list)
+    #: the gradient edges the one backward pass requests, by key, in request order
+    requests: dict[EdgeKey, GradientEdge] = field(default_factory=dict)
+    #: why the model's gradient cannot be split by sample; not empty: the whole model falls back
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def streamed(self) -> list[Call]:
+        return [j.call for j in self.rules if j.streamed]
+
+    @property
+    def after(self) -> list[RuleJob]:
+        """The rule jobs processed after the backward pass."""
+        return [j for j in self.rules if not j.streamed]
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """One ``(what, path, detail)`` row per job, in planning order."""
+        out: list[tuple[str, str, str]] = []
+        for j in self.rules:
+            unit = j.call.unit
+            what = f"{unit.name} ({type(unit.module).__name__})"
+            if j.consumers is not None:
+                via = ", ".join(sorted({m.name() for m, _ in j.consumers}))
+                out.append((what, "rule, unbatched output", f"broadcast by {via}"))
+            elif j.streamed:
+                out.append((what, "rule, in the backward pass", f"requests its {j.requests}" if j.requests else ""))
+            else:
+                out.append((what, "rule, after the backward pass", "parameters used elsewhere too"))
+        for c in self.fallbacks:
+            reason = c.unit.reason
+            out.append((f"{c.unit.name} ({type(c.unit.module).__name__})", "per-module fallback", reason))
+        for b in self.bare:
+            out.append((b.name, "bare parameter", f"broadcast by {b.node.name()}"))
+        return out
+
+    def __str__(self) -> str:
+        head = f"hook engine plan: batch {self.batch}, {len(self.requests)} gradient(s) requested"
+        rows = self.rows()
+        width = [max((len(r[k]) for r in rows), default=0) for k in range(2)]
+        lines = [head] + [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows]
+        lines += [f"  whole-model fallback: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def make_plan(calls: list[Call], found: WalkResult, batch: int, layout: ParamLayout) -> Plan:
+    """The jobs of one step. ``calls``: every call recorded, in forward order; ``found``: the
+    walk of the losses' graph over them; ``batch``: the number of losses."""
+    plan = Plan(batch)
+    for c in found.reached:
+        if c.unit.rule is not None:
+            _plan_rule_call(plan, c, found.consumers.get(c.keys[0], []))
+    for c in found.reached:
+        if c.unit.rule is None:
+            _plan_fallback_call(plan, c)
+    for node, pos, idx in found.bare:
+        _plan_bare(plan, node, pos, idx, tuple(layout.params[idx].shape), layout.names[idx])
+    if not plan.problems:
+        _plan_streaming(plan, calls)
+    return plan
+
+
+def _plan_rule_call(plan: Plan, c: Call, consumers: list[tuple[Node, int]]) -> None:
+    shape, batch = c.out_shapes[0], plan.batch
+    if not unbatched(shape, consumers, batch):
+        plan.requests[c.keys[0]] = c.out_edges[0]
+        plan.rules.append(RuleJob(c))
+    elif consumers and all(broadcast.supported(m, shape, batch) for m, _ in consumers):
+        for m, _ in consumers:
+            plan.requests[(m, 0)] = GradientEdge(m, 0)
+        plan.rules.append(RuleJob(c, [(m, broadcast.factor(m, pos)) for m, pos in consumers]))
+    else:
+        used = ", ".join(sorted({m.name() for m, _ in consumers})) or "nothing"
+        plan.problems.append(
+            f"'{c.unit.name}' is called on an input without a batch dimension (output "
+            f"shape {shape}, batch {batch}) and its output is used by {used}, which "
+            "does not broadcast it over the batch"
+        )
+
+
+def _plan_fallback_call(plan: Plan, c: Call) -> None:
+    batch = plan.batch
+    batched_in = any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch for t in c.input_leaves)
+    if not batched_in or any(len(s) == 0 or s[0] != batch for s in c.out_shapes):
+        plan.problems.append(
+            f"the fallback module '{c.unit.name}' has inputs or outputs without the batch as first dimension"
+        )
+    for e in c.out_edges:
+        plan.requests[edge_key(e)] = e
+    plan.fallbacks.append(c)
+
+
+def _plan_bare(plan: Plan, node: Node, pos: int, idx: int, shape: tuple[int, ...], name: str) -> None:
+    if broadcast.supported(node, shape, plan.batch):
+        plan.requests[(node, 0)] = GradientEdge(node, 0)
+        plan.bare.append(BareJob(node, broadcast.factor(node, pos), idx, name))
+    else:
+        plan.problems.append(
+            f"parameter '{name}' is used directly by {node.name()} (not through a "
+            "layer with a rule, nor a broadcasting add or multiply)"
+        )
+
+
+def _plan_streaming(plan: Plan, calls: list[Call]) -> None:
+    """Stream the batched rule calls whose parameters have no other use, and make sure the
+    backward pass reaches each of them."""
+    uses: dict[int, int] = {}
+    for j in plan.rules:
+        for idx in j.call.unit.params.values():
+            uses[idx] = uses.get(idx, 0) + 1
+    for c in plan.fallbacks:
+        for idx in set(c.unit.params.values()):
+            uses[idx] = uses.get(idx, 0) + 1
+    for b in plan.bare:
+        uses[b.idx] = uses.get(b.idx, 0) + 1
+    for j in plan.rules:
+        if j.consumers is None and all(uses[i] == 1 for i in j.call.unit.params.values()):
+            j.streamed = True
+            # autograd computes a streamed call's output gradient only if a requested gradient
+            # lies below it; calls with none below (the first layer) are requested themselves
+            del plan.requests[j.call.keys[0]]
+    jobs = {id(j.call): j for j in plan.rules if j.streamed}
+    # In forward order, so that the first layer's request serves every layer above it. A
+    # request added changes the answers: the memo starts over. (Requesting a convolution's
+    # bias makes oneDNN run its weight-gradient kernel, which costs as much as the plain
+    # weight gradient this engine exists to skip: request as few as possible.)
+    below = _Reach(set(plan.requests))
+    for c in calls:
+        job = jobs.get(id(c))
+        if job is not None and not below.any(c.in_keys):
+            plan.requests.update(source_edge(c))
+            job.requests = _source_name(c) or "output"
+            below = _Reach(set(plan.requests))
+
+
+def source_edge(call: Call) -> dict[EdgeKey, GradientEdge]:
+    """What to request so that autograd computes a first layer's output gradient: the output
+    itself, or the parameter its rule declares as ``source_param`` (a cheaper way there)."""
+    name = _source_name(call)
+    if name is not None:
+        edge = get_gradient_edge(getattr(call.unit.module, name))
+        return {edge_key(edge): edge}
+    return {call.keys[0]: call.out_edges[0]}
+
+
+def _source_name(call: Call) -> str | None:
+    rule = call.unit.rule
+    return None if rule is None else rule.source_param(call.unit.module, call.unit.names)
+
+
+def unbatched(shape: tuple[int, ...], consumers: list[tuple[Node, int]], batch: int) -> bool:
+    """A layer output without a batch dimension is one its consumers broadcast over the batch."""
+    if len(shape) == 0 or shape[0] != batch:
+        return True
+    outs = [broadcast.output_shape(m) for m, _ in consumers]
+    return bool(outs) and all(o is not None and len(o) > len(shape) and o[0] == batch for o in outs)
+
+
+class _Reach:
+    """Does a requested gradient edge (one of ``keys``) lie at or below a layer's input?
+
+    At: the input tensor's own edge is requested (the previous layer's output, consumed
+    directly). Below: the graph under the input's node contains one. Memoised over one step's
+    graph; iterative, so deep graphs do not hit the recursion limit.
+    """
+
+    def __init__(self, keys: set[EdgeKey]) -> None:
+        self.keys = keys
+        self.memo: dict[Node, bool] = {}
+
+    def any(self, in_keys: list[EdgeKey]) -> bool:
+        return any(k in self.keys or self._node(k[0]) for k in in_keys)
+
+    def _node(self, root: Node) -> bool:
+        memo, keys = self.memo, self.keys
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in memo:
+                continue
+            nexts = [(n, nr) for n, nr in node.next_functions if n is not None]
+            if expanded:
+                memo[node] = any((n, nr) in keys or memo[n] for n, nr in nexts)
+                continue
+            stack.append((node, True))
+            stack.extend((n, False) for n, _ in nexts if n not in memo)
+        return memo[root]
