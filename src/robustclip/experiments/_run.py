@@ -315,10 +315,10 @@ def _save_final(target: Path, obj: Any) -> None:
 
 def _plain_state(value: Any, where: str) -> Any:
     """An arm's accumulators as tensors and plain data (numpy scalars become Python numbers)."""
+    if isinstance(value, np.generic):  # before float: numpy's float64 is a float subclass
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, (list, tuple)):
         return type(value)(_plain_state(v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
@@ -377,7 +377,7 @@ def _find_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], str, l
         data = f.read_bytes()
         h = _sha256(data)
         if h not in hashes:
-            what = "is empty" if not data else f"({len(data)} bytes) matches no SHA-256 in {_MANIFEST}: it is damaged, truncated or was replaced"
+            what = "is empty" if not data else f"matches no SHA-256 in {_MANIFEST} ({len(data)} bytes): it is damaged, truncated or was replaced"
             problems.append(f"{name} {what}")
             continue
         found.append((hashes.index(h), name, data))
