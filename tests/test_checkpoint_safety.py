@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -271,17 +270,22 @@ def test_a_malicious_final_state_is_refused_unread(tmp_path, full):
 
 
 def _flip_tensor_byte(f: Path) -> None:
-    """Flip one byte inside the largest tensor's stored data (not a zip header)."""
+    """Flip the top exponent bit of one weight of the arm's model, inside the file's tensor data.
+
+    The weight is in the output layer's bias, which every prediction uses (some first-layer
+    weights see a pixel that is always 0 and would not change the run).
+    """
     data = bytearray(f.read_bytes())
-    with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
-        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        assert info.compress_type == zipfile.ZIP_STORED
-        name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
-        extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
-        start = info.header_offset + 30 + name_len + extra_len
-    data[start + info.file_size // 2] ^= 0x10
+    ck = torch.load(io.BytesIO(bytes(data)), weights_only=True)
+    weight = list(ck["arm"]["objects"]["model"].values())[-1]
+    raw = weight.numpy().tobytes()
+    at = bytes(data).find(raw)
+    assert at >= 0 and bytes(data).find(raw, at + 1) < 0, "the weight's bytes are stored once, as they are"
+    middle = (weight.numel() // 2) * weight.element_size()
+    data[at + middle + weight.element_size() - 1] ^= 0x40  # the float's top byte: sign and exponent
     f.write_bytes(bytes(data))
-    torch.load(f, weights_only=True)  # still a well-formed file: only the checksum can tell
+    changed = torch.load(f, weights_only=True)["arm"]["objects"]["model"]
+    assert sum(not torch.equal(a, b) for a, b in zip(changed.values(), ck["arm"]["objects"]["model"].values())) == 1
 
 
 def test_a_flipped_byte_falls_back_to_the_previous_checkpoint(tmp_path, full, capsys):
