@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustclip.experiments._config import config_to_dict, dump_toml
+from robustclip.experiments._config import config_to_dict, dump_toml, validate_config
 
 __all__ = [
     "Arm", "CheckpointError", "Interrupted", "RunContext", "RunData", "RunDirectoryError", "final_state_path",
@@ -426,10 +426,16 @@ class RunContext:
         interrupt_by_kill: bool = False,
         quiet: bool = False,
     ) -> None:
+        # everything is checked before the directory is made: a run that cannot start leaves none
+        validate_config(config)
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(
+                f"--checkpoint-every must be a whole number of steps >= 0 (0: only at arm ends), got {checkpoint_every!r}."
+            )
         self.path = Path(path)
         self.experiment = experiment
         self.config = config
-        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_every = checkpoint_every
         self.progress = progress
         self.interrupt_after = interrupt_after
         self.interrupt_by_kill = interrupt_by_kill

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from robustclip.experiments import get_experiment, make_config
-from robustclip.experiments._config import apply_overrides, load_toml, validate_config
+from robustclip.experiments._config import apply_overrides, load_toml
 from robustclip.experiments._run import RunContext, default_run_dir, load_run, resolve_device
 
 __all__ = ["plot_runs", "run_experiment"]
@@ -68,19 +68,19 @@ def run_experiment(
         cfg = apply_overrides(cfg, load_toml(config_file), from_string=False)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    preflight_checks(mod, cfg, checkpoint_every)
+    preflight_checks(mod, cfg)
     path = Path(out) if out is not None else default_run_dir(name)
     with cpu_threads(threads if threads is not None else getattr(mod, "DEFAULT_THREADS", None)):
         return _execute(mod, name, cfg, path, resume, checkpoint_every, progress, interrupt_after,
                         interrupt_by_kill, quiet)
 
 
-def preflight_checks(mod: Any, cfg: Any, checkpoint_every: int = 0) -> None:
+def preflight_checks(mod: Any, cfg: Any) -> None:
     """Checks of the whole config and of what needs the machine (the device) or the disk (the
     data), before anything is written: a run that cannot start leaves no run directory behind."""
+    from robustclip.experiments._config import validate_config
+
     validate_config(cfg)
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be a whole number of steps >= 0 (0: only at arm ends), got {checkpoint_every!r}.")
     if isinstance(getattr(cfg, "device", None), str):
         resolve_device(cfg.device)
     preflight = getattr(mod, "preflight", None)
