@@ -9,8 +9,10 @@ symbolic link.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -466,3 +468,41 @@ def test_writes_replace_files_and_never_follow_links(tmp_path):
     write_csv([{"a": 1}], tmp_path / "results.csv")
     assert outside.read_text() == "keep me" and not stale.exists()
     assert (tmp_path / "results.csv").read_text().splitlines() == ["a", "1"]
+
+
+# -- data files -----------------------------------------------------------------------------------------
+
+
+def test_a_malicious_cifar_batch_is_refused_unread(tmp_path):
+    try:
+        from robustclip.experiments.data import load_cifar  # type: ignore[import-not-found]
+    except ImportError:
+        from robustclip.data import load_cifar
+
+    folder = write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10, seed=0)
+    assert load_cifar("cifar10", tmp_path).x_train.shape[0] == 20  # the real format still loads
+    marker = tmp_path / "ran"
+    evil = pickle.dumps({b"data": _WritesAFile(marker), b"labels": [0]}, protocol=2)
+    (folder / "data_batch_1").write_bytes(evil)
+    with pytest.raises(ValueError, match=r"CIFAR batch 'data_batch_1' was refused: it is a pickle that calls (io|builtins).open"):
+        load_cifar("cifar10", tmp_path)
+    assert not marker.exists()
+    (folder / "data_batch_1").write_bytes(evil[: len(evil) // 2])
+    with pytest.raises(ValueError, match=r"CIFAR batch 'data_batch_1' cannot be read .*Fetch it again"):
+        load_cifar("cifar10", tmp_path)
+
+
+def test_data_pickles_of_numpy_arrays_load_under_both_numpy_names():
+    from robustclip.experiments._safe_pickle import load_data_pickle
+
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    blob = pickle.dumps({b"data": arr, b"labels": [1, 2, 3], b"batch_label": b"b"}, protocol=2)
+    got = load_data_pickle(blob, "x")
+    assert np.array_equal(got[b"data"], arr) and got[b"labels"] == [1, 2, 3]
+    # files written under numpy 1.x name numpy.core.multiarray; both spellings are accepted
+    other = b"numpy.core.multiarray" if b"numpy._core.multiarray" in blob else b"numpy._core.multiarray"
+    this = b"numpy._core.multiarray" if other == b"numpy.core.multiarray" else b"numpy.core.multiarray"
+    swapped = blob.replace(this, other)
+    assert swapped != blob
+    if importlib.util.find_spec(other.decode()) is not None:
+        assert np.array_equal(load_data_pickle(swapped, "x")[b"data"], arr)
