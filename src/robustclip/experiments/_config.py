@@ -118,19 +118,19 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
     if base is float:
         if isinstance(value, bool):
             raise TypeError(f"config key {key!r} expects a float, got the bool {value!r}.")
-        out: float | None = None
+        number: float | None = None
         if isinstance(value, (int, float)):
-            out = float(value)
+            number = float(value)
         elif from_string:
             try:
-                out = float(str(value).strip())
+                number = float(str(value).strip())
             except ValueError:
                 pass
-        if out is None:
+        if number is None:
             raise TypeError(f"config key {key!r} expects a float, got {value!r}.")
-        if not math.isfinite(out):
+        if not math.isfinite(number):
             raise ValueError(f"config key {key!r} must be a finite number, got {value!r}.")
-        return out
+        return number
     if base is str:
         if isinstance(value, str):
             return value

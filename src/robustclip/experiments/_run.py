@@ -499,8 +499,10 @@ class RunContext:
             raise ValueError(
                 f"{str(self.path)!r} holds a run of {ck.get('experiment')!r}, not {self.experiment!r}."
             )
-        saved = ck.get("config")
+        saved = ck["config"]
         now = _jsonable(config_to_dict(self.config))
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"the checkpoint in {str(self.path)!r} holds no config; it was not written by robustclip.")
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ValueError(
@@ -734,7 +736,7 @@ def load_run(path: str | Path) -> RunData:
     return RunData(p, info.get("experiment", "?"), cfg, records, summary)
 
 
-def write_csv(records: list[Mapping[str, Any]], path: str | Path) -> None:
+def write_csv(records: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     """Records as CSV: the union of their keys as columns (lists are written as JSON)."""
     cols: dict[str, None] = {}
     for r in records:
