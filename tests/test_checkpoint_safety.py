@@ -9,6 +9,7 @@ symbolic link.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import io
 import json
@@ -34,10 +35,16 @@ from robustclip.experiments._run import (
 )
 from robustclip.experiments._runner import run_experiment as _run_experiment
 
-try:  # the data helpers' module moved under experiments/; accept either place
-    from robustclip.experiments.data import write_fake_cifar  # type: ignore[import-not-found]
-except ImportError:
-    from robustclip.data import write_fake_cifar
+
+def _data_module() -> Any:
+    """The data helpers' module: under experiments/ where it lives now, else its old place."""
+    try:
+        return importlib.import_module("robustclip.experiments.data")
+    except ModuleNotFoundError:
+        return importlib.import_module("robustclip.data")
+
+
+write_fake_cifar = _data_module().write_fake_cifar
 
 # 21 steps per epoch, 42 per arm: checkpoints at steps 10, 20, 30, 40 and the end of SGDM, then at
 # 10 and 20 of PS-Clip-SGD; stopping after 65 steps lands at step 23 of the second arm, so the
@@ -474,11 +481,7 @@ def test_writes_replace_files_and_never_follow_links(tmp_path):
 
 
 def test_a_malicious_cifar_batch_is_refused_unread(tmp_path):
-    try:
-        from robustclip.experiments.data import load_cifar  # type: ignore[import-not-found]
-    except ImportError:
-        from robustclip.data import load_cifar
-
+    load_cifar = _data_module().load_cifar
     folder = write_fake_cifar(tmp_path, "cifar10", n_train=20, n_test=10, seed=0)
     assert load_cifar("cifar10", tmp_path).x_train.shape[0] == 20  # the real format still loads
     marker = tmp_path / "ran"
