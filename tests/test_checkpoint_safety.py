@@ -16,7 +16,7 @@ import json
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -194,12 +194,19 @@ def test_rng_state_round_trips_through_plain_data():
     assert torch.equal(want[4], got[4])
 
 
+class Pair(NamedTuple):
+    a: float
+    b: float
+
+
 def test_arm_state_must_be_plain_data():
     t = torch.ones(2)
     plain = _run._plain_state({"a": np.float64(1.5), "b": [np.int64(2)], "c": (t, None, "s")}, "state")
     assert plain == {"a": 1.5, "b": [2], "c": (t, None, "s")} and type(plain["a"]) is float and type(plain["b"][0]) is int
     with pytest.raises(TypeError, match=r"the arm's state state\['x'\] is a ndarray; .*weights_only=True"):
         _run._plain_state({"x": np.zeros(3)}, "state")
+    with pytest.raises(TypeError, match=r"state\['p'\] is a Pair"):
+        _run._plain_state({"p": Pair(1.0, 2.0)}, "state")
 
 
 # -- code never runs ----------------------------------------------------------------------------------

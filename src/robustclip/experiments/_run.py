@@ -319,7 +319,7 @@ def _plain_state(value: Any, where: str) -> Any:
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # not a subclass (a NamedTuple needs unpickling)
         return type(value)(_plain_state(v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _plain_state(v, f"{where}[{k!r}]") for k, v in value.items()}
@@ -347,8 +347,8 @@ def _find_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], str, l
     """``(checkpoint, its manifest entry, its file name, problems of newer files)``."""
     manifest = path / _MANIFEST
     advice = (
-        f"the run cannot be resumed from it; delete {str(path)!r} (or choose another --out) and start the "
-        "run again without --resume"
+        f"the run cannot be resumed; delete {str(path)!r} (or choose another --out) and start the run "
+        "again without --resume"
     )
     if not os.path.lexists(manifest):
         if os.path.lexists(path / _CKPT):
