@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -135,3 +137,73 @@ def test_run_errors(tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # no run directory for a run that cannot start
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "downloads nothing" in err
+
+
+@pytest.mark.parametrize(
+    ("experiment", "sets", "expect"),
+    [
+        ("label-noise", ["lr=nan"], "'lr' must be a finite number"),
+        ("label-noise", ["lr=inf"], "'lr' must be a finite number"),
+        ("label-noise", ["momentum=-inf"], "'momentum' must be a finite number"),
+        ("label-noise", ["label_noise=nan"], "'label_noise' must be a finite number"),
+        ("label-noise", ["clip=0"], r"'clip' \(the clipping radius c; a radius of 0 would zero every gradient\) must lie in \(0, inf\)"),
+        ("label-noise", ["clip=-1"], "'clip' .* must lie in"),
+        ("label-noise", ["lr=0"], r"'lr' \(the step size\) must lie in \(0, inf\)"),
+        ("label-noise", ["momentum=1"], r"'momentum' .* must lie in \[0, 1\)"),
+        ("sgc", ["sweep_lrs=0.1,nan"], r"'sweep_lrs\[1\]' must be a finite number"),
+        ("sgc", ["sweep_lrs=0.1,-1"], "'sweep_lrs' .* must lie in"),
+        ("spectral-mlp", ["tau=0"], "'tau' .* must lie in"),
+        ("spectral-mlp", ["ema_beta=1"], "'ema_beta' .* must lie in"),
+        ("spectral-mlp", ["quantile=1.5"], "'quantile' .* must lie in"),
+        ("synthetic-noise", ["sigma=-1"], "'sigma' .* must lie in"),
+        ("synthetic-noise", ["x0=nan"], "'x0' must be a finite number"),
+        ("synthetic-noise", ["nsgd_lr=inf"], "'nsgd_lr' must be a finite number"),
+    ],
+)
+def test_run_refuses_a_bad_config_before_creating_anything(experiment, sets, expect, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["run", experiment, "--no-progress", "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustclip: error: config key ") and len(err.splitlines()) == 1
+    assert re.search(expect, err), err
+    assert not out.exists()  # no run directory, no "running" status
+
+
+def test_toml_nan_and_bad_checkpoint_every_are_refused_before_the_run_directory(tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text("lr = nan\n")
+    out = tmp_path / "r"
+    assert main(["run", "label-noise", "--config", str(toml), "--out", str(out)]) == 2
+    assert "'lr' must be a finite number, got nan" in capsys.readouterr().err
+    toml.write_text("sweep_lrs = [0.1, inf]\n")
+    assert main(["run", "sgc", "--config", str(toml), "--out", str(out)]) == 2
+    assert "'sweep_lrs[1]' must be a finite number, got inf" in capsys.readouterr().err
+    assert main(["run", "label-noise", "--checkpoint-every", "-1", "--out", str(out)]) == 2
+    assert "--checkpoint-every must be a whole number of steps >= 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_refuses_a_bad_config_before_creating_anything(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["demo", "--size", "tiny", "--out", str(out), "--set", "momentum=nan"]) == 2
+    assert "'momentum' must be a finite number" in capsys.readouterr().err
+    assert main(["demo", "--size", "tiny", "--out", str(out), "--set", "synthetic_alpha=0"]) == 2
+    assert "'synthetic_alpha' (a tail index) must lie in (0, inf)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_validate_config_checks_programmatic_configs():
+    from robustclip.experiments import make_config
+    from robustclip.experiments._config import validate_config
+
+    cfg = make_config("label-noise")
+    validate_config(cfg)  # the defaults are valid
+    with pytest.raises(ValueError, match="'clip' .* must lie in"):
+        validate_config(dataclasses.replace(cfg, clip=0.0))
+    with pytest.raises(ValueError, match="'lr' must be a finite number"):
+        validate_config(dataclasses.replace(cfg, lr=float("nan")))
+    for name in list_experiments():
+        validate_config(make_config(name))  # every experiment's defaults pass

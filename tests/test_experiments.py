@@ -310,8 +310,8 @@ def _strip(records: list[dict]) -> list[dict]:
 
 def _assert_same_final_weights(a: Path, b: Path) -> None:
     """Every finished arm of run ``a`` has exactly the final model weights of run ``b``'s."""
-    done = torch.load(a / "checkpoint.pt", weights_only=False)["done"]
-    assert done == torch.load(b / "checkpoint.pt", weights_only=False)["done"] and done
+    done = torch.load(a / "checkpoint.pt", weights_only=True)["done"]
+    assert done == torch.load(b / "checkpoint.pt", weights_only=True)["done"] and done
     for arm in done:
         wa, wb = load_final_state(a, arm)["model"], load_final_state(b, arm)["model"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), arm
@@ -339,14 +339,14 @@ def test_resume_gives_the_same_run(name, overrides, every, stop, tmp_path, text_
     with pytest.raises(Interrupted):
         run_experiment(name, overrides, out=part, quiet=True, checkpoint_every=every, interrupt_after=stop)
     # the kill came after the last checkpoint: lines written since are in the file, to be dropped
-    ck = torch.load(part / "checkpoint.pt", weights_only=False)
+    ck = torch.load(part / "checkpoint.pt", weights_only=True)
     assert ck["arm"] is not None and len(_records(part)) >= ck["metrics_lines"]
     run_experiment(name, overrides, out=part, quiet=True, checkpoint_every=every, resume=True)
     assert _strip(_records(part)) == _strip(_records(full))
     _assert_same_final_weights(full, part)
     assert json.loads((part / "summary.json").read_text()).keys() == json.loads((full / "summary.json").read_text()).keys()
     # finished arms keep their state in final/, not in every checkpoint
-    assert torch.load(part / "checkpoint.pt", weights_only=False).keys() == {"experiment", "config", "done", "metrics_lines", "arm"}
+    assert torch.load(part / "checkpoint.pt", weights_only=True).keys() == {"experiment", "config", "done", "metrics_lines", "arm"}
 
 
 def test_resume_before_the_first_checkpoint(tmp_path):
@@ -356,7 +356,7 @@ def test_resume_before_the_first_checkpoint(tmp_path):
     part = tmp_path / "part"
     with pytest.raises(Interrupted):
         run_experiment("label-noise", overrides, out=part, quiet=True, checkpoint_every=1000, interrupt_after=5)
-    ck = torch.load(part / "checkpoint.pt", weights_only=False)
+    ck = torch.load(part / "checkpoint.pt", weights_only=True)
     assert ck["arm"] is None and ck["done"] == [] and ck["metrics_lines"] == 0
     assert _records(part)  # the epoch-0 record of the first arm, to be dropped
     # starting afresh is refused (the run is there), resuming works
@@ -426,7 +426,7 @@ def test_resume_after_a_real_kill(tmp_path):
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"},
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["done"] == ["SGDM/seed0"] and ck["arm"]["id"] == "PS-Clip-SGD/seed0" and ck["arm"]["step"] == 10
     assert not (out / "summary.json").exists()
     run_experiment("label-noise", overrides, out=out, resume=True, quiet=True)

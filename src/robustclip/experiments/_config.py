@@ -4,12 +4,18 @@ Every experiment defines one ``Config`` dataclass whose fields carry type annota
 defaults, nanoGPT-style: every hyperparameter visible in one place with a comment. This module
 turns strings (``--set lr=0.1``) and TOML values into those types, and refuses unknown keys and
 values of the wrong type with a message that lists what is valid.
+
+:func:`validate_config` checks a whole config before anything is created: every float (and every
+float in a list) must be finite, and fields whose names mean the same thing in every experiment
+must lie in their range (``lr``, ``clip`` and ``tau`` > 0, ``momentum`` in [0, 1), ...; see
+``FIELD_RANGES``); then the config's own ``check()`` runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -17,13 +23,33 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FIELD_RANGES",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "describe_fields",
     "load_toml",
     "parse_set_args",
+    "validate_config",
 ]
+
+#: ranges of the fields that mean the same thing in every experiment's config:
+#: name -> (low, low included, high, high included, what the field is)
+FIELD_RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
+    "lr": (0.0, False, math.inf, False, "the step size"),
+    "nsgd_lr": (0.0, True, math.inf, False, "NSGD's step size (0: lr * clip)"),
+    "sweep_lrs": (0.0, False, math.inf, False, "the swept step sizes"),
+    "clip": (0.0, False, math.inf, False, "the clipping radius c; a radius of 0 would zero every gradient"),
+    "tau": (0.0, False, math.inf, False, "the spectral threshold"),
+    "momentum": (0.0, True, 1.0, False, "the optimizer's momentum"),
+    "weight_decay": (0.0, True, math.inf, False, "the weight decay"),
+    "sigma": (0.0, True, math.inf, False, "the noise scale"),
+    "noise_scale": (0.0, True, math.inf, False, "the noise scale"),
+    "noise_alpha": (0.0, False, math.inf, False, "a tail index"),
+    "synthetic_alpha": (0.0, False, math.inf, False, "a tail index"),
+    "ema_beta": (0.0, True, 1.0, False, "the EMA's decay"),
+    "quantile": (0.0, True, 1.0, True, "a quantile"),
+}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -92,14 +118,19 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
     if base is float:
         if isinstance(value, bool):
             raise TypeError(f"config key {key!r} expects a float, got the bool {value!r}.")
+        number: float | None = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if from_string:
+            number = float(value)
+        elif from_string:
             try:
-                return float(str(value).strip())
+                number = float(str(value).strip())
             except ValueError:
                 pass
-        raise TypeError(f"config key {key!r} expects a float, got {value!r}.")
+        if number is None:
+            raise TypeError(f"config key {key!r} expects a float, got {value!r}.")
+        if not math.isfinite(number):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}.")
+        return number
     if base is str:
         if isinstance(value, str):
             return value
@@ -155,10 +186,38 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any] | None, *, from_strin
             )
         changes[k] = _coerce(k, value, hints[k], from_string)
     out = dataclasses.replace(cfg, **changes)
-    check = getattr(out, "check", None)
+    validate_config(out)
+    return out
+
+
+def _in_range(v: float, rule: tuple[float, bool, float, bool, str]) -> bool:
+    lo, lo_in, hi, hi_in, _ = rule
+    return (v > lo or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))
+
+
+def validate_config(cfg: Any) -> None:
+    """Check a whole config: finite floats, the shared fields' ranges, then ``cfg.check()``.
+
+    Raises:
+        ValueError: naming the field, its value and what it must be.
+    """
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        values = list(v) if isinstance(v, (list, tuple)) else [v]
+        for x in values:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"config key {f.name!r} must be a finite number, got {v!r}.")
+        rule = FIELD_RANGES.get(f.name)
+        if rule is None:
+            continue
+        for x in values:
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and not _in_range(float(x), rule):
+                lo, lo_in, hi, hi_in, what = rule
+                interval = ("[" if lo_in else "(") + f"{lo:g}, {hi:g}" + ("]" if hi_in else ")")
+                raise ValueError(f"config key {f.name!r} ({what}) must lie in {interval}, got {v!r}.")
+    check = getattr(cfg, "check", None)
     if callable(check):
         check()
-    return out
 
 
 def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:

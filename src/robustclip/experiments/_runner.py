@@ -99,8 +99,11 @@ def run_config(
 
 
 def preflight_checks(mod: Any, cfg: Any) -> None:
-    """Checks that need the machine (the device) or the disk (the data), before anything is
-    written: a run that cannot start leaves no run directory behind."""
+    """Checks of the whole config and of what needs the machine (the device) or the disk (the
+    data), before anything is written: a run that cannot start leaves no run directory behind."""
+    from robustclip.experiments._config import validate_config
+
+    validate_config(cfg)
     if isinstance(getattr(cfg, "device", None), str):
         resolve_device(cfg.device)
     preflight = getattr(mod, "preflight", None)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robustclip.experiments._safe_pickle import load_data_pickle
+
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
@@ -332,7 +334,7 @@ def _missing_cifar(which: str, root: Path) -> FileNotFoundError:
 def _read_batches(members: dict[str, bytes], names: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for n in names:
-        d = pickle.loads(members[n], encoding="bytes")
+        d = load_data_pickle(members[n], f"CIFAR batch {n!r}")
         d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
         if "data" not in d or label_key not in d:
             raise ValueError(f"CIFAR batch {n!r} has no 'data'/{label_key!r} entries; is it the python version?")
