@@ -211,3 +211,4 @@ def test_callback_refuses_per_sample_methods_and_turns_off_lightnings_clipping()
     with pytest.warns(UserWarning, match="gradient_clip_val=2.0"):
         trainer, _ = fit(module, make_data(), callbacks=[RobustClipCallback(rc.clip_by_global_norm(1.0))], steps=2, gradient_clip_val=2.0)
     assert trainer.gradient_clip_val is None
+
