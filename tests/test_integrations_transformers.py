@@ -200,6 +200,22 @@ def test_max_grad_norm_is_turned_off_with_a_warning(tmp_path):
     assert trainer.args.max_grad_norm == 0.0
 
 
+@pytest.mark.parametrize("method", [rc.per_sample_clip(1.0), rc.clip_by_global_norm(1.0)], ids=["per_sample", "global"])
+def test_the_trainers_own_optimizer_and_scheduler(tmp_path, method):
+    """Built by the Trainer (AdamW, linear schedule): stepped once per step, no warning."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none",
+        use_cpu=True, save_strategy="no", disable_tqdm=True, warmup_steps=1, logging_steps=1,
+    )
+    model = tiny_gpt2()
+    trainer = RobustClipTrainer(model=model, args=args, train_dataset=dataset(), method=method)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train()
+    assert trainer.lr_scheduler.last_epoch == 3
+    assert all(len(st) and int(st["step"]) == 3 for st in trainer.optimizer.state.values())
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_a_batch_without_labels_says_what_to_pass(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",

@@ -9,9 +9,12 @@ The public API is what this module exports; everything in underscored modules is
   :func:`normalize`, :func:`l0l1_warmup`, :func:`spectral_clip`, composed with :func:`chain`.
 * Thresholds for every clipping radius: :mod:`robustclip.thresholds`.
 * Which clipping a problem needs: :mod:`robustclip.diagnostics`.
+* Per-sample losses for Hugging Face heads: :mod:`robustclip.losses`; training frameworks
+  (Hugging Face Trainer, Lightning): :mod:`robustclip.integrations` (imported on demand).
 """
 
 from robustclip import diagnostics, thresholds
+from robustclip import losses
 from robustclip._batchnorm import convert_batchnorm_to_groupnorm
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import (
@@ -49,6 +52,7 @@ __all__ = [
     "diagnostics",
     "identity",
     "l0l1_warmup",
+    "losses",
     "mean",
     "micro_batch_clip",
     "normalize",

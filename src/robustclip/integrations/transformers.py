@@ -38,6 +38,7 @@ For another ``Trainer`` subclass (TRL's ``SFTTrainer``, ...) put :class:`RobustC
 from __future__ import annotations
 
 import dataclasses
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -145,16 +146,21 @@ class RobustClipMixin:
         opt = self.optimizer
         original = opt.step
 
-        def step(*args: Any, **kwargs: Any) -> Any:
+        def step(this: Any, *args: Any, **kwargs: Any) -> Any:
             info = self._rc_info if self._rc_info is not None else self._rc_finish(None)
             self._rc_info = None
             if info.skipped:
-                opt._is_overflow = True
+                this._is_overflow = True
                 return None
-            opt._is_overflow = False  # reset when no scaler does; a scaler sets it itself
+            this._is_overflow = False  # reset when no scaler does; a scaler sets it itself
             return original(*args, **kwargs)
 
-        opt.step = step
+        # an LR scheduler built on this optimizer marked its step to check the call order;
+        # the mark stays (the call still goes through to it), and a bound method lets a
+        # scheduler built later wrap this step in turn
+        if hasattr(original, "_wrapped_by_lr_sched"):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        opt.step = types.MethodType(step, opt)
 
     # -- the Trainer's hooks ------------------------------------------------------------------------
     def training_step(
