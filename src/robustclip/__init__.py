@@ -13,8 +13,7 @@ The public API is what this module exports; everything in underscored modules is
   (Hugging Face Trainer, Lightning): :mod:`robustclip.integrations` (imported on demand).
 """
 
-from robustclip import diagnostics, thresholds
-from robustclip import losses
+from robustclip import diagnostics, losses, thresholds
 from robustclip._batchnorm import convert_batchnorm_to_groupnorm
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import (
