@@ -212,3 +212,38 @@ def test_callback_refuses_per_sample_methods_and_turns_off_lightnings_clipping()
         trainer, _ = fit(module, make_data(), callbacks=[RobustClipCallback(rc.clip_by_global_norm(1.0))], steps=2, gradient_clip_val=2.0)
     assert trainer.gradient_clip_val is None
 
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_ddp_over_two_cpu_processes_equals_one_process_on_the_global_batch(tmp_path):
+    """Lightning's DDP strategy over gloo: each process trains on half of each global batch; the
+    clipper's all-reduce (per-sample module) or DDP's own (callback) gives the update of one
+    process on the whole batch."""
+    from . import _lightning_ddp_worker as W
+    from ._spawn import spawn
+
+    out = tmp_path / "params.pt"
+    spawn(W.worker, lambda attempt: (_free_port(), str(out)), 2)
+    results = torch.load(out, weights_only=True)
+    for key, method in (("module", rc.per_sample_clip(0.5)), ("callback", rc.clip_by_global_norm(0.5))):
+        got = results[key]
+        # one process, batches of 2 * BATCH: the samples both processes saw at each step
+        model = make_net()
+        opt, sched = make_opt(model.parameters())
+        clipper = rc.Clipper(model, opt, method)
+        for x, y in loader(*make_data(n=2 * BATCH * W.STEPS), batch=2 * BATCH):
+            clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
+            clipper.step()
+            sched.step()
+        assert got.keys() == dict(model.named_parameters()).keys()
+        for n, q in model.named_parameters():
+            torch.testing.assert_close(got[n], q.detach(), rtol=0, atol=1e-6, msg=f"{key} {n}")
+        assert max((got[n] - p).abs().max().item() for n, p in make_net().named_parameters()) > 1e-2
