@@ -216,6 +216,31 @@ def test_the_trainers_own_optimizer_and_scheduler(tmp_path, method):
     assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+def test_checkpoints_carry_the_clippers_state(tmp_path):
+    """An adaptive radius (an EMA of past norms) resumes where it was: the third step of a
+    resumed run uses the radius of the third step of an uninterrupted run."""
+    from robustclip import thresholds as th
+    from robustclip.integrations.transformers import CLIPPER_STATE
+
+    def trainer_for(steps, out):
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, save_steps=2,
+            report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        )
+        return RobustClipTrainer(model=tiny_gpt2(), args=args, train_dataset=dataset(), method=rc.clip_by_global_norm(th.EMA()))
+
+    trainer_for(2, tmp_path / "a").train()
+    assert (tmp_path / "a" / "checkpoint-2" / CLIPPER_STATE).is_file()
+    resumed = trainer_for(3, tmp_path / "a")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    whole = trainer_for(3, tmp_path / "b")
+    whole.train()
+    assert resumed.clipper.steps == whole.clipper.steps == 3
+    radius = [t.clipper.last.transforms["clip_by_global_norm"]["radius"] for t in (resumed, whole)]
+    assert torch.isfinite(radius[1]) and float(radius[1]) > 0
+    torch.testing.assert_close(radius[0], radius[1])
+
+
 def test_a_batch_without_labels_says_what_to_pass(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",

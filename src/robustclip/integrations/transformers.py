@@ -38,11 +38,13 @@ For another ``Trainer`` subclass (TRL's ``SFTTrainer``, ...) put :class:`RobustC
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from robustclip._clipper import Clipper, StepInfo
@@ -52,7 +54,10 @@ from robustclip.losses import per_sample_losses
 
 transformers = require("transformers", "transformers")
 
-__all__ = ["RobustClipMixin", "RobustClipTrainer"]
+__all__ = ["CLIPPER_STATE", "RobustClipMixin", "RobustClipTrainer"]
+
+#: the file in each checkpoint directory that holds the clipper's state
+CLIPPER_STATE = "robustclip_clipper.pt"
 
 #: ``per_sample_loss(outputs, inputs) -> (B,)``: one loss per sample of a micro-batch
 PerSampleLoss = Callable[[Any, dict[str, Any]], Tensor]
@@ -97,6 +102,7 @@ class RobustClipMixin:
         self.clipper: Clipper | None = None
         self._rc_readings: Readings | None = None
         self._rc_info: StepInfo | None = None
+        self._rc_resume: dict[str, Any] | None = None
         # the Trainer's own clipping would clip the already clipped gradient a second time
         max_norm = self.args.max_grad_norm
         if max_norm:
@@ -135,6 +141,9 @@ class RobustClipMixin:
             )
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.clipper = Clipper(model, None, self.robustclip_method, params=params, **self._rc_options)
+        if self._rc_resume is not None:
+            self.clipper.load_state_dict(self._rc_resume)
+            self._rc_resume = None
         self._rc_readings = Readings(self.clipper.layout.group_names)
         self._rc_guard_optimizer()
         return self.clipper
@@ -226,6 +235,23 @@ class RobustClipMixin:
         if self._rc_readings is not None and "loss" in logs:
             logs = {**logs, **self._rc_readings.flush()}
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+    # -- checkpoints: the clipper's state (adaptive radii, transform states, counters) -------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if self.clipper is not None and self.args.should_save:
+            torch.save(self.clipper.state_dict(), os.path.join(output_dir, CLIPPER_STATE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        path = os.path.join(checkpoint, CLIPPER_STATE) if checkpoint else None
+        if path is not None and os.path.isfile(path):
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            if self.clipper is not None:
+                self.clipper.load_state_dict(state)
+            else:  # the clipper is built at the first training step
+                self._rc_resume = state
 
 
 class RobustClipTrainer(RobustClipMixin, transformers.Trainer):
