@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 from torch import Tensor
 
 from robustclip._clipper import StepInfo
 
 
-def require(module: str, extra: str) -> ModuleType:
-    """Import ``module`` or say which robustclip extra installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(
-            f"robustclip.integrations.{extra} needs the {module!r} package, which is not "
-            f"installed: pip install 'robustclip[{extra}]'"
-        ) from e
+def missing(module: str, extra: str) -> ImportError:
+    """The error for a framework that is not installed: it names the extra that installs it."""
+    return ImportError(
+        f"robustclip.integrations.{extra} needs the {module!r} package, which is not "
+        f"installed: pip install 'robustclip[{extra}]'"
+    )
 
 
 class Readings:

@@ -44,14 +44,17 @@ from torch import Tensor
 
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import Mean, as_method
-from robustclip.integrations._common import require
+from robustclip.integrations._common import missing
 
-pl = require("lightning.pytorch", "lightning")
+try:
+    import lightning.pytorch as pl
+except ImportError as e:
+    raise missing("lightning", "lightning") from e
 
 __all__ = ["RobustClipCallback", "RobustClipModule"]
 
 
-class RobustClipCallback(pl.Callback):  # type: ignore[misc,name-defined]
+class RobustClipCallback(pl.Callback):
     """Finish each step's gradient with a robustclip method, before Lightning's optimizer step.
 
     Args:

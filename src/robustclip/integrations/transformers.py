@@ -49,10 +49,13 @@ from torch import Tensor, nn
 
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import Mean, as_method
-from robustclip.integrations._common import Readings, require
+from robustclip.integrations._common import Readings, missing
 from robustclip.losses import per_sample_losses
 
-transformers = require("transformers", "transformers")
+try:
+    import transformers
+except ImportError as e:
+    raise missing("transformers", "transformers") from e
 
 __all__ = ["CLIPPER_STATE", "RobustClipMixin", "RobustClipTrainer"]
 
