@@ -239,6 +239,12 @@ def test_checkpoints_carry_the_clippers_state(tmp_path):
     radius = [t.clipper.last.transforms["clip_by_global_norm"]["radius"] for t in (resumed, whole)]
     assert torch.isfinite(radius[1]) and float(radius[1]) > 0
     torch.testing.assert_close(radius[0], radius[1])
+    # train() again on the same trainer: the Trainer keeps its optimizer, and the clipper goes on
+    # with it
+    old = whole.clipper
+    whole.train()
+    assert whole.clipper is old and whole.clipper.steps == 6
+    assert all(int(st["step"]) == 6 for st in whole.optimizer.state.values())
 
 
 def test_a_batch_without_labels_says_what_to_pass(tmp_path):

@@ -106,6 +106,8 @@ class RobustClipMixin:
         self._rc_readings: Readings | None = None
         self._rc_info: StepInfo | None = None
         self._rc_resume: dict[str, Any] | None = None
+        self._rc_optimizer: Any = None
+        self._rc_stepping = False
         # the Trainer's own clipping would clip the already clipped gradient a second time
         max_norm = self.args.max_grad_norm
         if max_norm:
@@ -128,8 +130,18 @@ class RobustClipMixin:
         return not isinstance(self.robustclip_method.estimator, Mean)
 
     def _rc_setup(self, model: nn.Module) -> Clipper:
-        if self.clipper is not None:
-            return self.clipper
+        # one clipper per optimizer: train() again keeps the Trainer's optimizer (and its state),
+        # and so the clipper; a new optimizer gets a new clipper
+        if self.clipper is None or self._rc_optimizer is not self.optimizer:
+            if self.clipper is not None:
+                self.clipper.close()
+            self.clipper = self._rc_build(model)
+        if self._rc_resume is not None:  # a checkpoint being resumed
+            self.clipper.load_state_dict(self._rc_resume)
+            self._rc_resume = None
+        return self.clipper
+
+    def _rc_build(self, model: nn.Module) -> Clipper:
         if self._rc_own_backward and getattr(self.accelerator, "scaler", None) is not None:
             raise ValueError(
                 f"{self.robustclip_method!r} computes the gradient itself and cannot use fp16 "
@@ -143,13 +155,11 @@ class RobustClipMixin:
                 "step their own optimizer and are not supported)."
             )
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        self.clipper = Clipper(model, None, self.robustclip_method, params=params, **self._rc_options)
-        if self._rc_resume is not None:
-            self.clipper.load_state_dict(self._rc_resume)
-            self._rc_resume = None
-        self._rc_readings = Readings(self.clipper.layout.group_names)
+        clipper = Clipper(model, None, self.robustclip_method, params=params, **self._rc_options)
+        self._rc_readings = Readings(clipper.layout.group_names)
+        self._rc_optimizer = self.optimizer
         self._rc_guard_optimizer()
-        return self.clipper
+        return clipper
 
     def _rc_guard_optimizer(self) -> None:
         """The Trainer calls ``optimizer.step()`` unconditionally: on a skipped step it does
@@ -159,13 +169,19 @@ class RobustClipMixin:
         original = opt.step
 
         def step(this: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._rc_stepping:  # a guard further out (an optimizer wrapped again) decided
+                return original(*args, **kwargs)
             info = self._rc_info if self._rc_info is not None else self._rc_finish(None)
             self._rc_info = None
             if info.skipped:
                 this._is_overflow = True
                 return None
             this._is_overflow = False  # reset when no scaler does; a scaler sets it itself
-            return original(*args, **kwargs)
+            self._rc_stepping = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._rc_stepping = False
 
         # an LR scheduler built on this optimizer marked its step to check the call order;
         # the mark stays (the call still goes through to it), and a bound method lets a
@@ -250,11 +266,8 @@ class RobustClipMixin:
         super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         path = os.path.join(checkpoint, CLIPPER_STATE) if checkpoint else None
         if path is not None and os.path.isfile(path):
-            state = torch.load(path, weights_only=True, map_location="cpu")
-            if self.clipper is not None:
-                self.clipper.load_state_dict(state)
-            else:  # the clipper is built at the first training step
-                self._rc_resume = state
+            # applied when the clipper is built for this run, at its first training step
+            self._rc_resume = torch.load(path, weights_only=True, map_location="cpu")
 
 
 class RobustClipTrainer(RobustClipMixin, transformers.Trainer):
