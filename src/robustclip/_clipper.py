@@ -41,7 +41,8 @@ class StepInfo:
     Attributes:
         step: index of the optimizer step (0-based), counting skipped steps.
         skipped: True if the gradient or loss was not finite and nothing was updated.
-        num_samples: samples (micro-batches for micro-batch clipping) averaged, all processes.
+        num_samples: samples (micro-batches for micro-batch clipping) averaged, all processes;
+            0 when ``finish()`` took the gradient of the caller's own backward pass.
         loss: mean loss over the step's samples.
         grad_norm: global norm of the averaged gradient before the batch-level transforms.
         per_sample_norms: flat per-sample gradient norms (this process), per-sample methods.
