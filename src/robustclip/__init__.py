@@ -11,9 +11,11 @@ The public API is what this module exports; everything in underscored modules is
 * Opt-in kernel autotuning: :mod:`robustclip.backends` (``rc.backends.autotune = True``).
 * Thresholds for every clipping radius: :mod:`robustclip.thresholds`.
 * Which clipping a problem needs: :mod:`robustclip.diagnostics`.
+* Per-sample losses for Hugging Face heads: :mod:`robustclip.losses`; training frameworks
+  (Hugging Face Trainer, Lightning): :mod:`robustclip.integrations` (imported on demand).
 """
 
-from robustclip import backends, diagnostics, thresholds
+from robustclip import backends, diagnostics, losses, thresholds
 from robustclip._batchnorm import convert_batchnorm_to_groupnorm
 from robustclip._clipper import Clipper, StepInfo
 from robustclip._estimators import (
@@ -54,6 +56,7 @@ __all__ = [
     "diagnostics",
     "identity",
     "l0l1_warmup",
+    "losses",
     "mean",
     "micro_batch_clip",
     "normalize",

@@ -1,15 +1,18 @@
 """The Clipper: a training step in two stages, in front of any torch.optim optimizer.
 
 ``backward(losses)`` runs the sample-level estimator on one (micro-)batch and adds its
-contribution to ``p.grad``; ``step()`` divides by the count, all-reduces under DDP, checks the
-gradient is finite, runs the batch-level transforms and calls ``optimizer.step()``. See
-ARCHITECTURE.md for the flow.
+contribution to ``p.grad``; ``finish()`` divides by the count, all-reduces under DDP, checks the
+gradient is finite and runs the batch-level transforms, leaving the final gradient in
+``p.grad``; ``step()`` is ``finish()`` followed by ``optimizer.step()`` unless the step was
+skipped. Frameworks that step the optimizer themselves (Hugging Face Trainer, Lightning,
+accelerate) call ``finish()`` and leave the optimizer to them. See ARCHITECTURE.md for the flow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustclip import _distributed, _kernels
 from robustclip._batchnorm import check_no_training_batchnorm
+from robustclip._estimators import Mean
 from robustclip._math import global_norm
 from robustclip._method import Method, as_method
 from robustclip._transform import StepContext
@@ -40,13 +44,16 @@ class StepInfo:
     Attributes:
         step: index of the optimizer step (0-based), counting skipped steps.
         skipped: True if the gradient or loss was not finite and nothing was updated.
-        num_samples: samples (micro-batches for micro-batch clipping) averaged, all processes.
+        num_samples: samples (micro-batches for micro-batch clipping) averaged, all processes;
+            0 when ``finish()`` took the gradient of the caller's own backward pass.
         loss: mean loss over the step's samples.
         grad_norm: global norm of the averaged gradient before the batch-level transforms.
         per_sample_norms: flat per-sample gradient norms (this process), per-sample methods.
         micro_batch_norms: norm of each micro-batch's mean gradient, micro-batch clipping.
         clipped_fraction: share of samples (or micro-batches) whose contribution was scaled down.
         transforms: readings of the batch-level transforms (e.g. the global norm clip's radius).
+        layer_norms: norm of each layer group's averaged gradient before the transforms, aligned
+            with ``clipper.layout.group_names``; only when ``finish(layer_norms=True)``.
     """
 
     step: int
@@ -58,6 +65,7 @@ class StepInfo:
     micro_batch_norms: Tensor | None = None
     clipped_fraction: Tensor | None = None
     transforms: dict[str, Any] = field(default_factory=dict)
+    layer_norms: Tensor | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python values (reads the device: call it when you log, not every step)."""
@@ -78,7 +86,9 @@ class Clipper:
     Args:
         model: the model (or its DistributedDataParallel wrapper).
         optimizer: any ``torch.optim.Optimizer``; momentum and weight decay stay its job, and LR
-            schedulers attach to it as usual.
+            schedulers attach to it as usual. ``None`` when something else steps the optimizer
+            (a training framework): the clipper then works on every parameter of ``model``
+            that requires grad (or on ``params``), and :meth:`finish` replaces :meth:`step`.
         method: an estimator (``rc.per_sample_clip(1.0)``), a transform
             (``rc.clip_by_global_norm(1.0)``) or ``rc.chain(...)`` of them. ``None`` is plain
             SGD's mean gradient.
@@ -87,6 +97,8 @@ class Clipper:
         allow_unused: accept optimizer parameters that get no gradient (they get a zero one).
         distributed: sum gradients over processes at ``step()``. ``None``: yes if ``model`` is
             a DistributedDataParallel module.
+        params: the parameters to work on when ``optimizer`` is ``None`` (default: those of
+            ``model`` that require grad).
 
     Usage (three changed lines in a training loop)::
 
@@ -97,6 +109,13 @@ class Clipper:
             clipper.step()             # instead of opt.step()
 
     With gradient accumulation call ``backward`` once per micro-batch, then ``step`` once.
+
+    When a framework steps the optimizer, call :meth:`finish` where it would clip gradients
+    (after the last micro-batch, before ``optimizer.step()``) and skip its optimizer step, LR
+    scheduler tick and loss-scaler update when ``info.skipped`` is true. On a skipped step
+    ``finish`` also sets every ``p.grad`` to ``None``, which every ``torch.optim`` optimizer
+    takes as "leave this parameter and its state alone", so an optimizer step that still runs
+    changes nothing.
     The clipper owns ``p.grad`` between the first ``backward`` of a step and ``step``. The
     first ``backward`` of a step drops the previous gradients, like
     ``zero_grad(set_to_none=True)``, and sets new tensors; do not keep references to
@@ -108,19 +127,26 @@ class Clipper:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         method: Any = None,
         *,
         check_finite: bool = True,
         allow_unused: bool = False,
         distributed: bool | None = None,
         process_group: Any = None,
+        params: Iterable[Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+                f"optimizer must be a torch.optim.Optimizer (or None, to step it yourself after "
+                f"clipper.finish()), got {type(optimizer).__name__}."
+            )
+        if optimizer is not None and params is not None:
+            raise ValueError(
+                "pass either an optimizer or params, not both: with an optimizer the clipper "
+                "works on the optimizer's parameters."
             )
         self.model = model
         self.optimizer = optimizer
@@ -129,9 +155,15 @@ class Clipper:
         self.allow_unused = bool(allow_unused)
         self._group = _distributed.resolve(model, distributed, process_group)
 
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if optimizer is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            source = "the optimizer"
+        else:
+            source = "the model" if params is None else "params"
+            pool = unwrap_model(model).parameters() if params is None else params
+            params = [p for p in pool if p.requires_grad]
         if not params:
-            raise ValueError("the optimizer has no parameters that require grad.")
+            raise ValueError(f"{source} has no parameters that require grad.")
         self.layout = ParamLayout.build(unwrap_model(model), params)
         sparse = [
             n for n, m in unwrap_model(model).named_modules()
@@ -285,54 +317,82 @@ class Clipper:
 
     # -- stage 2: batch level --------------------------------------------------------------------------
     def step(self) -> StepInfo:
-        """Finish the step: average, all-reduce, check, transform, ``optimizer.step()``."""
+        """Finish the step: average, all-reduce, check, transform, ``optimizer.step()``.
+
+        The same as :meth:`finish` followed by ``optimizer.step()`` when the step is not skipped.
+        """
+        if self.optimizer is None:
+            raise RuntimeError(
+                "this Clipper has no optimizer (optimizer=None): call clipper.finish() and step "
+                "the optimizer yourself, unless info.skipped."
+            )
         if self._count == 0:
             raise RuntimeError("step() was called before any backward(losses) in this step.")
-        grads = [p.grad for p in self.params]
-        reports = bool(self._sample_norms or self._micro_norms)
-        if self._group is not None:
-            count = self._count_tensor()
-            # the scalars travel in float64: a count or loss sum in the gradients' dtype
-            # (fp16, bf16) would round or overflow
-            scalars = torch.stack([count, self._sum_losses(), self._sum_clipped()])
-            _distributed.all_reduce_sum(grads, scalars, self._group)  # type: ignore[arg-type]
-            count, loss_sum, clipped_sum = scalars.unbind()
-            torch._foreach_div_(grads, count)  # type: ignore[arg-type]
-            loss = loss_sum / count
-            clipped_fraction = (clipped_sum / count).float() if reports else None
-            # the global count is read on the host (one more sync, DDP only)
-            num = int(round(float(count)))
+        info = self.finish()
+        if not info.skipped:
+            self.optimizer.step()
+        return info
+
+    def finish(self, *, loss: Tensor | None = None, layer_norms: bool = False) -> StepInfo:
+        """Finish the step's gradient in ``p.grad`` and leave the optimizer step to the caller.
+
+        Divides by the count, all-reduces under DDP, checks that the loss and gradient are
+        finite and runs the batch-level transforms. If ``info.skipped`` is true, do not step the
+        optimizer, the LR scheduler or a loss scaler for this step; ``p.grad`` is then ``None``
+        for every parameter, so an optimizer step that runs anyway leaves the parameters and the
+        optimizer state of every ``torch.optim`` optimizer as they were.
+
+        Without a ``backward(losses)`` call in this step, and only for the ``mean()`` estimator
+        (plain or followed by batch-level transforms), ``p.grad`` is taken as the step's complete,
+        averaged gradient, as an ordinary ``loss.backward()`` (and DDP's own all-reduce) left it;
+        this is how batch-level methods run inside a framework's own backward pass.
+
+        Args:
+            loss: the step's mean loss (0-d tensor), for transforms that read it and for the
+                finiteness check, when the gradient came from the caller's backward pass. With
+                ``backward(losses)`` the clipper knows the loss itself and this must be ``None``.
+            layer_norms: also compute the norm of each layer group's gradient before the
+                transforms (``info.layer_norms``, one small kernel per dtype, no host read).
+        """
+        if self._count == 0:
+            grads, loss_t, count, num = self._external_gradient(loss)
+            clipped_fraction = None
         else:
-            # one process: the count is a host number, and the readings take as few small
-            # operations as they can (each costs microseconds, a step of a small model a few ms)
-            torch._foreach_div_(grads, float(self._count))  # type: ignore[arg-type]
-            count = None  # as a tensor only if a transform reads it
-            loss = self._mean_loss()
-            clipped_fraction = self._clipped_fraction() if reports else None
-            num = self._count
+            if loss is not None:
+                raise ValueError(
+                    "finish(loss=...) is for gradients from your own backward pass; after "
+                    "clipper.backward(losses) the clipper already knows the loss."
+                )
+            grads, loss_t, count, num, clipped_fraction = self._average()
         # Every DDP process reads the norm of the all-reduced gradient (and decides on its own
         # whether to skip) and transforms that gradient on its own: with the kernels each one
         # timed fastest, or BLAS rounding by memory alignment, they could round differently and
         # the replicas drift apart.
         fixed = _kernels.plain_kernels if self._group is not None else contextlib.nullcontext
         with fixed():
-            grad_norm = global_norm(grads)  # type: ignore[arg-type]
+            grad_norm = global_norm(grads)
         info = StepInfo(
             step=self.steps,
             skipped=False,
             num_samples=num,
-            loss=loss,
+            loss=loss_t,
             grad_norm=grad_norm,
             per_sample_norms=torch.cat(self._sample_norms) if self._sample_norms else None,
             micro_batch_norms=torch.cat(self._micro_norms) if self._micro_norms else None,
             clipped_fraction=clipped_fraction,
+            layer_norms=self._layer_norms(grads) if layer_norms else None,
         )
         # the norm is >= 0 or NaN, so the sum is finite exactly when both are
-        if self.check_finite and not bool(torch.isfinite(grad_norm + loss)):
+        check = grad_norm if loss_t is None else grad_norm + loss_t
+        if self.check_finite and not bool(torch.isfinite(check)):
             # One host read per step, as GradScaler does: skipping the optimizer needs it.
             self.skipped_steps += 1
             self._est_state = self._state_at_cycle_start
-            torch._foreach_zero_(grads)  # type: ignore[arg-type]
+            # None, not zeros: a torch.optim optimizer skips a parameter without a gradient
+            # (no momentum, Adam moments, step count or weight decay change), while a zero
+            # gradient would still move them
+            for p in self.params:
+                p.grad = None
             info.skipped = True
             log.warning(
                 "robustclip: non-finite loss or gradient at step %d; skipped it (parameters and "
@@ -342,16 +402,86 @@ class Clipper:
             )
         else:
             if self.method.transform.transforms:
-                num_t = self._count_tensor() if count is None else count
-                ctx = StepContext(self.params, self.layout.names, loss, num_t, self.layout.modules)
+                num_t = count if count is not None else (
+                    self._count_tensor() if self._count else None
+                )
+                ctx = StepContext(self.params, self.layout.names, loss_t, num_t, self.layout.modules)
                 with fixed():
                     _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
-            self.optimizer.step()
             info.transforms = self.method.transform.readings(self._tr_state)
         self.steps += 1
         self.last = info
         self._reset_cycle()
         return info
+
+    def _average(self) -> tuple[list[Tensor], Tensor, Tensor | None, int, Tensor | None]:
+        """The step's gradient from backward() calls: summed over processes, divided by the count.
+
+        Returns the gradients, the mean loss, the count as a tensor (DDP only), the count as a
+        number, and the clipped fraction (per-sample and micro-batch methods).
+        """
+        grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        reports = bool(self._sample_norms or self._micro_norms)
+        if self._group is not None:
+            count = self._count_tensor()
+            # the scalars travel in float64: a count or loss sum in the gradients' dtype
+            # (fp16, bf16) would round or overflow
+            scalars = torch.stack([count, self._sum_losses(), self._sum_clipped()])
+            _distributed.all_reduce_sum(grads, scalars, self._group)
+            count, loss_sum, clipped_sum = scalars.unbind()
+            torch._foreach_div_(grads, count)
+            clipped_fraction = (clipped_sum / count).float() if reports else None
+            # the global count is read on the host (one more sync, DDP only)
+            return grads, loss_sum / count, count, int(round(float(count))), clipped_fraction
+        # one process: the count is a host number, and the readings take as few small
+        # operations as they can (each costs microseconds, a step of a small model a few ms)
+        torch._foreach_div_(grads, float(self._count))
+        clipped_fraction = self._clipped_fraction() if reports else None
+        return grads, self._mean_loss(), None, self._count, clipped_fraction
+
+    def _external_gradient(
+        self, loss: Tensor | None
+    ) -> tuple[list[Tensor], Tensor | None, Tensor | None, int]:
+        """The step's gradient as the caller's own backward pass left it in ``p.grad``."""
+        est = self.method.estimator
+        if not isinstance(est, Mean):
+            raise RuntimeError(
+                f"finish() was called before any backward(losses) in this step, but {est!r} "
+                "computes the gradient itself: call clipper.backward(losses) for each "
+                "(micro-)batch instead of loss.backward(). Only mean() (and batch-level "
+                "transforms such as clip_by_global_norm) can finish a gradient from your own "
+                "backward pass."
+            )
+        missing = [n for n, p in zip(self.layout.names, self.params) if p.grad is None]
+        if len(missing) == len(self.params):
+            raise RuntimeError(
+                "finish() found no gradient: call loss.backward() (or clipper.backward(losses)) "
+                "before finishing the step."
+            )
+        if missing and not self.allow_unused:
+            raise ValueError(
+                f"{len(missing)} parameter(s) have no gradient: "
+                f"{', '.join(missing[:6])}{'...' if len(missing) > 6 else ''}. Freeze them "
+                "(p.requires_grad_(False)), leave them out of the optimizer, or pass "
+                "allow_unused=True to the Clipper to give them a zero gradient."
+            )
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if loss is not None:
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(
+                    "finish(loss=...) takes the step's mean loss as a one-element tensor, got "
+                    f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}."
+                )
+            loss = loss.detach().to(torch.float64, copy=True).reshape(())
+        return [p.grad for p in self.params], loss, None, 0  # type: ignore[misc]
+
+    def _layer_norms(self, grads: list[Tensor]) -> Tensor:
+        """Norm of each layer group's gradient (float32, aligned with ``layout.group_names``)."""
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square()
+        out = torch.zeros(self.layout.num_groups, device=sq.device, dtype=torch.float32)
+        return out.index_add_(0, self.layout.group_index(sq.device), sq).sqrt()
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
