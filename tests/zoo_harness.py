@@ -19,7 +19,7 @@ from zoo import Batch, Entry, Oracle, median_radius, oracle, rel_err, sync_weigh
 METHODS = ["clip", "clip_per_layer", "normalize"]
 ENGINES = ["auto", "vmap", "loop"]
 GAMMA = 1e-2
-LR = 0.02
+LR = 1e-3
 
 
 @dataclass

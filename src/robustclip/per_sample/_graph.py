@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 
 def reached_leaves(roots: Iterable[object], stop: set[object] | None = None) -> list[Tensor]:
@@ -48,3 +50,93 @@ def check_losses_reach_only(losses: Tensor, outputs: Sequence[Tensor]) -> None:
             "forward pass the clipper did not see. Move weight penalties into the optimizer "
             "(weight_decay=...), and call the model once per backward()."
         )
+
+
+def _edge(t: Tensor) -> tuple[object, int]:
+    e = get_gradient_edge(t)
+    return (e.node, e.output_nr)
+
+
+def _reached_edges(
+    roots: Iterable[object], targets: set[tuple[object, int]], through: bool
+) -> set[tuple[object, int]]:
+    """The edges of ``targets`` that the graph below ``roots`` reaches. With ``through``
+    False a path ends at the first target edge it meets (what lies below is reached through
+    that target); a node entered by another edge is still walked."""
+    seen: set[object] = set()
+    stack = [r for r in roots if r is not None]
+    found: set[tuple[object, int]] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, nr in node.next_functions:  # type: ignore[attr-defined]
+            if nxt is None:
+                continue
+            hit = (nxt, nr) in targets
+            if hit:
+                found.add((nxt, nr))
+            if (through or not hit) and nxt not in seen:
+                stack.append(nxt)
+    return found
+
+
+def output_cotangents(losses: Tensor, outputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """``d sum(losses) / d outputs[k]`` with the losses read as a function of the outputs:
+    the *partial* derivatives, which pulled back through the model give the parameters'
+    gradient.
+
+    ``autograd.grad(losses.sum(), outputs)`` gives total derivatives instead. When one output
+    is computed from another (an encoder-decoder returns the encoder's last hidden state next
+    to the logits computed from it), the inner output's total derivative already holds every
+    path through the outer one, and pulling both back through the model counts those paths
+    twice. With ``a_k`` the total and ``p_k`` the partial derivative,
+    ``a_k = p_k + sum_j D_jk^T p_j`` over the outputs ``j`` computed from output ``k``
+    (``D_jk``: the model's derivative of ``o_j`` by ``o_k``, every path), solved from the
+    outermost outputs in; only nested outputs that the losses also use directly cost this
+    extra backward pass.
+
+    Returns None where the partial derivative is zero: an output the losses reach only
+    through other outputs, or not at all, and a repeated output after its first occurrence.
+    Outputs must require grad.
+    """
+    edges = [_edge(o) for o in outputs]
+    first: dict[tuple[object, int], int] = {}
+    for k, e in enumerate(edges):
+        first.setdefault(e, k)
+    uniq = sorted(first.values())
+    targets = {edges[k] for k in uniq}
+    direct = _reached_edges([losses.grad_fn], targets, through=False)
+    keep = [k for k in uniq if edges[k] in direct]
+    result: list[Tensor | None] = [None] * len(outputs)
+    if not keep:
+        return result
+    # above[k]: the used outputs computed from output k
+    below = {j: _reached_edges([outputs[j].grad_fn], targets - {edges[j]}, through=True) for j in keep}
+    above = {k: [j for j in keep if edges[k] in below[j]] for k in keep}
+    totals = torch.autograd.grad(
+        losses.sum(), [outputs[k] for k in keep], retain_graph=True, allow_unused=True
+    )
+    total = dict(zip(keep, totals))
+    partial: dict[int, Tensor | None] = {}
+    pending = list(keep)
+    while pending:
+        # the nesting is acyclic (a graph), so some output has all its outer ones solved
+        k = next(k for k in pending if all(j in partial for j in above[k]))
+        pending.remove(k)
+        t = total[k]
+        outer = [j for j in above[k] if partial[j] is not None]
+        if t is not None and outer:
+            (via,) = torch.autograd.grad(
+                [outputs[j] for j in outer],
+                outputs[k],
+                grad_outputs=[partial[j] for j in outer],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            if via is not None:
+                t = t - via
+        partial[k] = t
+        result[k] = t
+    return result
