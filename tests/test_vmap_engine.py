@@ -16,8 +16,9 @@ from torch import Tensor, nn
 import robustclip as rc
 from robustclip.per_sample import PerSampleFallbackWarning
 from robustclip.per_sample._graph import output_cotangents
-from zoo import ZOO, Batch, Entry, classification_losses
-from zoo_harness import METHODS, run
+
+from .zoo import ZOO, Batch, Entry, classification_losses
+from .zoo_harness import METHODS, run
 
 RTOL = 1e-5
 needs_transformers = pytest.mark.skipif(

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from robustclip.per_sample import PerSampleFallbackWarning
-from zoo import ZOO
-from zoo_harness import ENGINES, METHODS, Run, run
+
+from .zoo import ZOO
+from .zoo_harness import ENGINES, METHODS, Run, run
 
 RTOL = 1e-5
 HF = {"gpt2", "gpt2_padded", "bert_padded", "llama_tied", "llama_untied", "vit", "t5_labels", "t5_decoder_ids"}

@@ -14,7 +14,8 @@ from torch import Tensor
 
 import robustclip as rc
 from robustclip.per_sample import ParamLayout, PerSampleFallbackWarning
-from zoo import Batch, Entry, Oracle, median_radius, oracle, rel_err, sync_weights, trainable
+
+from .zoo import Batch, Entry, Oracle, median_radius, oracle, rel_err, sync_weights, trainable
 
 METHODS = ["clip", "clip_per_layer", "normalize"]
 ENGINES = ["auto", "vmap", "loop"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 
-def reached_leaves(roots: Iterable[object], stop: set[object] | None = None) -> list[Tensor]:
+def reached_leaves(roots: Iterable[object], stop: set[Any] | None = None) -> list[Tensor]:
     """Leaf tensors (parameters) whose ``AccumulateGrad`` node is reachable from ``roots``.
 
     The walk does not enter nodes in ``stop``. It is iterative and visits each node once, so it
@@ -58,20 +59,20 @@ def _edge(t: Tensor) -> tuple[object, int]:
 
 
 def _reached_edges(
-    roots: Iterable[object], targets: set[tuple[object, int]], through: bool
+    roots: Iterable[Any], targets: set[tuple[object, int]], through: bool
 ) -> set[tuple[object, int]]:
     """The edges of ``targets`` that the graph below ``roots`` reaches. With ``through``
     False a path ends at the first target edge it meets (what lies below is reached through
     that target); a node entered by another edge is still walked."""
     seen: set[object] = set()
-    stack = [r for r in roots if r is not None]
+    stack: list[Any] = [r for r in roots if r is not None]
     found: set[tuple[object, int]] = set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        for nxt, nr in node.next_functions:  # type: ignore[attr-defined]
+        for nxt, nr in node.next_functions:
             if nxt is None:
                 continue
             hit = (nxt, nr) in targets
@@ -112,8 +113,13 @@ def output_cotangents(losses: Tensor, outputs: Sequence[Tensor]) -> list[Tensor 
     result: list[Tensor | None] = [None] * len(outputs)
     if not keep:
         return result
-    # above[k]: the used outputs computed from output k
-    below = {j: _reached_edges([outputs[j].grad_fn], targets - {edges[j]}, through=True) for j in keep}
+    # above[k]: the used outputs computed from output k (one used output, the usual case,
+    # needs no walk)
+    used = {edges[k] for k in keep}
+    below = {
+        j: _reached_edges([outputs[j].grad_fn], used - {edges[j]}, through=True) if len(keep) > 1 else set()
+        for j in keep
+    }
     above = {k: [j for j in keep if edges[k] in below[j]] for k in keep}
     totals = torch.autograd.grad(
         losses.sum(), [outputs[k] for k in keep], retain_graph=True, allow_unused=True

@@ -162,10 +162,10 @@ class VmapEngine(PerSampleEngine):
                 o = model(*a, **kw)
             ol = pytree.tree_leaves(o)
             outs = [ol[i] for i in diff_idx]
-            g = torch.autograd.grad(
+            gs = torch.autograd.grad(
                 outs, lay.params, [c.unsqueeze(0) for c in cots], allow_unused=True
             )
-            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(lay.params, g)]
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(lay.params, gs)]
             return g, [t.detach().squeeze(0) for t in outs]
 
         per_sample_v = vmap(per_sample, in_dims=(None, 0, 0), randomness="error")
