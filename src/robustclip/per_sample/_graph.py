@@ -18,7 +18,7 @@ def reached_leaves(roots: Iterable[object], stop: set[Any] | None = None) -> lis
     """
     stop = stop or set()
     seen: set[object] = set()
-    stack = [r for r in roots if r is not None]
+    stack: list[Any] = [r for r in roots if r is not None]
     found: list[Tensor] = []
     while stack:
         node = stack.pop()
