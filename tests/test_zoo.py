@@ -87,7 +87,15 @@ def test_zoo_matches_float64_oracle_every_step(name: str, method: str, engine: s
 
 
 #: (model, engine) -> why bf16 autocast fails today
-XFAIL_BF16: dict[tuple[str, str], str] = dict(XFAIL)
+XFAIL_BF16: dict[tuple[str, str], str] = {
+    **XFAIL,
+    ("torch_transformer", "vmap"): (
+        "the vmap engine recomputes each sample as a batch of one; under bf16 autocast, at the "
+        "second step, sample 3's gradient of nn.Transformer is 4.6e-2 off float64 where the "
+        "batch's own graph gives 4.7e-3 (plain autograd on a batch of one gives 4.5e-2 too, so "
+        "the batch-of-one bf16 backward loses it, not torch.func)"
+    ),
+}
 
 
 @pytest.mark.parametrize("name,method,engine", _cases(["clip"], ENGINES, XFAIL_BF16))
