@@ -293,3 +293,19 @@ def test_randomness_on_the_one_sample_path_fails_loudly() -> None:
             losses = _cls(model(b["x"]), b)
             with pytest.raises(ValueError, match="does not reproduce the batch's output"):
                 clipper.backward(losses)
+
+
+class ReturnsItsLosses(nn.Module):
+    """The model's output is the per-sample losses themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        return classification_losses(self.net(x), labels)
+
+
+def test_model_that_returns_its_losses() -> None:
+    entry = Entry("own_losses", ReturnsItsLosses, _nested_batch, lambda m, b: m(b["x"], b["labels"]), lambda o, b: o)
+    _exact(run(entry, "clip", "vmap"))

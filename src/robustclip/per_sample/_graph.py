@@ -59,27 +59,34 @@ def _edge(t: Tensor) -> tuple[object, int]:
 
 
 def _reached_edges(
-    roots: Iterable[Any], targets: set[tuple[object, int]], through: bool
+    starts: Iterable[tuple[Any, int]], targets: set[tuple[object, int]], through: bool
 ) -> set[tuple[object, int]]:
-    """The edges of ``targets`` that the graph below ``roots`` reaches. With ``through``
-    False a path ends at the first target edge it meets (what lies below is reached through
-    that target); a node entered by another edge is still walked."""
+    """The edges of ``targets`` that the graph from the edges ``starts`` reaches (a start edge
+    itself included). With ``through`` False a path ends at the first target edge it meets
+    (what lies below is reached through that target); a node entered by another edge is
+    still walked."""
     seen: set[object] = set()
-    stack: list[Any] = [r for r in roots if r is not None]
     found: set[tuple[object, int]] = set()
+    stack: list[Any] = []
+
+    def visit(node: Any, nr: int) -> None:
+        hit = (node, nr) in targets
+        if hit:
+            found.add((node, nr))
+        if (through or not hit) and node not in seen:
+            stack.append(node)
+
+    for node, nr in starts:
+        if node is not None:
+            visit(node, nr)
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         for nxt, nr in node.next_functions:
-            if nxt is None:
-                continue
-            hit = (nxt, nr) in targets
-            if hit:
-                found.add((nxt, nr))
-            if (through or not hit) and nxt not in seen:
-                stack.append(nxt)
+            if nxt is not None:
+                visit(nxt, nr)
     return found
 
 
@@ -108,7 +115,8 @@ def output_cotangents(losses: Tensor, outputs: Sequence[Tensor]) -> list[Tensor 
         first.setdefault(e, k)
     uniq = sorted(first.values())
     targets = {edges[k] for k in uniq}
-    direct = _reached_edges([losses.grad_fn], targets, through=False)
+    # (the losses may be an output themselves: a model that returns its per-sample losses)
+    direct = _reached_edges([_edge(losses)], targets, through=False)
     keep = [k for k in uniq if edges[k] in direct]
     result: list[Tensor | None] = [None] * len(outputs)
     if not keep:
@@ -117,7 +125,7 @@ def output_cotangents(losses: Tensor, outputs: Sequence[Tensor]) -> list[Tensor 
     # needs no walk)
     used = {edges[k] for k in keep}
     below = {
-        j: _reached_edges([outputs[j].grad_fn], used - {edges[j]}, through=True) if len(keep) > 1 else set()
+        j: _reached_edges([edges[j]], used - {edges[j]}, through=True) if len(keep) > 1 else set()
         for j in keep
     }
     above = {k: [j for j in keep if edges[k] in below[j]] for k in keep}

@@ -206,6 +206,8 @@ class VmapEngine(PerSampleEngine):
                     warnings.filterwarnings("ignore", message=".*batching rule.*")
                     return batched_fn(train_vals, xs, cs)
             except RuntimeError as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise  # max_chunk_elements is the answer there, not another path
                 if "randomness" in str(e) or "random" in str(e):
                     raise ValueError(
                         "the model uses randomness in its forward pass (dropout?), which the vmap "
@@ -224,8 +226,8 @@ class VmapEngine(PerSampleEngine):
                 warnings.warn(
                     "robustclip: torch.func (vmap over vjp) cannot run this model over the "
                     f"batch ({str(e).splitlines()[0][:160]}); the vmap engine now computes "
-                    "per-sample gradients one sample at a time with torch.func.vjp (exact, "
-                    "slower).",
+                    "per-sample gradients one sample at a time, with plain autograd on a "
+                    "batch of one (exact, slower).",
                     PerSampleFallbackWarning,
                     stacklevel=6,
                 )
