@@ -30,7 +30,7 @@ from robustclip.per_sample._engine import (
     acc_dtype,
     expand_weights,
 )
-from robustclip.per_sample._graph import check_losses_reach_only
+from robustclip.per_sample._graph import check_losses_reach_only, output_cotangents
 
 
 class VmapEngine(PerSampleEngine):
@@ -46,6 +46,8 @@ class VmapEngine(PerSampleEngine):
         self._output: Any = None
         self._autocast: tuple[str, bool, torch.dtype] | None = None
         self._verified = False
+        #: vmap could not batch the forward pass: samples run one at a time
+        self._sequential = False
 
     # -- observing the forward ------------------------------------------------------------
     def attach(self) -> None:
@@ -82,22 +84,30 @@ class VmapEngine(PerSampleEngine):
             )
         batch = losses.shape[0]
         out_leaves, out_spec = pytree.tree_flatten(self._output)
-        diff_idx = [
-            i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad
-        ]
-        if not diff_idx:
+        cand = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad]
+        if not cand:
             raise ValueError("the model's output does not require grad; nothing to differentiate.")
+        # Only the outputs the losses use are pulled back, each with its partial derivative:
+        # a scalar loss the model returns beside its logits (Hugging Face's labels=) is not
+        # used by per-sample losses, and an output computed from another one (an encoder's
+        # last hidden state beside the decoder's logits) would otherwise be counted twice.
+        cots = output_cotangents(losses, [out_leaves[i] for i in cand])
+        diff_idx = [i for i, c in zip(cand, cots) if c is not None]
+        cot = [c for c in cots if c is not None]
+        if not diff_idx:
+            raise ValueError(
+                "the per-sample losses do not depend on the model's output; compute them from "
+                "what the model returns in the forward pass the clipper watched."
+            )
         diff_out = [out_leaves[i] for i in diff_idx]
         for t in diff_out:
             if t.dim() == 0 or t.shape[0] != batch:
                 raise ValueError(
-                    f"the model's output has shape {tuple(t.shape)} but there are {batch} "
-                    "per-sample losses; the vmap engine needs outputs whose first dimension is "
-                    "the batch."
+                    f"the per-sample losses use a model output of shape {tuple(t.shape)} but "
+                    f"there are {batch} of them; the vmap engine needs the outputs the losses "
+                    "use to have the batch as first dimension."
                 )
         check_losses_reach_only(losses, diff_out)
-        cot = torch.autograd.grad(losses.sum(), diff_out, allow_unused=True)
-        cot = [torch.zeros_like(o) if c is None else c for o, c in zip(diff_out, cot)]
 
         args, kwargs = self._inputs
         in_leaves, in_spec = pytree.tree_flatten((args, kwargs))
@@ -142,6 +152,22 @@ class VmapEngine(PerSampleEngine):
             (g,) = pullback([c.unsqueeze(0) for c in cots])
             return g, [p.squeeze(0) for p in primal]
 
+        def one_sample(xs: list, cots: list) -> tuple:
+            # plain autograd on a batch of one: no batching rules, no torch.func transforms
+            leaves = list(in_leaves)
+            for i, x in zip(batched, xs):
+                leaves[i] = x.unsqueeze(0)
+            a, kw = pytree.tree_unflatten(leaves, in_spec)
+            with torch.enable_grad(), torch.autocast(dev, dtype=ac_dtype, enabled=ac_on):
+                o = model(*a, **kw)
+            ol = pytree.tree_leaves(o)
+            outs = [ol[i] for i in diff_idx]
+            gs = torch.autograd.grad(
+                outs, lay.params, [c.unsqueeze(0) for c in cots], allow_unused=True
+            )
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(lay.params, gs)]
+            return g, [t.detach().squeeze(0) for t in outs]
+
         per_sample_v = vmap(per_sample, in_dims=(None, 0, 0), randomness="error")
         total = sum(p.numel() for p in lay.params)
         chunk = max(1, min(batch, self.max_chunk_elements // max(total, 1)))
@@ -151,21 +177,7 @@ class VmapEngine(PerSampleEngine):
             sl = slice(start, min(start + chunk, batch))
             xs = [in_leaves[i][sl] for i in batched]
             cs = [c[sl] for c in cot]
-            try:
-                with warnings.catch_warnings():
-                    # torch notes ops without a batching rule (e.g. CPU flash attention); the
-                    # fallback is correct, and the note is not actionable for the user.
-                    warnings.filterwarnings("ignore", message=".*batching rule.*")
-                    grads, primal = per_sample_v(train_vals, xs, cs)
-            except RuntimeError as e:
-                if "randomness" in str(e) or "random" in str(e):
-                    raise ValueError(
-                        "the model uses randomness in its forward pass (dropout?), which the vmap "
-                        "engine would redraw and so get the wrong per-sample gradients. Put "
-                        "dropout modules in eval mode, or use engine='loop' (or the hook engine), "
-                        "which reuse the batch's own forward pass."
-                    ) from e
-                raise
+            grads, primal = self._chunk(per_sample_v, one_sample, train_vals, xs, cs)
             if not self._verified:
                 # Once: this comparison reads values on the host. Batch-mixing layers and
                 # randomness are structural, so the first step reveals them.
@@ -183,12 +195,60 @@ class VmapEngine(PerSampleEngine):
         return torch.cat(norms, dim=1)
 
 
+    def _chunk(self, batched_fn: Any, one_fn: Any, train_vals: tuple, xs: list, cs: list) -> tuple:
+        """Per-sample gradients and recomputed outputs of one chunk: vmapped, or one sample at
+        a time where torch.func cannot run the model's forward and backward passes."""
+        if not self._sequential:
+            try:
+                with warnings.catch_warnings():
+                    # torch notes ops without a batching rule (e.g. CPU flash attention); the
+                    # fallback is correct, and the note is not actionable for the user.
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    return batched_fn(train_vals, xs, cs)
+            except RuntimeError as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise  # max_chunk_elements is the answer there, not another path
+                if "randomness" in str(e) or "random" in str(e):
+                    raise ValueError(
+                        "the model uses randomness in its forward pass (dropout?), which the vmap "
+                        "engine would redraw and so get the wrong per-sample gradients. Put "
+                        "dropout modules in eval mode, or use engine='loop' (or the hook engine), "
+                        "which reuse the batch's own forward pass."
+                    ) from e
+                # torch.func cannot run some forward passes: data-dependent control flow (a
+                # padding mask checked with .all() or .item()), an in-place write of batched
+                # values into a tensor the model creates (nn.GRU's initial state), or a backward
+                # formula that differs under its transforms (scaled_dot_product_attention with
+                # bf16 inputs and a float32 mask that requires grad, as T5's position bias
+                # under autocast). Plain autograd on one sample at a time runs them all.
+                from robustclip.per_sample._hooks import PerSampleFallbackWarning
+
+                warnings.warn(
+                    "robustclip: torch.func (vmap over vjp) cannot run this model over the "
+                    f"batch ({str(e).splitlines()[0][:160]}); the vmap engine now computes "
+                    "per-sample gradients one sample at a time, with plain autograd on a "
+                    "batch of one (exact, slower).",
+                    PerSampleFallbackWarning,
+                    stacklevel=6,
+                )
+                self._sequential = True
+                self._verified = False  # a new path: its recomputed outputs are checked too
+        n = xs[0].shape[0]
+        per = [one_fn([x[i] for x in xs], [c[i] for c in cs]) for i in range(n)]
+        grads = [torch.stack(g) for g in zip(*(p[0] for p in per))]
+        primal = [torch.stack(o) for o in zip(*(p[1] for p in per))]
+        return grads, primal
+
+
 def _check_recompute(got: Tensor, ref: Tensor) -> None:
     """The per-sample recomputation must reproduce the batch's output (up to rounding)."""
+    # bf16/fp16 (autocast) outputs differ by a few units in their last place between the batch
+    # and a batch of one (other kernel blocking); samples that interact differ by O(1)
+    half = (torch.float16, torch.bfloat16)
+    tol = 3e-2 if got.dtype in half or ref.dtype in half else 1e-2 if got.dtype != ref.dtype else 1e-3
     got = got.detach().float()
     ref = ref.float()
     scale = ref.abs().amax().clamp(min=1.0)
-    tol = 1e-2 if got.dtype != ref.dtype or ref.dtype in (torch.float16, torch.bfloat16) else 1e-3
     if not torch.allclose(got, ref, rtol=0, atol=float(tol * scale)):
         raise ValueError(
             "recomputing the model one sample at a time does not reproduce the batch's output: "
