@@ -258,11 +258,83 @@ def test_rank1_noise_transform():
     grads = [torch.zeros(6, 4), torch.zeros(4)]
     grads, state = always.update(grads, state, None)
     assert torch.linalg.matrix_rank(grads[0]) == 1  # a rank-1 spike on the matrix
-    assert torch.count_nonzero(grads[1]) == 0  # vectors are left alone
+    # a vector is read as a (4, 1) matrix, as in the authors' code: its spike has norm |s| >= 5
+    assert float(grads[1].norm()) >= 5.0
     assert float(state.spikes) == 1.0
     never = Rank1HeavyTailedNoise(p=0.0, alpha=1.1, scale=5.0, seed=0)
     g2, _ = never.update([torch.ones(6, 4)], never.init(params), None)
     assert torch.equal(g2[0], torch.ones(6, 4))
+
+
+def _official_rank1_noise(shapes, p, alpha, scale, gen):
+    """A transcription of the spike rule of the spectral-clipping authors' code (arXiv:2605.11838:
+    noise.py's ``generate_lowrank_noise`` at rank 1, called for every parameter when
+    ``rand < prob``), with the random numbers read from ``gen`` in the documented order.
+    ``torch.distributions.Pareto(scale, alpha)`` samples ``scale * exp(E / alpha)`` with ``E``
+    standard exponential; ``E = -log(U)`` for the uniform ``U``."""
+    hit = float(torch.rand((), generator=gen)) < p
+    out = []
+    for shape in shapes:
+        m = shape[0]
+        n = math.prod(shape[1:]) if len(shape) > 1 else 1
+        uni = 1.0 - float(torch.rand((), generator=gen, dtype=torch.float64))
+        s = scale * math.exp(-math.log(uni) / alpha)
+        s *= int(torch.randint(0, 2, (), generator=gen)) * 2 - 1
+        u = torch.randn(m, generator=gen)
+        v = torch.randn(n, generator=gen)
+        noise = s * torch.outer(u / u.norm(), v / v.norm())
+        out.append(noise.reshape(shape) if hit else torch.zeros(shape))
+    return out, hit
+
+
+def test_rank1_noise_matches_the_official_rule_on_a_fixed_sequence():
+    from robustclip.experiments.spectral_mlp import Rank1HeavyTailedNoise
+
+    shapes = [(7, 5), (5, 3, 2, 2), (3,), (1, 7)]
+    noise = Rank1HeavyTailedNoise(p=0.3, alpha=1.1, scale=5.0, seed=11)
+    state = noise.init([torch.zeros(s) for s in shapes])
+    ref_gen = torch.Generator().manual_seed(11)
+    hits = 0
+    for _ in range(40):  # every step, the spikes and the no-spike steps alike
+        base = [torch.randn(s) for s in shapes]
+        got, state = noise.update([b.clone() for b in base], state, None)
+        want, hit = _official_rank1_noise(shapes, 0.3, 1.1, 5.0, ref_gen)
+        hits += hit
+        assert float(state.spikes) == float(hit)
+        for g, b, w in zip(got, base, want):
+            torch.testing.assert_close(g - b, w, rtol=1e-5, atol=1e-4)
+        if hit:
+            # each matrix's spike is rank 1 with singular value |s| >= scale, of its own size
+            sizes = [float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)) for w in want]
+            assert min(sizes) >= 5.0 * (1 - 1e-5)
+            assert len({round(z, 4) for z in sizes}) == len(sizes)
+            assert float(state.size) == pytest.approx(max(sizes), rel=1e-5)
+        else:
+            assert float(state.size) == 0.0
+    assert 5 <= hits <= 25  # the Bernoulli(0.3) draw is taken once per step
+
+
+def test_rank1_noise_sizes_follow_the_official_pareto_law():
+    """The sizes against ``torch.distributions.Pareto(5, 1.1)`` with a random sign (what the
+    authors' code samples), two-sample Kolmogorov-Smirnov on fixed seeds."""
+    from scipy.stats import ks_2samp
+
+    from robustclip.experiments.spectral_mlp import Rank1HeavyTailedNoise
+
+    noise = Rank1HeavyTailedNoise(p=1.0, alpha=1.1, scale=5.0, seed=3)
+    shapes = [(4, 3)] * 50
+    state = noise.init([torch.zeros(s) for s in shapes])
+    ours = []
+    for _ in range(40):
+        got, state = noise.update([torch.zeros(s) for s in shapes], state, None)
+        ours += [float(torch.linalg.matrix_norm(g, ord=2)) for g in got]
+    torch.manual_seed(5)
+    official = torch.distributions.Pareto(torch.tensor(5.0), torch.tensor(1.1)).sample((2000,))
+    assert min(ours) >= 5.0 * (1 - 1e-5)
+    assert ks_2samp(ours, official.tolist()).pvalue > 0.01
+    # not the unnormalised or Lomax law it replaced: those put mass far below 5
+    lomax = (5.0 * (torch.rand(2000, generator=torch.Generator().manual_seed(0)) ** (-1 / 1.1) - 1)).tolist()
+    assert ks_2samp(ours, lomax).pvalue < 1e-6
 
 
 def _rho_oracle(model, x, y):
