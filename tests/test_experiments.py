@@ -681,3 +681,69 @@ def test_demo_is_registered_like_the_others():
     assert "demo" in list_experiments() and get_experiment("demo") is demo
     assert "PS-Clip-SGD" in describe("demo")
     assert make_config("demo", {"seeds": "2"}).seeds == 2
+
+
+@pytest.mark.parametrize("method", ["SGDM", "Clip-SGD", "Spectral"])
+def test_cifar10_spectral_follows_the_papers_loss_scale_and_selection(method, cifar_dir):
+    """One step of each cifar10-spectral arm against a transcription of the authors' airbench
+    loop (arXiv:2605.11838): ``cross_entropy(..., reduction="sum").backward()``, then norm
+    clipping (``clip_grad_norm_``) or exact spectral clipping of the 4-D filters only."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from robustclip.experiments import cifar
+    from robustclip.experiments.data import normalize_images
+
+    cfg = cifar.default_config("cifar10-spectral")
+    assert (cfg.batch_size, cfg.loss_reduction, cfg.clip_params, cfg.tau, cfg.rank, cfg.clip) == (2000, "sum", "conv", 1.0, 10, 1.0)
+    assert cfg.lr * cfg.batch_size == pytest.approx(0.1)  # an unclipped step equals a mean-loss step of 0.1
+    cfg.data_dir, cfg.width, cfg.batch_size, cfg.rank = cifar_dir, 4, 16, 0  # rank 0: the exact SVD, as transcribed
+    split = cifar.load(cfg)
+    x, y = normalize_images(split.x_train[:16]), split.y_train[:16]
+    torch.manual_seed(0)
+    model = cifar.build_model(cfg, split.num_classes)
+    ref = copy.deepcopy(model)
+
+    F.cross_entropy(ref(x), y, reduction="sum").backward()
+    filters = [p for p in ref.parameters() if p.dim() == 4]
+    if method == "Clip-SGD":
+        torch.nn.utils.clip_grad_norm_(filters, cfg.clip)
+    elif method == "Spectral":
+        for p in filters:
+            u, s, vh = torch.linalg.svd(p.grad.reshape(p.shape[0], -1).double(), full_matrices=False)
+            p.grad = ((u * s.clamp(max=cfg.tau)) @ vh).reshape(p.shape).float()
+    want = [p.grad.clone() for p in ref.parameters()]
+
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the gradient
+    with rc.Clipper(model, opt, cifar.build_arm_method(cfg, method)) as clipper:
+        clipper.backward(cifar._loss(model(x), y))
+        info = clipper.step()
+    got = [a - p.detach() for a, p in zip(w0, model.parameters())]
+    for (name, p), a, b in zip(model.named_parameters(), got, want):
+        scale = float(b.abs().max()) + 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale, msg=f"{method}: {name}")
+    if method == "Spectral":
+        sigma = info.transforms["spectral_clip"]["sigma_before"]
+        conv = torch.tensor([p.dim() == 4 for p in model.parameters()])
+        assert torch.isfinite(sigma[conv]).all() and torch.isnan(sigma[~conv]).all()
+        # the summed gradient is far above tau: the paper's tau = 1 clips every filter
+        assert float(info.transforms["spectral_clip"]["clipped_fraction"]) == 1.0
+    if method == "Clip-SGD":
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want[: len(want)] if g.dim() == 4]))
+        assert float(norm) == pytest.approx(cfg.clip, rel=1e-4)
+
+
+def test_cifar_clip_params_conv_refuses_sample_level_methods():
+    from robustclip.experiments import cifar
+
+    cfg = cifar.default_config("cifar10-spectral")
+    cfg.methods = ("SGDM", "PS-Clip-SGD")
+    with pytest.raises(ValueError, match="clip_params=conv"):
+        cfg.check()
+    cfg.clip_params, cfg.loss_reduction = "all", "mean"
+    cfg.check()
+    cfg.loss_reduction = "median"
+    with pytest.raises(ValueError, match="loss_reduction"):
+        cfg.check()
