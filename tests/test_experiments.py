@@ -54,7 +54,10 @@ def tiny(name: str, text_file: str = "", cifar_dir: str = "") -> dict[str, str]:
             "micro_batch": "4", "accumulation": "2", "eval_every": "2", "eval_batches": "2", "device": "cpu",
         },
         "spectral-mlp": {"n_train": "256", "n_test": "64", "width": "8", "depth": "2", "epochs": "1", "eval_every": "4"},
-        "sgc": {"hidden": "32", "epochs": "2", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128"},
+        "sgc": {
+            "hidden": "32", "epochs": "2", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128",
+            "bias_every": "2", "bias_draws": "3", "batch_sizes": "16,256", "batch_lrs": "1", "batch_steps": "4",
+        },
         "cifar100-alexnet": {
             "data_dir": cifar_dir, "alexnet_hidden": "16", "epochs": "1", "batch_size": "16", "workers": "0", "log_every": "1",
             "amp": "true",  # bfloat16 autocast, on the CPU too
@@ -361,7 +364,17 @@ def test_sgc_sweep_and_rho_every(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     # a step of 1000 on cross-entropy with plain SGD diverges or stalls: never "stable"
     assert s["sweep"]["SGD"]["1000"]["stable"] is False
-    main = [r for r in _records(out) if r.get("part") == "main" and r["kind"] == "epoch"]
+    recs = _records(out)
+    # the batch-size sweep: every method at every batch size, 4 steps each
+    assert {m: sorted(v) for m, v in s["batch"].items()} == {m: ["16", "256"] for m in ("SGD", "Clip-SGD", "NSGD")}
+    assert all(r["step"] in (0, 4) for r in recs if r.get("part") == "batch")
+    # the bias probe at epochs 0, 2, 4 of each main run, at B = f * rho_hat of that epoch
+    bias = [r for r in recs if r["kind"] == "bias"]
+    assert sorted({(r["method"], r["epoch"]) for r in bias}) == sorted((m, e) for m in ("SGD", "Clip-SGD", "NSGD") for e in (0, 2, 4))
+    for r in bias:
+        assert r["batch"] == max(1, round(r["factor"] * r["rho_hat"]))
+    assert len(s["bias"]) == len(bias)
+    main = [r for r in recs if r.get("part") == "main" and r["kind"] == "epoch"]
     for m in ("SGD", "Clip-SGD", "NSGD"):
         # every epoch is logged, rho_hat only every rho_every = 2 epochs
         assert [r["epoch"] for r in main if r["method"] == m] == [0, 1, 2, 3, 4]
@@ -374,6 +387,60 @@ def test_sgc_sweep_and_rho_every(tmp_path):
     for r in main:
         if r["epoch"] == 0:
             assert r["rho_hat"] == pytest.approx(want, rel=1e-4)
+
+
+def _tiny_linear_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(9, 3)
+    y = torch.randint(0, 3, (9,))
+    return model, x, y
+
+
+def test_sgc_direction_bias_against_a_loop_over_samples():
+    """direction_bias on a fixed seed against its definition, with each mini-batch gradient
+    built from per-sample gradients (batches of one) and the directions stacked."""
+    from robustclip.experiments.sgc import direction_bias
+
+    model, x, y = _tiny_linear_problem()
+    params = list(model.parameters())
+
+    def grad_of(xs, ys):
+        g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xs), ys), params)
+        return torch.cat([t.reshape(-1) for t in g]).double()
+
+    per_sample = torch.stack([grad_of(x[i : i + 1], y[i : i + 1]) for i in range(9)])
+    full = per_sample.mean(0)
+    c, draws = 0.3, 7
+    got = direction_bias(model, x, y, [2, 5], c, draws, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)  # the same draws, in the same order
+    for b in (2, 5):
+        batch = torch.stack([per_sample[torch.randint(0, 9, (b,), generator=gen)].mean(0) for _ in range(draws)])
+        norms = batch.norm(dim=1, keepdim=True)
+        dirs = {"SGD": batch, "Clip-SGD": batch * (c / norms).clamp(max=1.0), "NSGD": batch / norms}
+        refs = {"SGD": full, "Clip-SGD": full * min(1.0, c / float(full.norm())), "NSGD": full / full.norm()}
+        for m, d in dirs.items():
+            var = d.var(dim=0, unbiased=True).sum()
+            bias_sq = (d.mean(0) - refs[m]).pow(2).sum() - var / draws
+            want = math.sqrt(max(float(bias_sq), 0.0)) / float(refs[m].norm())
+            assert got[b][m] == pytest.approx(want, rel=1e-6, abs=1e-9), (b, m)
+        cos = (batch @ full / (norms.squeeze(1) * full.norm())).mean()
+        assert got[b]["cos"] == pytest.approx(float(cos), rel=1e-6)
+
+
+def test_sgc_direction_bias_shrinks_with_the_batch():
+    """SGD's mini-batch mean is unbiased (the estimate is ~0); NSGD's direction is biased at a
+    batch of one and much less at a batch far above rho (fixed seeds)."""
+    from robustclip.diagnostics import estimate_strong_growth
+    from robustclip.experiments.sgc import direction_bias
+
+    model, x, y = _tiny_linear_problem()
+    rho = estimate_strong_growth(model, lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none"), x, y).rho
+    big = int(20 * rho) + 1
+    got = direction_bias(model, x, y, [1, big], 1e-3, 400, torch.Generator().manual_seed(1))
+    assert got[1]["NSGD"] > 0.2
+    assert got[big]["NSGD"] < 0.25 * got[1]["NSGD"]
+    assert got[big]["SGD"] < 0.05 and got[big]["cos"] > got[1]["cos"]
 
 
 def _strip(records: list[dict]) -> list[dict]:
@@ -400,7 +467,11 @@ def _assert_same_final_weights(a: Path, b: Path) -> None:
         # 42 steps per digits epoch, 3 epochs per arm: mid second arm
         ("demo", {"scale": "0.1", "seeds": "1", "methods": "SGDM,PS-Clip-SGD", "problems": "digits"}, 10, 150),
         # mid second main arm: rho_hat records (every 2 epochs) and the sweep still to come
-        ("sgc", {"hidden": "32", "epochs": "3", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2"}, 4, 37),
+        ("sgc", {"hidden": "32", "epochs": "3", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2",
+                 "bias_every": "2", "bias_draws": "2", "batch_sizes": "16,256", "batch_lrs": "1", "batch_steps": "4"}, 4, 37),
+        # 30 steps per main arm (10 per epoch), 10 per sweep arm, 4 per batch arm: mid the batch part
+        ("sgc", {"hidden": "16", "epochs": "3", "sweep_lrs": "0.1", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2",
+                 "bias_every": "2", "bias_draws": "2", "batch_sizes": "16,256", "batch_lrs": "0.5,1", "batch_steps": "4"}, 2, 131),
     ],
 )
 def test_resume_gives_the_same_run(name, overrides, every, stop, tmp_path, text_file):
@@ -721,7 +792,7 @@ def test_cifar10_spectral_follows_the_papers_loss_scale_and_selection(method, ci
         clipper.backward(cifar._loss(model(x), y))
         info = clipper.step()
     got = [a - p.detach() for a, p in zip(w0, model.parameters())]
-    for (name, p), a, b in zip(model.named_parameters(), got, want):
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
         scale = float(b.abs().max()) + 1e-6
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale, msg=f"{method}: {name}")
     if method == "Spectral":
@@ -731,7 +802,7 @@ def test_cifar10_spectral_follows_the_papers_loss_scale_and_selection(method, ci
         # the summed gradient is far above tau: the paper's tau = 1 clips every filter
         assert float(info.transforms["spectral_clip"]["clipped_fraction"]) == 1.0
     if method == "Clip-SGD":
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want[: len(want)] if g.dim() == 4]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want if g.dim() == 4]))
         assert float(norm) == pytest.approx(cfg.clip, rel=1e-4)
 
 
