@@ -345,9 +345,24 @@ def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
             ys = [min(v, cap) if math.isfinite(v) else cap for _, v in pts]
             style = {"color": color_for(m), "linestyle": ("-", "--", ":", "-.")[i % 4]}
             sweep_series.append(Series(f"{run.label}: {m}" if len(runs) > 1 else m, [p[0] for p in pts], ys, style))
+    # the bias of each method's own direction along its own main run, against B / rho_hat,
+    # averaged over the probe epochs
+    bias_series = []
+    for i, run in enumerate(runs):
+        acc: dict[str, dict[float, list[float]]] = {}
+        for r in run.records:
+            if r.get("kind") == "bias" and r.get("method") in DIRECTIONS:
+                acc.setdefault(r["method"], {}).setdefault(r["factor"], []).append(r[r["method"]])
+        for m, per_f in acc.items():
+            fs = sorted(per_f)
+            style = {"color": color_for(m), "linestyle": ("-", "--", ":", "-.")[i % 4], "marker": "o"}
+            ys = [sum(per_f[f]) / len(per_f[f]) for f in fs]
+            bias_series.append(Series(f"{run.label}: {m}" if len(runs) > 1 else m, fs, ys, style))
     panels = [
         Panel("rho_hat per epoch", "epoch", "rho_hat", curves(runs, "rho_hat", where=main), logy=True),
         Panel("training loss", "epoch", "loss", curves(runs, "train_loss", where=main), logy=True),
         Panel("step-size sweep (diverged: 10x initial)", "step size", "final training loss", sweep_series, logy=True, logx=True),
     ]
+    if bias_series:
+        panels.append(Panel("bias of the direction (mean over probes)", "B / rho_hat", "relative bias", bias_series, logx=True))
     return [save_panels(out_dir / "sgc.png", panels, "strong growth and stable step sizes (digits, interpolating MLP)")]
