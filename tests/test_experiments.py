@@ -424,6 +424,8 @@ def test_sgc_direction_bias_against_a_loop_over_samples():
             bias_sq = (d.mean(0) - refs[m]).pow(2).sum() - var / draws
             want = math.sqrt(max(float(bias_sq), 0.0)) / float(refs[m].norm())
             assert got[b][m] == pytest.approx(want, rel=1e-6, abs=1e-9), (b, m)
+            turn = d.mean(0) @ refs[m] / (d.mean(0).norm() * refs[m].norm())
+            assert got[b][f"{m} cos"] == pytest.approx(float(turn), rel=1e-6), (b, m)
         cos = (batch @ full / (norms.squeeze(1) * full.norm())).mean()
         assert got[b]["cos"] == pytest.approx(float(cos), rel=1e-6)
 

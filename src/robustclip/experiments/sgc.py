@@ -145,7 +145,10 @@ def direction_bias(
     directions (``E ||d_bar - r||^2 = ||E d - r||^2 + tr Cov(d)/K``); it is reported as its square
     root, 0 where the correction makes it negative. SGD's direction is unbiased, so its value
     shows how well ``draws`` resolves the others'. Also returned: ``cos``, the mean cosine
-    between ``g_B`` and ``grad f`` (the alignment the paper's proofs rest on).
+    between ``g_B`` and ``grad f`` (the alignment the paper's proofs rest on), and for each
+    method ``"{method} cos"``, the cosine between ``d_bar`` and ``d(grad f)``: how far the
+    expected step turns away from the true direction, apart from its length (it includes the
+    sampling error of ``d_bar``).
     """
     n_all = x.shape[0]
     full = _flat_grad(model, x, y)
@@ -172,6 +175,7 @@ def direction_bias(
             var = (sq[m] - draws * float(mean @ mean)) / max(draws - 1, 1)
             bias_sq = float((mean - ref).pow(2).sum()) - var / draws
             rec[m] = math.sqrt(max(bias_sq, 0.0)) / max(float(ref.norm()), 1e-300)
+            rec[f"{m} cos"] = float(mean @ ref) / max(float(mean.norm() * ref.norm()), 1e-300)
         out[b] = rec
     return out
 
@@ -295,7 +299,7 @@ def _summarize_batch(records: list[dict[str, Any]], cfg: Config) -> dict[str, An
 
 def _summarize_bias(records: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
     """The bias probe's readings of the main runs, one row per (method's run, epoch, factor)."""
-    keys = ("method", "epoch", "rho_hat", "factor", "batch", "cos", *DIRECTIONS)
+    keys = ("method", "epoch", "rho_hat", "factor", "batch", "cos", *DIRECTIONS, *(f"{m} cos" for m in DIRECTIONS))
     return [{k: r[k] for k in keys} for r in records if r.get("kind") == "bias" and r.get("part") == "main"]
 
 
@@ -315,11 +319,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("bias"):
         names = list(DIRECTIONS)
         lines += ["", "bias of each direction at B = factor * rho_hat (main runs; SGD's shows the sampling error)",
-                  f"{'run':<10}{'epoch':>6}{'rho_hat':>9}{'factor':>7}{'B':>6}{'cos':>7}" + "".join(f"{n:>10}" for n in names)]
+                  "(cos: mean cosine of g_B with grad f; METHOD cos: cosine of the mean direction with the true one)",
+                  f"{'run':<10}{'epoch':>6}{'rho_hat':>9}{'factor':>7}{'B':>6}{'cos':>7}"
+                  + "".join(f"{n:>10}" for n in names) + "".join(f"{n + ' cos':>14}" for n in names[1:])]
         for r in summary["bias"]:
             lines.append(
                 f"{r['method']:<10}{r['epoch']:>6}{r['rho_hat']:>9.3g}{r['factor']:>7g}{r['batch']:>6}{r['cos']:>7.3f}"
-                + "".join(f"{r[n]:>10.3f}" for n in names)
+                + "".join(f"{r[n]:>10.3f}" for n in names) + "".join(f"{r[n + ' cos']:>14.4f}" for n in names[1:])
             )
     return "\n".join(lines)
 
