@@ -223,10 +223,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
         tag = {"arm": arm_id, "method": method, "part": part, "lr": lr, "batch": batch_size}
         batches = TensorBatches(split.x_train, split.y_train, batch_size, cfg.seed, device)
         steps_per_epoch = batches.steps_per_epoch
-        # the batch part runs the same number of steps at every batch size; its readings are
-        # taken every steps_per_record steps (an epoch, or the whole run when that is shorter)
+        # the batch part runs the same number of steps at every batch size, with 10 readings
+        # (an epoch of a large batch can be a single step)
         total = {"main": cfg.epochs * steps_per_epoch, "sweep": cfg.sweep_epochs * steps_per_epoch}.get(part, cfg.batch_steps)
-        every = steps_per_epoch if part != "batch" else min(steps_per_epoch, total)
+        every = steps_per_epoch if part != "batch" else max(1, total // 10)
         seed_everything(cfg.seed)
         model = _model(cfg).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
