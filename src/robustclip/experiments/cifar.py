@@ -212,7 +212,7 @@ class SumOverBatch(rc.GradientTransform):
 
     name = "sum_loss"
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(self, grads: list[Tensor], state: Any, ctx: rc.StepContext) -> tuple[list[Tensor], Any]:
         if ctx.num_samples is None:
             raise ValueError("SumOverBatch needs the step's sample count; run it inside rc.Clipper.")
         torch._foreach_mul_(grads, ctx.num_samples.to(grads[0].dtype))
@@ -236,7 +236,7 @@ class OnlyParams(rc.GradientTransform):
     def init(self, params: Sequence[Tensor]) -> Any:
         return self.inner.init([params[i] for i in self._picked(params)])
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(self, grads: list[Tensor], state: Any, ctx: rc.StepContext) -> tuple[list[Tensor], Any]:
         idx = self._picked(grads)
 
         def sub(xs: Sequence[Any]) -> list[Any]:
@@ -248,8 +248,14 @@ class OnlyParams(rc.GradientTransform):
             grads[i] = g
         return grads, state
 
-    def readings(self, state: Any) -> Any:
+    def readings(self, state: Any) -> dict[str, Any]:
         return self.inner.readings(state)
+
+    def state_to_dict(self, state: Any) -> Any:
+        return self.inner.state_to_dict(state)
+
+    def state_from_dict(self, template: Any, data: Any) -> Any:
+        return self.inner.state_from_dict(template, data)
 
     def __repr__(self) -> str:
         return f"only({self.keep.__name__}, {self.inner!r})"

@@ -48,7 +48,7 @@ from robustclip.experiments._train import EpochMeter, TensorBatches, evaluation,
 from robustclip.experiments.data import load_digits
 from robustclip.experiments.models import MLP
 
-DESCRIPTION = "over-parameterization paper: rho-hat per epoch; largest stable step of SGD, Clip-SGD, NSGD"
+DESCRIPTION = "over-parameterization paper: rho-hat per epoch; bias and largest stable step of SGD, Clip-SGD, NSGD below, at and above rho-hat"
 DEFAULT_THREADS = 1
 
 

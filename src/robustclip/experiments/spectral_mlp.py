@@ -145,7 +145,7 @@ class Rank1HeavyTailedNoise(rc.GradientTransform):
         z = torch.zeros(())
         return _NoiseState(g.get_state(), z, z.clone())
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(self, grads: list[Tensor], state: _NoiseState, ctx: rc.StepContext | None) -> tuple[list[Tensor], _NoiseState]:
         g = torch.Generator()
         g.set_state(state.rng)
         hit = (torch.rand((), generator=g) < self.p).float()
@@ -166,7 +166,7 @@ class Rank1HeavyTailedNoise(rc.GradientTransform):
             largest = torch.maximum(largest, s.abs())
         return grads, _NoiseState(g.get_state(), hit, (hit.double() * largest).float())
 
-    def readings(self, state):  # type: ignore[override]
+    def readings(self, state: _NoiseState) -> dict[str, Any]:
         return {"spike": state.spikes, "size": state.size}
 
 
@@ -193,7 +193,7 @@ def problem(cfg: Config) -> Problem:
 
 def _method(arm: str, cfg: Config, seed: int) -> Any:
     label, kind = ARMS[arm]
-    th = None
+    th: Any = None
     if kind == "ema":
         th = thresholds.EMA(cfg.ema_beta)
     elif kind == "quantile":
