@@ -54,7 +54,10 @@ def tiny(name: str, text_file: str = "", cifar_dir: str = "") -> dict[str, str]:
             "micro_batch": "4", "accumulation": "2", "eval_every": "2", "eval_batches": "2", "device": "cpu",
         },
         "spectral-mlp": {"n_train": "256", "n_test": "64", "width": "8", "depth": "2", "epochs": "1", "eval_every": "4"},
-        "sgc": {"hidden": "32", "epochs": "2", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128"},
+        "sgc": {
+            "hidden": "32", "epochs": "2", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128",
+            "bias_every": "2", "bias_draws": "3", "batch_sizes": "16,256", "batch_lrs": "1", "batch_steps": "4",
+        },
         "cifar100-alexnet": {
             "data_dir": cifar_dir, "alexnet_hidden": "16", "epochs": "1", "batch_size": "16", "workers": "0", "log_every": "1",
             "amp": "true",  # bfloat16 autocast, on the CPU too
@@ -258,11 +261,83 @@ def test_rank1_noise_transform():
     grads = [torch.zeros(6, 4), torch.zeros(4)]
     grads, state = always.update(grads, state, None)
     assert torch.linalg.matrix_rank(grads[0]) == 1  # a rank-1 spike on the matrix
-    assert torch.count_nonzero(grads[1]) == 0  # vectors are left alone
+    # a vector is read as a (4, 1) matrix, as in the authors' code: its spike has norm |s| >= 5
+    assert float(grads[1].norm()) >= 5.0
     assert float(state.spikes) == 1.0
     never = Rank1HeavyTailedNoise(p=0.0, alpha=1.1, scale=5.0, seed=0)
     g2, _ = never.update([torch.ones(6, 4)], never.init(params), None)
     assert torch.equal(g2[0], torch.ones(6, 4))
+
+
+def _official_rank1_noise(shapes, p, alpha, scale, gen):
+    """A transcription of the spike rule of the spectral-clipping authors' code (arXiv:2605.11838:
+    noise.py's ``generate_lowrank_noise`` at rank 1, called for every parameter when
+    ``rand < prob``), with the random numbers read from ``gen`` in the documented order.
+    ``torch.distributions.Pareto(scale, alpha)`` samples ``scale * exp(E / alpha)`` with ``E``
+    standard exponential; ``E = -log(U)`` for the uniform ``U``."""
+    hit = float(torch.rand((), generator=gen)) < p
+    out = []
+    for shape in shapes:
+        m = shape[0]
+        n = math.prod(shape[1:]) if len(shape) > 1 else 1
+        uni = 1.0 - float(torch.rand((), generator=gen, dtype=torch.float64))
+        s = scale * math.exp(-math.log(uni) / alpha)
+        s *= int(torch.randint(0, 2, (), generator=gen)) * 2 - 1
+        u = torch.randn(m, generator=gen)
+        v = torch.randn(n, generator=gen)
+        noise = s * torch.outer(u / u.norm(), v / v.norm())
+        out.append(noise.reshape(shape) if hit else torch.zeros(shape))
+    return out, hit
+
+
+def test_rank1_noise_matches_the_official_rule_on_a_fixed_sequence():
+    from robustclip.experiments.spectral_mlp import Rank1HeavyTailedNoise
+
+    shapes = [(7, 5), (5, 3, 2, 2), (3,), (1, 7)]
+    noise = Rank1HeavyTailedNoise(p=0.3, alpha=1.1, scale=5.0, seed=11)
+    state = noise.init([torch.zeros(s) for s in shapes])
+    ref_gen = torch.Generator().manual_seed(11)
+    hits = 0
+    for _ in range(40):  # every step, the spikes and the no-spike steps alike
+        base = [torch.randn(s) for s in shapes]
+        got, state = noise.update([b.clone() for b in base], state, None)
+        want, hit = _official_rank1_noise(shapes, 0.3, 1.1, 5.0, ref_gen)
+        hits += hit
+        assert float(state.spikes) == float(hit)
+        for g, b, w in zip(got, base, want):
+            torch.testing.assert_close(g - b, w, rtol=1e-5, atol=1e-4)
+        if hit:
+            # each matrix's spike is rank 1 with singular value |s| >= scale, of its own size
+            sizes = [float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)) for w in want]
+            assert min(sizes) >= 5.0 * (1 - 1e-5)
+            assert len({round(z, 4) for z in sizes}) == len(sizes)
+            assert float(state.size) == pytest.approx(max(sizes), rel=1e-5)
+        else:
+            assert float(state.size) == 0.0
+    assert 5 <= hits <= 25  # the Bernoulli(0.3) draw is taken once per step
+
+
+def test_rank1_noise_sizes_follow_the_official_pareto_law():
+    """The sizes against ``torch.distributions.Pareto(5, 1.1)`` with a random sign (what the
+    authors' code samples), two-sample Kolmogorov-Smirnov on fixed seeds."""
+    from scipy.stats import ks_2samp
+
+    from robustclip.experiments.spectral_mlp import Rank1HeavyTailedNoise
+
+    noise = Rank1HeavyTailedNoise(p=1.0, alpha=1.1, scale=5.0, seed=3)
+    shapes = [(4, 3)] * 50
+    state = noise.init([torch.zeros(s) for s in shapes])
+    ours = []
+    for _ in range(40):
+        got, state = noise.update([torch.zeros(s) for s in shapes], state, None)
+        ours += [float(torch.linalg.matrix_norm(g, ord=2)) for g in got]
+    torch.manual_seed(5)
+    official = torch.distributions.Pareto(torch.tensor(5.0), torch.tensor(1.1)).sample((2000,))
+    assert min(ours) >= 5.0 * (1 - 1e-5)
+    assert ks_2samp(ours, official.tolist()).pvalue > 0.01
+    # not the unnormalised or Lomax law it replaced: those put mass far below 5
+    lomax = (5.0 * (torch.rand(2000, generator=torch.Generator().manual_seed(0)) ** (-1 / 1.1) - 1)).tolist()
+    assert ks_2samp(ours, lomax).pvalue < 1e-6
 
 
 def _rho_oracle(model, x, y):
@@ -289,7 +364,20 @@ def test_sgc_sweep_and_rho_every(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     # a step of 1000 on cross-entropy with plain SGD diverges or stalls: never "stable"
     assert s["sweep"]["SGD"]["1000"]["stable"] is False
-    main = [r for r in _records(out) if r.get("part") == "main" and r["kind"] == "epoch"]
+    recs = _records(out)
+    # the batch-size sweep: every method at every batch size, 4 steps each
+    assert {m: sorted(v) for m, v in s["batch"].items()} == {m: ["16", "256"] for m in ("SGD", "Clip-SGD", "NSGD")}
+    batch_arms = {r["arm"] for r in recs if r.get("part") == "batch"}
+    assert len(batch_arms) == 6
+    for a in batch_arms:  # a reading every max(1, steps // 10) steps
+        assert [r["step"] for r in recs if r.get("arm") == a] == [0, 1, 2, 3, 4]
+    # the bias probe at epochs 0, 2, 4 of each main run, at B = f * rho_hat of that epoch
+    bias = [r for r in recs if r["kind"] == "bias"]
+    assert sorted({(r["method"], r["epoch"]) for r in bias}) == sorted((m, e) for m in ("SGD", "Clip-SGD", "NSGD") for e in (0, 2, 4))
+    for r in bias:
+        assert r["batch"] == max(1, round(r["factor"] * r["rho_hat"]))
+    assert len(s["bias"]) == len(bias)
+    main = [r for r in recs if r.get("part") == "main" and r["kind"] == "epoch"]
     for m in ("SGD", "Clip-SGD", "NSGD"):
         # every epoch is logged, rho_hat only every rho_every = 2 epochs
         assert [r["epoch"] for r in main if r["method"] == m] == [0, 1, 2, 3, 4]
@@ -302,6 +390,62 @@ def test_sgc_sweep_and_rho_every(tmp_path):
     for r in main:
         if r["epoch"] == 0:
             assert r["rho_hat"] == pytest.approx(want, rel=1e-4)
+
+
+def _tiny_linear_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(9, 3)
+    y = torch.randint(0, 3, (9,))
+    return model, x, y
+
+
+def test_sgc_direction_bias_against_a_loop_over_samples():
+    """direction_bias on a fixed seed against its definition, with each mini-batch gradient
+    built from per-sample gradients (batches of one) and the directions stacked."""
+    from robustclip.experiments.sgc import direction_bias
+
+    model, x, y = _tiny_linear_problem()
+    params = list(model.parameters())
+
+    def grad_of(xs, ys):
+        g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xs), ys), params)
+        return torch.cat([t.reshape(-1) for t in g]).double()
+
+    per_sample = torch.stack([grad_of(x[i : i + 1], y[i : i + 1]) for i in range(9)])
+    full = per_sample.mean(0)
+    c, draws = 0.3, 7
+    got = direction_bias(model, x, y, [2, 5], c, draws, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)  # the same draws, in the same order
+    for b in (2, 5):
+        batch = torch.stack([per_sample[torch.randint(0, 9, (b,), generator=gen)].mean(0) for _ in range(draws)])
+        norms = batch.norm(dim=1, keepdim=True)
+        dirs = {"SGD": batch, "Clip-SGD": batch * (c / norms).clamp(max=1.0), "NSGD": batch / norms}
+        refs = {"SGD": full, "Clip-SGD": full * min(1.0, c / float(full.norm())), "NSGD": full / full.norm()}
+        for m, d in dirs.items():
+            var = d.var(dim=0, unbiased=True).sum()
+            bias_sq = (d.mean(0) - refs[m]).pow(2).sum() - var / draws
+            want = math.sqrt(max(float(bias_sq), 0.0)) / float(refs[m].norm())
+            assert got[b][m] == pytest.approx(want, rel=1e-6, abs=1e-9), (b, m)
+            turn = d.mean(0) @ refs[m] / (d.mean(0).norm() * refs[m].norm())
+            assert got[b][f"{m} cos"] == pytest.approx(float(turn), rel=1e-6), (b, m)
+        cos = (batch @ full / (norms.squeeze(1) * full.norm())).mean()
+        assert got[b]["cos"] == pytest.approx(float(cos), rel=1e-6)
+
+
+def test_sgc_direction_bias_shrinks_with_the_batch():
+    """SGD's mini-batch mean is unbiased (the estimate is ~0); NSGD's direction is biased at a
+    batch of one and much less at a batch far above rho (fixed seeds)."""
+    from robustclip.diagnostics import estimate_strong_growth
+    from robustclip.experiments.sgc import direction_bias
+
+    model, x, y = _tiny_linear_problem()
+    rho = estimate_strong_growth(model, lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none"), x, y).rho
+    big = int(20 * rho) + 1
+    got = direction_bias(model, x, y, [1, big], 1e-3, 400, torch.Generator().manual_seed(1))
+    assert got[1]["NSGD"] > 0.2
+    assert got[big]["NSGD"] < 0.25 * got[1]["NSGD"]
+    assert got[big]["SGD"] < 0.05 and got[big]["cos"] > got[1]["cos"]
 
 
 def _strip(records: list[dict]) -> list[dict]:
@@ -328,7 +472,11 @@ def _assert_same_final_weights(a: Path, b: Path) -> None:
         # 42 steps per digits epoch, 3 epochs per arm: mid second arm
         ("demo", {"scale": "0.1", "seeds": "1", "methods": "SGDM,PS-Clip-SGD", "problems": "digits"}, 10, 150),
         # mid second main arm: rho_hat records (every 2 epochs) and the sweep still to come
-        ("sgc", {"hidden": "32", "epochs": "3", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2"}, 4, 37),
+        ("sgc", {"hidden": "32", "epochs": "3", "sweep_lrs": "0.1,1000", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2",
+                 "bias_every": "2", "bias_draws": "2", "batch_sizes": "16,256", "batch_lrs": "1", "batch_steps": "4"}, 4, 37),
+        # 30 steps per main arm (10 per epoch), 10 per sweep arm, 4 per batch arm: mid the batch part
+        ("sgc", {"hidden": "16", "epochs": "3", "sweep_lrs": "0.1", "sweep_epochs": "1", "batch_size": "128", "rho_every": "2",
+                 "bias_every": "2", "bias_draws": "2", "batch_sizes": "16,256", "batch_lrs": "0.5,1", "batch_steps": "4"}, 2, 131),
     ],
 )
 def test_resume_gives_the_same_run(name, overrides, every, stop, tmp_path, text_file):
@@ -609,3 +757,69 @@ def test_demo_is_registered_like_the_others():
     assert "demo" in list_experiments() and get_experiment("demo") is demo
     assert "PS-Clip-SGD" in describe("demo")
     assert make_config("demo", {"seeds": "2"}).seeds == 2
+
+
+@pytest.mark.parametrize("method", ["SGDM", "Clip-SGD", "Spectral"])
+def test_cifar10_spectral_follows_the_papers_loss_scale_and_selection(method, cifar_dir):
+    """One step of each cifar10-spectral arm against a transcription of the authors' airbench
+    loop (arXiv:2605.11838): ``cross_entropy(..., reduction="sum").backward()``, then norm
+    clipping (``clip_grad_norm_``) or exact spectral clipping of the 4-D filters only."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from robustclip.experiments import cifar
+    from robustclip.experiments.data import normalize_images
+
+    cfg = cifar.default_config("cifar10-spectral")
+    assert (cfg.batch_size, cfg.loss_reduction, cfg.clip_params, cfg.tau, cfg.rank, cfg.clip) == (2000, "sum", "conv", 1.0, 10, 1.0)
+    assert cfg.lr * cfg.batch_size == pytest.approx(0.1)  # an unclipped step equals a mean-loss step of 0.1
+    cfg.data_dir, cfg.width, cfg.batch_size, cfg.rank = cifar_dir, 4, 16, 0  # rank 0: the exact SVD, as transcribed
+    split = cifar.load(cfg)
+    x, y = normalize_images(split.x_train[:16]), split.y_train[:16]
+    torch.manual_seed(0)
+    model = cifar.build_model(cfg, split.num_classes)
+    ref = copy.deepcopy(model)
+
+    F.cross_entropy(ref(x), y, reduction="sum").backward()
+    filters = [p for p in ref.parameters() if p.dim() == 4]
+    if method == "Clip-SGD":
+        torch.nn.utils.clip_grad_norm_(filters, cfg.clip)
+    elif method == "Spectral":
+        for p in filters:
+            u, s, vh = torch.linalg.svd(p.grad.reshape(p.shape[0], -1).double(), full_matrices=False)
+            p.grad = ((u * s.clamp(max=cfg.tau)) @ vh).reshape(p.shape).float()
+    want = [p.grad.clone() for p in ref.parameters()]
+
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the gradient
+    with rc.Clipper(model, opt, cifar.build_arm_method(cfg, method)) as clipper:
+        clipper.backward(cifar._loss(model(x), y))
+        info = clipper.step()
+    got = [a - p.detach() for a, p in zip(w0, model.parameters())]
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        scale = float(b.abs().max()) + 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale, msg=f"{method}: {name}")
+    if method == "Spectral":
+        sigma = info.transforms["spectral_clip"]["sigma_before"]
+        conv = torch.tensor([p.dim() == 4 for p in model.parameters()])
+        assert torch.isfinite(sigma[conv]).all() and torch.isnan(sigma[~conv]).all()
+        # the summed gradient is far above tau: the paper's tau = 1 clips every filter
+        assert float(info.transforms["spectral_clip"]["clipped_fraction"]) == 1.0
+    if method == "Clip-SGD":
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want if g.dim() == 4]))
+        assert float(norm) == pytest.approx(cfg.clip, rel=1e-4)
+
+
+def test_cifar_clip_params_conv_refuses_sample_level_methods():
+    from robustclip.experiments import cifar
+
+    cfg = cifar.default_config("cifar10-spectral")
+    cfg.methods = ("SGDM", "PS-Clip-SGD")
+    with pytest.raises(ValueError, match="clip_params=conv"):
+        cfg.check()
+    cfg.clip_params, cfg.loss_reduction = "all", "mean"
+    cfg.check()
+    cfg.loss_reduction = "median"
+    with pytest.raises(ValueError, match="loss_reduction"):
+        cfg.check()

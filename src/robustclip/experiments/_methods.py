@@ -41,6 +41,9 @@ class MethodParams:
     threshold: Any = None  # a threshold object replacing the constant radius/tau, if any
     engine: str = "auto"  # per-sample engine of PS-Clip-SGD
     spectral_head: str | None = "auto"  # spectral clipping's output head to skip (None: clip all)
+    #: which parameters spectral clipping takes: ``select(name, param, module) -> bool`` or
+    #: parameter names, passed to ``rc.spectral_clip(select=...)``; None: its default selection
+    spectral_select: Any = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ def _spectral(p: MethodParams) -> Any:
     spectral_clip = _spectral_fn()
     if spectral_clip is None:
         raise ValueError("spectral clipping is not available in this robustclip installation.")
-    return spectral_clip(_radius(p, p.tau), rank=p.rank if p.rank > 0 else None, head=p.spectral_head)
+    return spectral_clip(
+        _radius(p, p.tau), rank=p.rank if p.rank > 0 else None, head=p.spectral_head, select=p.spectral_select,
+    )
 
 
 def _spectral_fn() -> Callable[..., Any] | None:

@@ -7,7 +7,10 @@
 * ``cifar10-resnet18`` -- Lobanov & Koloskova (arXiv:2605.14800): ResNet-18 on CIFAR-10 with
   SGD, ClipSGD and NSGD.
 * ``cifar10-spectral`` -- Yukhimchuk et al. (arXiv:2605.11838): ResNet-18 on CIFAR-10, SGD with
-  momentum vs norm clipping vs spectral clipping (``tau = 1``, rank 10), large batches.
+  momentum vs norm clipping vs spectral clipping (``tau = 1``, rank 10). As in the paper's runs
+  (their airbench94 code), the loss is summed over the batch of 2000 (``loss_reduction=sum``), and
+  norm and spectral clipping act on the convolution filters only (``clip_params=conv``); the step
+  size and weight decay are rescaled so that the unclipped step equals a mean-loss step of lr 0.1.
 
 The data are the standard python-format CIFAR files, read from ``data_dir`` (the
 ``cifar-10-batches-py``/``cifar-100-python`` folders or their ``.tar.gz`` archives); nothing is
@@ -24,7 +27,7 @@ same images.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,12 @@ class Config:
     clip: float = 1.0  # radius c of Clip-SGD and PS-Clip-SGD
     tau: float = 1.0  # spectral clipping's threshold
     rank: int = 10  # spectral clipping's rank (0: exact SVD)
+    # "sum": the gradient of the loss summed over the batch (batch size x the mean's), before any
+    # clipping, as in the spectral paper; "mean": the mean loss
+    loss_reduction: str = "mean"
+    # which parameters Clip-SGD, NSGD and Spectral clip: "all" (Spectral: its default selection)
+    # or "conv" (the 4-D convolution filters only, as in the spectral paper)
+    clip_params: str = "all"
     augment: bool = True
     workers: int = 2  # DataLoader worker processes (0: load in the main process)
     amp: bool = False  # bfloat16 autocast (GPUs without bfloat16 are refused)
@@ -115,6 +124,18 @@ class Config:
             )
         if self.nsgd_lr < 0:
             raise ValueError(f"nsgd_lr must be >= 0 (0: lr * clip), got {self.nsgd_lr}.")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}.")
+        if self.clip_params not in CLIP_PARAMS:
+            raise ValueError(f"clip_params must be one of {list(CLIP_PARAMS)}, got {self.clip_params!r}.")
+        if self.clip_params == "conv":
+            sample_level = [m for m in self.methods if m not in _SELECTABLE]
+            if sample_level:
+                raise ValueError(
+                    f"clip_params=conv restricts batch-level clipping to the convolution filters, but "
+                    f"{sample_level} clip before the batch mean and cannot be restricted; use "
+                    f"clip_params=all or methods from {list(_SELECTABLE)}."
+                )
         for k in ("width", "alexnet_hidden", "epochs", "batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}.")
@@ -133,9 +154,14 @@ def default_config(name: str) -> Config:
             lr=0.1, momentum=0.0, clip=5.0,
         )
     if name == "cifar10-spectral":
+        # the summed loss of batch 2000 makes the gradient 2000x the mean's: lr and weight decay
+        # are rescaled (lr 0.1 / 2000, wd 5e-4 * 2000) so that an unclipped step and the decay per
+        # step equal those of a mean-loss run at lr 0.1, while c = 1 and tau = 1 see the paper's scale
+        b = 2000
         return Config(
             dataset="cifar10", model="resnet18", methods=("SGDM", "Clip-SGD", "Spectral"), epochs=30,
-            batch_size=512, lr=0.1, clip=1.0, tau=1.0, rank=10,
+            batch_size=b, lr=0.1 / b, weight_decay=5e-4 * b, clip=1.0, tau=1.0, rank=10,
+            loss_reduction="sum", clip_params="conv",
         )
     raise ValueError(f"unknown CIFAR experiment {name!r}; choose from {list(DESCRIPTIONS)}.")
 
@@ -167,6 +193,88 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
 
 def _loss(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out, y, reduction="none")
+
+
+LOSS_REDUCTIONS = ("mean", "sum")
+CLIP_PARAMS = ("all", "conv")
+#: the methods whose clipping ``clip_params=conv`` can restrict (SGD/SGDM clip nothing)
+_SELECTABLE = ("SGD", "SGDM", "Clip-SGD", "NSGD", "Spectral")
+
+
+def is_conv_filter(param: Tensor) -> bool:
+    """A 4-D weight ``(out, in, kh, kw)``: the filters the spectral paper's CIFAR runs clip."""
+    return param.dim() == 4
+
+
+class SumOverBatch(rc.GradientTransform):
+    """Multiply the mean gradient by the number of samples: the gradient of the loss summed
+    over the batch (``reduction="sum"``), for the clipping that follows to see that scale."""
+
+    name = "sum_loss"
+
+    def update(self, grads: list[Tensor], state: Any, ctx: rc.StepContext) -> tuple[list[Tensor], Any]:
+        if ctx.num_samples is None:
+            raise ValueError("SumOverBatch needs the step's sample count; run it inside rc.Clipper.")
+        torch._foreach_mul_(grads, ctx.num_samples.to(grads[0].dtype))
+        return grads, state
+
+
+class OnlyParams(rc.GradientTransform):
+    """Run a batch-level transform on the gradients ``keep(grad)`` picks; leave the others
+    unchanged (the spectral paper norm-clips only the convolution filters)."""
+
+    def __init__(self, inner: rc.GradientTransform, keep: Callable[[Tensor], bool]) -> None:
+        self.inner, self.keep = inner, keep
+        self.name = inner.name
+
+    def _picked(self, tensors: Sequence[Tensor]) -> list[int]:
+        idx = [i for i, t in enumerate(tensors) if self.keep(t)]
+        if not idx:
+            raise ValueError(f"{self.inner!r} restricted to the parameters {self.keep.__name__} picks, but it picks none.")
+        return idx
+
+    def init(self, params: Sequence[Tensor]) -> Any:
+        return self.inner.init([params[i] for i in self._picked(params)])
+
+    def update(self, grads: list[Tensor], state: Any, ctx: rc.StepContext) -> tuple[list[Tensor], Any]:
+        idx = self._picked(grads)
+
+        def sub(xs: Sequence[Any]) -> list[Any]:
+            return [xs[i] for i in idx] if xs else []
+
+        inner_ctx = rc.StepContext(sub(ctx.params), sub(ctx.names), ctx.loss, ctx.num_samples, sub(ctx.modules))
+        new, state = self.inner.update([grads[i] for i in idx], state, inner_ctx)
+        for i, g in zip(idx, new):
+            grads[i] = g
+        return grads, state
+
+    def readings(self, state: Any) -> dict[str, Any]:
+        return self.inner.readings(state)
+
+    def state_to_dict(self, state: Any) -> Any:
+        return self.inner.state_to_dict(state)
+
+    def state_from_dict(self, template: Any, data: Any) -> Any:
+        return self.inner.state_from_dict(template, data)
+
+    def __repr__(self) -> str:
+        return f"only({self.keep.__name__}, {self.inner!r})"
+
+
+def build_arm_method(cfg: Config, method: str) -> Any:
+    """The robustclip method of one arm, with the config's loss scaling and parameter selection."""
+    conv = cfg.clip_params == "conv"
+    params = MethodParams(
+        clip=cfg.clip, tau=cfg.tau, rank=cfg.rank,
+        spectral_select=(lambda name, p, module: is_conv_filter(p)) if conv else None,
+    )
+    base = build_method(method, params)
+    if conv and method in ("Clip-SGD", "NSGD"):
+        base = OnlyParams(base, is_conv_filter)
+    if cfg.loss_reduction == "sum":
+        # first in the chain: every clipping rule sees the summed gradient
+        return rc.chain(SumOverBatch(), base) if isinstance(base, rc.GradientTransform) else rc.chain(base, SumOverBatch())
+    return base
 
 
 class AugmentedCIFAR(Dataset):
@@ -254,7 +362,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Any]:
             scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
         else:  # a constant step size
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        method_fn = build_method(method, MethodParams(clip=cfg.clip, tau=cfg.tau, rank=cfg.rank))
+        method_fn = build_arm_method(cfg, method)
         with rc.Clipper(model, optimizer, method_fn) as clipper:
             meter = EpochMeter(device)
             arm = ctx.arm(arm_id, {"model": model, "optimizer": optimizer, "scheduler": scheduler,

@@ -4,17 +4,17 @@ The synthetic experiment of Yukhimchuk, Takac, Kolar, Choudhury, "Gradient Clipp
 Vector Norms: A Spectral Approach for Matrix-Valued Parameters" (arXiv:2605.11838): an MLP
 ``100 -> [100, 100, 100] -> 1`` without biases learns ``y = x_0 x_1 x_2`` from 10k Gaussian
 inputs with SGD (lr 0.01, momentum 0.9, batch 32). With probability ``p = 0.1`` per step, every
-gradient matrix receives a rank-1 spike ``s u v^T`` (``u``, ``v`` standard Gaussian vectors,
-``s`` two-sided Pareto with ``alpha = 1.1`` and scale 5). Norm clipping shrinks the whole
-gradient when a spike arrives; spectral clipping caps singular values, removing the spike's
-direction while keeping the rest of the gradient.
+gradient matrix receives a rank-1 spike ``s (u/||u||) (v/||v||)^T`` (``u``, ``v`` standard
+Gaussian vectors, normalised, so the spike's only singular value is ``|s|``; ``s`` two-sided
+Pareto I with ``alpha = 1.1`` and scale 5, so ``|s| >= 5``), with its own ``s``, ``u``, ``v`` for
+each matrix -- the law of the authors' public code. Norm clipping shrinks the whole gradient
+when a spike arrives; spectral clipping caps singular values, removing the spike's direction
+while keeping the rest of the gradient.
 
 The noise is injected by a batch-level transform placed first in the method's chain, so it is
 added to the averaged gradient before any clipping, as in the paper. Thresholds: constant
 ``tau``; EMA (0.9, bias-corrected) of previous top singular values; the 0.85-quantile of the last
-100 (``robustclip.thresholds``). The adaptive thresholds observe each step's *unclipped* top
-singular value, so with these spikes one huge value lifts the EMA far above the gradient's
-normal scale and lets the next spikes through (measured in docs/EXPERIMENTS.md).
+100 (``robustclip.thresholds``). Measured outcomes are in docs/EXPERIMENTS.md.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Config:
     lr: float = 0.01
     momentum: float = 0.9
     noise_prob: float = 0.1  # probability of a rank-1 spike per step
-    noise_alpha: float = 1.1  # tail index of the spike's scale
-    noise_scale: float = 5.0  # scale of the two-sided Pareto spike size
+    noise_alpha: float = 1.1  # tail index of the spike's size
+    noise_scale: float = 5.0  # scale of the two-sided Pareto I spike size (|s| >= noise_scale)
     clip: float = 1.0  # radius of Clip-SGD
     tau: float = 1.0  # constant spectral threshold
     ema_beta: float = 0.9
@@ -96,6 +96,9 @@ class Config:
                 raise ValueError(f"unknown arm {a!r}; choose from {list(ARMS)}.")
             if ARMS[a][0] not in have:
                 raise ValueError(f"arm {a!r} needs {ARMS[a][0]}, which is not installed; choose from {list(_default_arms())}.")
+        for k in ("noise_alpha", "noise_scale"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k} must be > 0, got {getattr(self, k)}.")
         if not 0 <= self.noise_prob <= 1:
             raise ValueError(f"noise_prob must be in [0, 1], got {self.noise_prob}.")
         for k in ("n_train", "n_test", "width", "depth", "batch_size", "epochs", "eval_every", "seeds"):
@@ -108,15 +111,28 @@ class Config:
 class _NoiseState(NamedTuple):
     rng: Tensor  # the generator's state (uint8), so the noise stream resumes exactly
     spikes: Tensor  # reading: 1.0 if this step got a spike
-    size: Tensor  # reading: |s| of this step's spike (0 if none)
+    size: Tensor  # reading: the largest |s| of this step's spikes (0 if none)
+
+
+def pareto_spike_sizes(u01: Tensor, sign_bits: Tensor, alpha: float, scale: float) -> Tensor:
+    """Two-sided Pareto I sizes ``s = sign * scale * U^(-1/alpha)`` from uniforms ``U`` in
+    ``(0, 1]`` and sign bits in ``{0, 1}``: ``P(|s| > t) = (scale / t)^alpha`` for ``t >= scale``,
+    the law of ``torch.distributions.Pareto(scale, alpha)`` with a random sign."""
+    return (sign_bits.double() * 2 - 1) * scale * u01.double().pow(-1.0 / alpha)
 
 
 class Rank1HeavyTailedNoise(rc.GradientTransform):
-    """Add ``s u v^T`` to every gradient matrix with probability ``p`` (arXiv:2605.11838).
+    """With probability ``p`` per step, add ``s (u/||u||) (v/||v||)^T`` to every gradient matrix
+    (arXiv:2605.11838, the law of the authors' code).
 
-    One Bernoulli draw per step decides whether a spike arrives; each matrix then gets its own
-    ``u``, ``v`` (standard Gaussian) and ``s = scale * sign * (U^(-1/alpha) - 1)``. The draw is
-    multiplied in rather than tested on the host, so the step never syncs.
+    One Bernoulli draw per step decides whether a spike arrives. Each matrix (a 1-D gradient is
+    read as an ``(n, 1)`` matrix, a larger one as ``(shape[0], -1)``) then gets its own size
+    ``s`` (:func:`pareto_spike_sizes`, ``|s| >= scale``) and its own unit directions ``u``, ``v``,
+    so the spike's only singular value is ``|s|``. Per step the generator is read in this order:
+    the Bernoulli uniform, then for each matrix in parameter order one uniform for ``s``, one
+    sign bit, ``u`` and ``v`` (drawn on every step, so the stream does not depend on whether a
+    spike arrived). The draw is multiplied in rather than tested on the host, so the step never
+    syncs.
     """
 
     name = "rank1_noise"
@@ -129,21 +145,28 @@ class Rank1HeavyTailedNoise(rc.GradientTransform):
         z = torch.zeros(())
         return _NoiseState(g.get_state(), z, z.clone())
 
-    def update(self, grads, state, ctx):  # type: ignore[override]
+    def update(self, grads: list[Tensor], state: _NoiseState, ctx: rc.StepContext | None) -> tuple[list[Tensor], _NoiseState]:
         g = torch.Generator()
         g.set_state(state.rng)
         hit = (torch.rand((), generator=g) < self.p).float()
-        u01 = torch.rand((), generator=g, dtype=torch.float64).clamp_min(1e-300)
-        sign = torch.randint(0, 2, (), generator=g).double() * 2 - 1
-        s = (hit * self.scale * sign * (u01.pow(-1.0 / self.alpha) - 1.0)).float()
+        largest = torch.zeros((), dtype=torch.float64)
         for gr in grads:
-            if gr.dim() == 2:
-                u = torch.randn(gr.shape[0], generator=g)
-                v = torch.randn(gr.shape[1], generator=g)
-                gr.add_(torch.outer(u, v).to(gr.device, gr.dtype) * s.to(gr.device))
-        return grads, _NoiseState(g.get_state(), hit, s.abs())
+            m = gr.shape[0] if gr.dim() >= 1 else 1
+            n = gr.numel() // max(m, 1)
+            # 1 - U lies in (0, 1]: the size stays finite
+            u01 = 1.0 - torch.rand((), generator=g, dtype=torch.float64)
+            s = pareto_spike_sizes(u01, torch.randint(0, 2, (), generator=g), self.alpha, self.scale)
+            u = torch.randn(m, generator=g)
+            v = torch.randn(n, generator=g)
+            if gr.numel() == 0:
+                continue
+            coef = (hit.double() * s).float()
+            spike = torch.outer(u / u.norm(), v / v.norm()) * coef
+            gr.add_(spike.reshape(gr.shape).to(gr.device, gr.dtype))
+            largest = torch.maximum(largest, s.abs())
+        return grads, _NoiseState(g.get_state(), hit, (hit.double() * largest).float())
 
-    def readings(self, state):  # type: ignore[override]
+    def readings(self, state: _NoiseState) -> dict[str, Any]:
         return {"spike": state.spikes, "size": state.size}
 
 
@@ -170,7 +193,7 @@ def problem(cfg: Config) -> Problem:
 
 def _method(arm: str, cfg: Config, seed: int) -> Any:
     label, kind = ARMS[arm]
-    th = None
+    th: Any = None
     if kind == "ema":
         th = thresholds.EMA(cfg.ema_beta)
     elif kind == "quantile":
