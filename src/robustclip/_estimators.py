@@ -14,6 +14,10 @@ estimator              contribution of one micro-batch k           count
 ``micro_batch_clip(c)``  min(1, c/||gbar_k||) gbar_k                1
 =====================  ==========================================  =========
 
+``mean()`` computes its sum as ``B_k`` times the gradient of the mean loss: the backward pass
+then carries the same values a plain mean-loss backward does (the sum's would be ``B_k`` times
+larger in every activation and overflow float16 first).
+
 References: PS-Clip-SGD and micro-batch clipping, Nobile & Grohs, arXiv:2605.02701;
 per-sample normalization ("automatic clipping"), Bu et al., arXiv:2206.07136.
 
@@ -33,7 +37,7 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, global_norm
+from robustclip._math import clip_coefficient, combine_norms, global_norm, wide_dtype
 from robustclip._transform import state_from_plain, state_to_plain
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
@@ -139,11 +143,17 @@ class Mean(Estimator[tuple[()]]):
         out: list[Tensor | None],
     ) -> tuple[Contribution, tuple[()]]:
         if losses.dim() == 0:
-            total, count = losses, 1
-        else:
-            total, count = losses.sum(), losses.shape[0]
-        g, owned = gradients(total, layout.params, layout.direct_backward, out)
-        add_into(out, g, layout.params, owned=owned)
+            g, owned = gradients(losses, layout.params, layout.direct_backward, out)
+            add_into(out, g, layout.params, owned=owned)
+            return Contribution(1), state
+        # The backward pass runs on the mean loss, as a plain mean-loss backward does: the sum's
+        # backward carries B times larger gradients through every activation, which overflows
+        # float16 (autocast, GradScaler) where the mean's does not. The sum the contract asks for
+        # is then B times the mean gradient, scaled in the same pass that adds it.
+        count = losses.shape[0]
+        g, owned = gradients(losses.mean(), layout.params, layout.direct_backward, out)
+        coef = None if count == 1 else torch.full((), count, dtype=g[0].dtype, device=g[0].device)
+        add_into(out, g, layout.params, coef, owned=owned)
         return Contribution(count), state
 
     def __repr__(self) -> str:
@@ -180,12 +190,13 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
     ) -> tuple[Contribution, MicroBatchClipState]:
         mean_loss = losses if losses.dim() == 0 else losses.mean()
         g, owned = gradients(mean_loss, layout.params, layout.direct_backward, out)
-        norm = global_norm(g)
+        # the coefficient from a norm that does not overflow even above the float32 maximum
+        norm = global_norm(g, dtype=wide_dtype(g[0].device))
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
         add_into(out, g, layout.params, coef.to(g[0].dtype), owned=owned)
-        norm1 = norm.reshape(1)
+        norm1 = norm.to(torch.promote_types(g[0].dtype, torch.float32)).reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)
 
@@ -278,18 +289,43 @@ class PerSample(Estimator[PerSampleState]):
 
     def _radii(self, state: PerSampleState, layout: ParamLayout) -> Tensor:
         ths = self._group_thresholds(layout)
-        return torch.stack([t.value(s) for t, s in zip(ths, state.thresholds)]).reshape(-1, 1).double()
+        radii = torch.stack([t.value(s) for t, s in zip(ths, state.thresholds)]).reshape(-1, 1)
+        return radii.to(wide_dtype(radii.device))
 
-    def weights(self, group_sq: Tensor, radii: Tensor | None) -> Tensor:
-        """Weights (G or 1, b) from squared per-group norms (G, b)."""
+    def weights(self, group_sq: Tensor, radii: Tensor | None, scale: Tensor | None = None) -> Tensor:
+        """Weights (G or 1, b) from the squared per-group norms (G, b) an engine reports.
+
+        The engine's side of the contract: for every finite gradient ``group_sq`` is finite and
+        accurate, which float32 squares are not above 1.8e19 or below 1e-19. An engine either
+        reports float64 squared norms (exact for float32, bfloat16 and float16 gradients), or
+        the squared norms of its gradients divided by ``scale`` (broadcastable to (G, b), e.g.
+        each sample's largest entry), so that ``||g|| = scale * sqrt(group_sq)``. Both are
+        combined in float64 here (float32 on MPS).
+        """
+        norms = group_sq.to(wide_dtype(group_sq.device)).sqrt()
+        if scale is not None:
+            norms = norms * scale.to(norms.dtype)
+        return self.weights_from_norms(norms, radii)
+
+    def weights_from_norms(self, norms: Tensor, radii: Tensor | None) -> Tensor:
+        """Weights (G or 1, b) from per-group norms (G, b), computed in float64 (float32 on MPS).
+
+        An infinite norm whose weight would depend on it gets a NaN weight: either the sample's
+        gradient is not finite (its weighted sum is non-finite whatever the weight), or an engine
+        let a finite gradient's squared norm overflow, and then the true weight is unknown.
+        Weight 0 would drop that sample without a word; NaN makes the clipper skip the step and
+        say so."""
+        norms = norms.to(wide_dtype(norms.device))
         if self.rule == "normalize":
-            norm = group_sq.sum(0, keepdim=True).sqrt()
+            norm = combine_norms(norms, 0, keepdim=True)
             denom = norm + self.gamma
-            return torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+            w = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+            return torch.where(torch.isinf(norm), torch.nan, w)
         assert radii is not None
-        if self.per_layer:
-            return clip_coefficient(group_sq.sqrt(), radii.to(group_sq.device))
-        return clip_coefficient(group_sq.sum(0, keepdim=True).sqrt(), radii.to(group_sq.device))
+        norm = norms if self.per_layer else combine_norms(norms, 0, keepdim=True)
+        radii = radii.to(norm.device)
+        w = clip_coefficient(norm, radii)
+        return torch.where(torch.isinf(norm) & (norm > radii), torch.nan, w)
 
     def contribute(
         self,
@@ -304,9 +340,13 @@ class PerSample(Estimator[PerSampleState]):
         forms them, the others a chunk of samples at a time."""
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.rule == "normalize" else self._radii(state, layout)
-        group_norms = accumulate_into(engine, losses, lambda sq: self.weights(sq, radii), out)
-        flat = group_norms.pow(2).sum(0).sqrt()
-        w = self.weights(group_norms.pow(2), radii)
+
+        def weight_fn(sq: Tensor, scale: Tensor | None = None) -> Tensor:
+            return self.weights(sq, radii, scale)
+
+        group_norms = accumulate_into(engine, losses, weight_fn, out)
+        flat = combine_norms(group_norms, 0).to(group_norms.dtype)
+        w = self.weights_from_norms(group_norms, radii)
         clipped = (w < 1).any(0).float()
         if self.rule == "clip":
             ths = self._group_thresholds(layout)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from robustclip import _kernels
 
-__all__ = ["clip_coefficient", "global_norm", "tensor_norms", "wide_dtype"]
+__all__ = ["clip_coefficient", "combine_norms", "global_norm", "tensor_norms", "wide_dtype"]
 
 
 def wide_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -76,15 +76,20 @@ def _scaled_norm(t: Tensor, acc: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(x * s1 * s2) / s1 / s2
 
 
-def _combine(norms: Tensor) -> Tensor:
-    """``sqrt(sum(norms**2))`` of a small 1-D tensor of norms, scaled by its largest entry, so
-    neither the squares nor the result overflow unless the result itself does."""
-    if norms.numel() == 0:
-        return norms.new_zeros(())
-    m = norms.amax()
+def combine_norms(norms: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """``sqrt(sum(norms**2))`` over ``dim`` (all of it if None) of a small tensor of norms
+    (per-layer norms into a flat one, per-tensor norms into a global one), scaled by the largest
+    entry, so neither the squares nor the result overflow unless the result itself does. NaN
+    if an entry is NaN, inf if one is inf."""
+    if dim is None:
+        norms, dim = norms.reshape(-1), 0
+    if norms.shape[dim] == 0:
+        return norms.sum(dim, keepdim=keepdim)
+    m = norms.amax(dim, keepdim=True)
     safe = torch.where(m > 0, m, 1.0)
-    out = safe * (norms / safe).square().sum().sqrt()
-    return torch.where(torch.isinf(m), m, torch.where(m > 0, out, m))
+    out = safe * (norms / safe).square().sum(dim, keepdim=True).sqrt()
+    out = torch.where(torch.isinf(m), m, torch.where(m > 0, out, m))
+    return out if keepdim else out.squeeze(dim)
 
 
 def _wide_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -130,12 +135,12 @@ def global_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> 
         return torch.zeros((), dtype=out)
     reals = [_real(t) for t in tensors]
     if reals[0].device.type != "cpu":
-        return _combine(torch.stack(_wide_norms(reals))).to(out)
+        return combine_norms(torch.stack(_wide_norms(reals))).to(out)
     sq = _kernels.sum_of_squares(reals)
     v = float(sq)  # a CPU scalar: no device to wait for
     if _safe_low(sq.dtype) <= v <= float(torch.finfo(sq.dtype).max) or v != v:
         return sq.sqrt().to(out)
-    return _combine(torch.stack(_wide_norms(reals))).to(out)
+    return combine_norms(torch.stack(_wide_norms(reals))).to(out)
 
 
 def clip_coefficient(norm: Tensor, radius: Tensor) -> Tensor:
