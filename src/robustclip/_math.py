@@ -102,15 +102,16 @@ def _wide_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [_scaled_norm(t, wide) for t in reals]
 
 
-def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The L2 norm of each tensor, 0-d, in float32 or wider (float64 for float64 tensors), finite
-    and accurate for every finite tensor whose norm is below the float32 maximum (3.4e38), in
-    every dtype (see the module docstring). Per-tensor clipping reads these."""
+def tensor_norms(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    """The L2 norm of each tensor, 0-d, in ``dtype`` (default: float32, float64 for a float64
+    tensor), finite and accurate for every finite tensor whose norm ``dtype`` can hold, in every
+    dtype (see the module docstring). Per-tensor clipping reads these."""
     if len(tensors) == 0:
         return []
     reals = [_real(t) for t in tensors]
+    outs = [dtype if dtype is not None else torch.promote_types(t.dtype, torch.float32) for t in reals]
     if reals[0].device.type != "cpu":
-        return [n.to(torch.promote_types(t.dtype, torch.float32)) for n, t in zip(_wide_norms(reals), reals)]
+        return [n.to(o) for n, o in zip(_wide_norms(reals), outs)]
     norms = list(torch._foreach_norm(reals, 2.0, dtype=torch.float32)) if all(
         t.dtype != torch.float64 for t in reals
     ) else [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in reals]
@@ -120,8 +121,8 @@ def tensor_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     for i, (v, n) in enumerate(zip(values, norms)):
         finfo = torch.finfo(n.dtype)
         if not (_safe_low(n.dtype) ** 0.5 <= v <= float(finfo.max) ** 0.5) and v == v:
-            norms[i] = _wide_norms([reals[i]])[0].to(n.dtype)
-    return norms
+            norms[i] = _wide_norms([reals[i]])[0]
+    return [n.to(o) for n, o in zip(norms, outs)]
 
 
 def global_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> Tensor:
