@@ -37,7 +37,13 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, combine_norms, global_norm, wide_dtype
+from robustclip._math import (
+    clip_coefficient,
+    coefficient_as,
+    combine_norms,
+    global_norm,
+    wide_dtype,
+)
 from robustclip._transform import state_from_plain, state_to_plain
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
@@ -195,7 +201,7 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
-        add_into(out, g, layout.params, coef.to(g[0].dtype), owned=owned)
+        add_into(out, g, layout.params, coefficient_as(coef, g[0].dtype), owned=owned)
         norm1 = norm.to(torch.promote_types(g[0].dtype, torch.float32)).reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)
@@ -341,8 +347,14 @@ class PerSample(Estimator[PerSampleState]):
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.rule == "normalize" else self._radii(state, layout)
 
+        dtypes = {p.dtype for p in layout.params}
+        grad_dtype = dtypes.pop() if len(dtypes) == 1 else None
+
         def weight_fn(sq: Tensor, scale: Tensor | None = None) -> Tensor:
-            return self.weights(sq, radii, scale)
+            w = self.weights(sq, radii, scale)
+            # rounded toward zero into the gradients' dtype, so the engine's cast never rounds a
+            # weight up and a clipped contribution never exceeds its radius
+            return w if grad_dtype is None else coefficient_as(w, grad_dtype).to(w.dtype)
 
         group_norms = accumulate_into(engine, losses, weight_fn, out)
         flat = combine_norms(group_norms, 0).to(group_norms.dtype)

@@ -12,10 +12,10 @@ finite gradient gets a finite, accurate norm:
 
 * on the CPU, the fast float32 (float64 for float64 tensors) sum of squares of
   :func:`robustclip._kernels.sum_of_squares` is kept when it lies in the range where no square
-  can have overflowed and none that matters underflowed; otherwise the norm is recomputed with
-  float64 accumulation, or, for float64 tensors, after an exact power-of-two scaling by the
-  largest entry (LAPACK's ``nrm2`` idea). Reading a CPU scalar costs no device sync, so only
-  gradients that need it pay for the second pass.
+  can have overflowed and none that matters underflowed; otherwise each tensor's largest entry
+  is read and the norm recomputed after an exact power-of-two scaling by it (LAPACK's ``nrm2``
+  idea), which an all-zero tensor skips. Reading a CPU scalar costs no device sync, so only
+  gradients that need it pay for the extra passes.
 * on other devices no value is read on the host: float32, bfloat16 and float16 tensors are
   always reduced with float64 accumulation (every square of such a number fits a float64), and
   float64 tensors, or every tensor on a device without float64 (MPS), are scaled first.
@@ -23,6 +23,7 @@ finite gradient gets a finite, accurate norm:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from robustclip import _kernels
 
-__all__ = ["clip_coefficient", "combine_norms", "global_norm", "tensor_norms", "wide_dtype"]
+__all__ = ["clip_coefficient", "coefficient_as", "combine_norms", "global_norm", "tensor_norms", "wide_dtype"]
 
 
 def wide_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -102,6 +103,26 @@ def _wide_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [_scaled_norm(t, wide) for t in reals]
 
 
+def _host_scaled_norm(t: Tensor) -> Tensor:
+    """CPU only: :func:`_scaled_norm` with the largest entry read on the host (no device to
+    wait for), so an all-zero tensor costs one pass and the scaling one multiply, and the
+    squares stay in the tensor's own precision (float32 for float32, bfloat16 and float16: a
+    float64 copy of a large tensor costs several passes). A 0-d float64 tensor."""
+    x = _real(t)
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    lo, hi = torch.aminmax(x)
+    amax = max(float(hi), -float(lo))
+    if amax == 0 or not math.isfinite(amax):  # 0, inf, or NaN (max() above keeps a NaN of hi)
+        return torch.tensor(amax if not math.isnan(float(lo)) else math.nan, dtype=torch.float64)
+    e = math.frexp(amax)[1]
+    y = x.to(torch.promote_types(x.dtype, torch.float32))
+    # 2**-e as one factor where float32 holds it, else two
+    y = y * 2.0**-e if abs(e) <= 120 else y * 2.0 ** -(e // 2) * 2.0 ** -(e - e // 2)
+    v = y.reshape(-1)
+    return torch.tensor(math.sqrt(float(torch.dot(v, v))) * 2.0**e, dtype=torch.float64)
+
+
 def tensor_norms(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
     """The L2 norm of each tensor, 0-d, in ``dtype`` (default: float32, float64 for a float64
     tensor), finite and accurate for every finite tensor whose norm ``dtype`` can hold, in every
@@ -121,7 +142,7 @@ def tensor_norms(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) ->
     for i, (v, n) in enumerate(zip(values, norms)):
         finfo = torch.finfo(n.dtype)
         if not (_safe_low(n.dtype) ** 0.5 <= v <= float(finfo.max) ** 0.5) and v == v:
-            norms[i] = _wide_norms([reals[i]])[0]
+            norms[i] = _host_scaled_norm(reals[i])
     return [n.to(o) for n, o in zip(norms, outs)]
 
 
@@ -141,7 +162,17 @@ def global_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> 
     v = float(sq)  # a CPU scalar: no device to wait for
     if _safe_low(sq.dtype) <= v <= float(torch.finfo(sq.dtype).max) or v != v:
         return sq.sqrt().to(out)
-    return combine_norms(torch.stack(_wide_norms(reals))).to(out)
+    return combine_norms(torch.stack([_host_scaled_norm(t) for t in reals])).to(out)
+
+
+def coefficient_as(coef: Tensor, dtype: torch.dtype) -> Tensor:
+    """``coef`` (>= 0) converted to ``dtype`` without rounding up: a clip coefficient rounded to
+    the nearest bfloat16, or to a subnormal float32 (below 1.2e-38), could otherwise let the
+    clipped norm exceed the radius. A few operations on a small tensor; no host read."""
+    out = coef.to(dtype)
+    if torch.finfo(dtype).eps <= torch.finfo(coef.dtype).eps:
+        return out  # as wide as coef: nothing was rounded
+    return torch.where(out.to(coef.dtype) > coef, torch.nextafter(out, torch.zeros_like(out)), out)
 
 
 def clip_coefficient(norm: Tensor, radius: Tensor) -> Tensor:

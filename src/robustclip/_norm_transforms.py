@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, global_norm, tensor_norms, wide_dtype
+from robustclip._math import clip_coefficient, coefficient_as, global_norm, tensor_norms, wide_dtype
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_finite, check_nonneg
 from robustclip.thresholds import Threshold, as_threshold
@@ -60,7 +60,7 @@ class ClipByGlobalNorm(GradientTransform[ClipByGlobalNormState]):
         norm = global_norm(grads, dtype=wide_dtype(grads[0].device))
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch._foreach_mul_(grads, coefficient_as(coef, grads[0].dtype))
         th = self.threshold.observe(state.threshold, norm.reshape(1))
         reading = norm.to(torch.promote_types(grads[0].dtype, torch.float32))
         return grads, ClipByGlobalNormState(th, reading, radius, (coef < 1).float())
@@ -102,7 +102,7 @@ class ClipByTensorNorm(GradientTransform[ClipByTensorNormState]):
         norms = tensor_norms(grads, dtype=wide_dtype(grads[0].device)) if grads else []
         radii = [self.threshold.value(s) for s in state.thresholds]
         coefs = [clip_coefficient(n, r) for n, r in zip(norms, radii)]
-        torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs, grads)])
+        torch._foreach_mul_(grads, [coefficient_as(c, g.dtype) for c, g in zip(coefs, grads)])
         new = tuple(
             self.threshold.observe(s, n.reshape(1)) for s, n in zip(state.thresholds, norms)
         )
