@@ -49,7 +49,7 @@ from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
 from robustclip.per_sample._engine import accumulate_into, auto_engine
 from robustclip.per_sample._grads import add_into, gradients
-from robustclip.thresholds import Threshold, as_threshold
+from robustclip.thresholds import NoClip, Threshold, as_threshold
 
 __all__ = [
     "Contribution",
@@ -308,30 +308,33 @@ class PerSample(Estimator[PerSampleState]):
         each sample's largest entry), so that ``||g|| = scale * sqrt(group_sq)``. Both are
         combined in float64 here (float32 on MPS).
         """
-        norms = group_sq.to(wide_dtype(group_sq.device)).sqrt()
+        sq = group_sq.to(wide_dtype(group_sq.device))
         if scale is not None:
-            norms = norms * scale.to(norms.dtype)
-        return self.weights_from_norms(norms, radii)
+            return self.weights_from_norms(sq.sqrt() * scale.to(sq.dtype), radii)
+        # a sum of float64 squares overflows only for float64 gradients of norm above 1e154
+        return self._weights(sq.sqrt() if self.per_layer else sq.sum(0, keepdim=True).sqrt(), radii)
 
     def weights_from_norms(self, norms: Tensor, radii: Tensor | None) -> Tensor:
-        """Weights (G or 1, b) from per-group norms (G, b), computed in float64 (float32 on MPS).
+        """Weights (G or 1, b) from per-group norms (G, b), computed in float64 (float32 on MPS),
+        the flat norm over the groups without squaring them into an overflow."""
+        norms = norms.to(wide_dtype(norms.device))
+        return self._weights(norms if self.per_layer else combine_norms(norms, 0, keepdim=True), radii)
+
+    def _weights(self, norm: Tensor, radii: Tensor | None) -> Tensor:
+        """The rule applied to wide norms, (G, b) per layer, else (1, b).
 
         An infinite norm whose weight would depend on it gets a NaN weight: either the sample's
         gradient is not finite (its weighted sum is non-finite whatever the weight), or an engine
         let a finite gradient's squared norm overflow, and then the true weight is unknown.
         Weight 0 would drop that sample without a word; NaN makes the clipper skip the step and
         say so."""
-        norms = norms.to(wide_dtype(norms.device))
         if self.rule == "normalize":
-            norm = combine_norms(norms, 0, keepdim=True)
-            denom = norm + self.gamma
-            w = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
-            return torch.where(torch.isinf(norm), torch.nan, w)
+            denom = norm.nan_to_num(nan=math.nan, posinf=math.nan) + self.gamma
+            return torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)  # NaN stays NaN
         assert radii is not None
-        norm = norms if self.per_layer else combine_norms(norms, 0, keepdim=True)
-        radii = radii.to(norm.device)
-        w = clip_coefficient(norm, radii)
-        return torch.where(torch.isinf(norm) & (norm > radii), torch.nan, w)
+        if isinstance(self.threshold, NoClip):  # weight 1 whatever the norm: nothing unknown
+            return torch.ones_like(norm[:1])
+        return clip_coefficient(norm.nan_to_num(nan=math.nan, posinf=math.nan), radii.to(norm.device))
 
     def contribute(
         self,
@@ -357,8 +360,10 @@ class PerSample(Estimator[PerSampleState]):
             return w if grad_dtype is None else coefficient_as(w, grad_dtype).to(w.dtype)
 
         group_norms = accumulate_into(engine, losses, weight_fn, out)
-        flat = combine_norms(group_norms, 0).to(group_norms.dtype)
-        w = self.weights_from_norms(group_norms, radii)
+        wide = group_norms.to(wide_dtype(group_norms.device))
+        flat_wide = combine_norms(wide, 0, keepdim=True)
+        flat = flat_wide.reshape(-1).to(group_norms.dtype)
+        w = self._weights(wide if self.per_layer else flat_wide, radii)
         clipped = (w < 1).any(0).float()
         if self.rule == "clip":
             ths = self._group_thresholds(layout)
