@@ -335,6 +335,22 @@ def test_mean_backward_does_not_overflow_float16_where_a_mean_loss_backward_does
     clipper.close()
 
 
+def test_mean_with_bfloat16_parameters_scales_by_the_exact_count():
+    """257 is not a bfloat16 number (256 or 258): scaling the mean gradient by a rounded count
+    would bias every step by 0.4%."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 8).to(torch.bfloat16)
+    x = torch.rand(257, 64).to(torch.bfloat16)
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.0), rc.mean())
+    clipper.backward(model(x).float().sum(1))
+    clipper.step()
+    ref = x.double().mean(0).expand(8, 64)  # d/dW of sum_j (W x + b)_j, averaged over samples
+    got = model.weight.grad.double()
+    ratio = float((got * ref).sum() / (ref * ref).sum())
+    assert abs(ratio - 1) < 1e-3, ratio
+    clipper.close()
+
+
 def test_mean_in_float32_matches_the_sum_within_rounding():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))

@@ -134,6 +134,14 @@ class Estimator(Generic[S]):
         return cast(S, state_from_plain(template, data))
 
 
+def _holds_integer(dtype: torch.dtype, n: int) -> bool:
+    """Whether ``dtype`` represents the integer ``n > 0`` exactly (its odd part fits the mantissa)."""
+    info = torch.finfo(dtype)
+    odd = n >> ((n & -n).bit_length() - 1)
+    # eps = 2**-m for m stored mantissa bits (frexp gives exponent 1 - m); m + 1 significant bits
+    return n <= info.max and odd.bit_length() <= 2 - math.frexp(info.eps)[1]
+
+
 class Mean(Estimator[tuple[()]]):
     """The mini-batch mean gradient: plain SGD, the baseline."""
 
@@ -158,7 +166,10 @@ class Mean(Estimator[tuple[()]]):
         # is then B times the mean gradient, scaled in the same pass that adds it.
         count = losses.shape[0]
         g, owned = gradients(losses.mean(), layout.params, layout.direct_backward, out)
-        coef = None if count == 1 else torch.full((), count, dtype=g[0].dtype, device=g[0].device)
+        dtype = g[0].dtype
+        if not _holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
+            dtype = torch.promote_types(dtype, torch.float32)
+        coef = None if count == 1 else torch.full((), count, dtype=dtype, device=g[0].device)
         add_into(out, g, layout.params, coef, owned=owned)
         return Contribution(count), state
 
