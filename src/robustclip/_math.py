@@ -119,8 +119,10 @@ def _host_scaled_norm(t: Tensor) -> Tensor:
     y = x.to(torch.promote_types(x.dtype, torch.float32))
     # 2**-e as one factor where float32 holds it, else two
     y = y * 2.0**-e if abs(e) <= 120 else y * 2.0 ** -(e // 2) * 2.0 ** -(e - e // 2)
-    v = y.reshape(-1)
-    return torch.tensor(math.sqrt(float(torch.dot(v, v))) * 2.0**e, dtype=torch.float64)
+    # sum_of_squares' own kernel rule: BLAS dot only where rounding may differ (not under
+    # deterministic algorithms or plain_kernels, so DDP replicas still agree)
+    ssq = float(_kernels.sum_of_squares([y]))
+    return torch.tensor(math.sqrt(ssq) * 2.0**e, dtype=torch.float64)
 
 
 def tensor_norms(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
