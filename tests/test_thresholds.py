@@ -126,7 +126,8 @@ class Oracle:
         self.kind, self.kw, self.calls = kind, kw, []
 
     def observe(self, values):
-        vals = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1) if math.isfinite(v)]
+        # zero and non-finite values are not observations (robustclip.thresholds' docstring)
+        vals = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1) if math.isfinite(v) and v > 0]
         if vals:
             self.calls.append(vals)
 

@@ -14,6 +14,10 @@ estimator              contribution of one micro-batch k           count
 ``micro_batch_clip(c)``  min(1, c/||gbar_k||) gbar_k                1
 =====================  ==========================================  =========
 
+``mean()`` computes its sum as ``B_k`` times the gradient of the mean loss: the backward pass
+then carries the same values a plain mean-loss backward does (the sum's would be ``B_k`` times
+larger in every activation and overflow float16 first).
+
 References: PS-Clip-SGD and micro-batch clipping, Nobile & Grohs, arXiv:2605.02701;
 per-sample normalization ("automatic clipping"), Bu et al., arXiv:2206.07136.
 
@@ -33,13 +37,19 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, global_norm
+from robustclip._math import (
+    clip_coefficient,
+    coefficient_as,
+    combine_norms,
+    global_norm,
+    wide_dtype,
+)
 from robustclip._transform import state_from_plain, state_to_plain
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
 from robustclip.per_sample._engine import accumulate_into, auto_engine
 from robustclip.per_sample._grads import add_into, gradients
-from robustclip.thresholds import Threshold, as_threshold
+from robustclip.thresholds import NoClip, Threshold, as_threshold
 
 __all__ = [
     "Contribution",
@@ -124,6 +134,14 @@ class Estimator(Generic[S]):
         return cast(S, state_from_plain(template, data))
 
 
+def _holds_integer(dtype: torch.dtype, n: int) -> bool:
+    """Whether ``dtype`` represents the integer ``n > 0`` exactly (its odd part fits the mantissa)."""
+    info = torch.finfo(dtype)
+    odd = n >> ((n & -n).bit_length() - 1)
+    # eps = 2**-m for m stored mantissa bits (frexp gives exponent 1 - m); m + 1 significant bits
+    return n <= info.max and odd.bit_length() <= 2 - math.frexp(info.eps)[1]
+
+
 class Mean(Estimator[tuple[()]]):
     """The mini-batch mean gradient: plain SGD, the baseline."""
 
@@ -139,11 +157,20 @@ class Mean(Estimator[tuple[()]]):
         out: list[Tensor | None],
     ) -> tuple[Contribution, tuple[()]]:
         if losses.dim() == 0:
-            total, count = losses, 1
-        else:
-            total, count = losses.sum(), losses.shape[0]
-        g, owned = gradients(total, layout.params, layout.direct_backward, out)
-        add_into(out, g, layout.params, owned=owned)
+            g, owned = gradients(losses, layout.params, layout.direct_backward, out)
+            add_into(out, g, layout.params, owned=owned)
+            return Contribution(1), state
+        # The backward pass runs on the mean loss, as a plain mean-loss backward does: the sum's
+        # backward carries B times larger gradients through every activation, which overflows
+        # float16 (autocast, GradScaler) where the mean's does not. The sum the contract asks for
+        # is then B times the mean gradient, scaled in the same pass that adds it.
+        count = losses.shape[0]
+        g, owned = gradients(losses.mean(), layout.params, layout.direct_backward, out)
+        dtype = g[0].dtype
+        if not _holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
+            dtype = torch.promote_types(dtype, torch.float32)
+        coef = None if count == 1 else torch.full((), count, dtype=dtype, device=g[0].device)
+        add_into(out, g, layout.params, coef, owned=owned)
         return Contribution(count), state
 
     def __repr__(self) -> str:
@@ -180,12 +207,13 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
     ) -> tuple[Contribution, MicroBatchClipState]:
         mean_loss = losses if losses.dim() == 0 else losses.mean()
         g, owned = gradients(mean_loss, layout.params, layout.direct_backward, out)
-        norm = global_norm(g)
+        # the coefficient from a norm that does not overflow even above the float32 maximum
+        norm = global_norm(g, dtype=wide_dtype(g[0].device))
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
-        add_into(out, g, layout.params, coef.to(g[0].dtype), owned=owned)
-        norm1 = norm.reshape(1)
+        add_into(out, g, layout.params, coefficient_as(coef, g[0].dtype), owned=owned)
+        norm1 = norm.to(torch.promote_types(g[0].dtype, torch.float32)).reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
         return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)
 
@@ -278,18 +306,46 @@ class PerSample(Estimator[PerSampleState]):
 
     def _radii(self, state: PerSampleState, layout: ParamLayout) -> Tensor:
         ths = self._group_thresholds(layout)
-        return torch.stack([t.value(s) for t, s in zip(ths, state.thresholds)]).reshape(-1, 1).double()
+        radii = torch.stack([t.value(s) for t, s in zip(ths, state.thresholds)]).reshape(-1, 1)
+        return radii.to(wide_dtype(radii.device))
 
-    def weights(self, group_sq: Tensor, radii: Tensor | None) -> Tensor:
-        """Weights (G or 1, b) from squared per-group norms (G, b)."""
+    def weights(self, group_sq: Tensor, radii: Tensor | None, scale: Tensor | None = None) -> Tensor:
+        """Weights (G or 1, b) from the squared per-group norms (G, b) an engine reports.
+
+        The engine's side of the contract: for every finite gradient ``group_sq`` is finite and
+        accurate, which float32 squares are not above 1.8e19 or below 1e-19. An engine either
+        reports float64 squared norms (exact for float32, bfloat16 and float16 gradients), or
+        the squared norms of its gradients divided by ``scale`` (broadcastable to (G, b), e.g.
+        each sample's largest entry), so that ``||g|| = scale * sqrt(group_sq)``. Both are
+        combined in float64 here (float32 on MPS).
+        """
+        sq = group_sq.to(wide_dtype(group_sq.device))
+        if scale is not None:
+            return self.weights_from_norms(sq.sqrt() * scale.to(sq.dtype), radii)
+        # a sum of float64 squares overflows only for float64 gradients of norm above 1e154
+        return self._weights(sq.sqrt() if self.per_layer else sq.sum(0, keepdim=True).sqrt(), radii)
+
+    def weights_from_norms(self, norms: Tensor, radii: Tensor | None) -> Tensor:
+        """Weights (G or 1, b) from per-group norms (G, b), computed in float64 (float32 on MPS),
+        the flat norm over the groups without squaring them into an overflow."""
+        norms = norms.to(wide_dtype(norms.device))
+        return self._weights(norms if self.per_layer else combine_norms(norms, 0, keepdim=True), radii)
+
+    def _weights(self, norm: Tensor, radii: Tensor | None) -> Tensor:
+        """The rule applied to wide norms, (G, b) per layer, else (1, b).
+
+        An infinite norm whose weight would depend on it gets a NaN weight: either the sample's
+        gradient is not finite (its weighted sum is non-finite whatever the weight), or an engine
+        let a finite gradient's squared norm overflow, and then the true weight is unknown.
+        Weight 0 would drop that sample without a word; NaN makes the clipper skip the step and
+        say so."""
         if self.rule == "normalize":
-            norm = group_sq.sum(0, keepdim=True).sqrt()
-            denom = norm + self.gamma
-            return torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+            denom = norm.nan_to_num(nan=math.nan, posinf=math.nan) + self.gamma
+            return torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)  # NaN stays NaN
         assert radii is not None
-        if self.per_layer:
-            return clip_coefficient(group_sq.sqrt(), radii.to(group_sq.device))
-        return clip_coefficient(group_sq.sum(0, keepdim=True).sqrt(), radii.to(group_sq.device))
+        if isinstance(self.threshold, NoClip):  # weight 1 whatever the norm: nothing unknown
+            return torch.ones_like(norm[:1])
+        return clip_coefficient(norm.nan_to_num(nan=math.nan, posinf=math.nan), radii.to(norm.device))
 
     def contribute(
         self,
@@ -304,9 +360,21 @@ class PerSample(Estimator[PerSampleState]):
         forms them, the others a chunk of samples at a time."""
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.rule == "normalize" else self._radii(state, layout)
-        group_norms = accumulate_into(engine, losses, lambda sq: self.weights(sq, radii), out)
-        flat = group_norms.pow(2).sum(0).sqrt()
-        w = self.weights(group_norms.pow(2), radii)
+
+        dtypes = {p.dtype for p in layout.params}
+        grad_dtype = dtypes.pop() if len(dtypes) == 1 else None
+
+        def weight_fn(sq: Tensor, scale: Tensor | None = None) -> Tensor:
+            w = self.weights(sq, radii, scale)
+            # rounded toward zero into the gradients' dtype, so the engine's cast never rounds a
+            # weight up and a clipped contribution never exceeds its radius
+            return w if grad_dtype is None else coefficient_as(w, grad_dtype).to(w.dtype)
+
+        group_norms = accumulate_into(engine, losses, weight_fn, out)
+        wide = group_norms.to(wide_dtype(group_norms.device))
+        flat_wide = combine_norms(wide, 0, keepdim=True)
+        flat = flat_wide.reshape(-1).to(group_norms.dtype)
+        w = self._weights(wide if self.per_layer else flat_wide, radii)
         clipped = (w < 1).any(0).float()
         if self.rule == "clip":
             ths = self._group_thresholds(layout)

@@ -248,7 +248,12 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     ``dot`` and 2.5e-5 for ``vector_norm``). So large contiguous CPU tensors of the result's
     dtype use ``dot`` and the rest one ``_foreach_norm``. BLAS may round differently with the
     memory alignment of its input, so deterministic mode and :func:`plain_kernels` (DDP
-    replicas) use ``_foreach_norm`` for everything."""
+    replicas) use ``_foreach_norm`` for everything.
+
+    The squares are float32 for float32 tensors: the sum overflows to ``inf`` above a norm of
+    1.8e19 and loses squares below 1e-19. This is the fast path of
+    :func:`robustclip._math.global_norm`, which keeps the result only inside that range and
+    otherwise recomputes the norm safely."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype.to_real())

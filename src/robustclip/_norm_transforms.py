@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, global_norm
+from robustclip._math import clip_coefficient, coefficient_as, global_norm, tensor_norms, wide_dtype
 from robustclip._transform import GradientTransform, StepContext
-from robustclip._validate import check_nonneg
+from robustclip._validate import check_finite, check_nonneg
 from robustclip.thresholds import Threshold, as_threshold
 
 __all__ = ["clip_by_global_norm", "clip_by_tensor_norm", "normalize", "l0l1_warmup"]
@@ -56,12 +56,14 @@ class ClipByGlobalNorm(GradientTransform[ClipByGlobalNormState]):
     def update(
         self, grads: Grads, state: ClipByGlobalNormState, ctx: StepContext
     ) -> tuple[Grads, ClipByGlobalNormState]:
-        norm = global_norm(grads)
+        # the coefficient from a norm that does not overflow even above the float32 maximum
+        norm = global_norm(grads, dtype=wide_dtype(grads[0].device))
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch._foreach_mul_(grads, coefficient_as(coef, grads[0].dtype))
         th = self.threshold.observe(state.threshold, norm.reshape(1))
-        return grads, ClipByGlobalNormState(th, norm, radius, (coef < 1).float())
+        reading = norm.to(torch.promote_types(grads[0].dtype, torch.float32))
+        return grads, ClipByGlobalNormState(th, reading, radius, (coef < 1).float())
 
     def readings(self, state: ClipByGlobalNormState) -> dict[str, Any]:
         return {"norm": state.norm, "radius": state.radius, "clipped": state.clipped}
@@ -95,10 +97,12 @@ class ClipByTensorNorm(GradientTransform[ClipByTensorNormState]):
     def update(
         self, grads: Grads, state: ClipByTensorNormState, ctx: StepContext
     ) -> tuple[Grads, ClipByTensorNormState]:
-        norms = torch._foreach_norm(grads, 2.0)
+        # norms that neither overflow nor underflow, whatever the gradient's dtype: a tensor
+        # whose gradient is 0 (an unused parameter) keeps coefficient 1 and is not observed
+        norms = tensor_norms(grads, dtype=wide_dtype(grads[0].device)) if grads else []
         radii = [self.threshold.value(s) for s in state.thresholds]
-        coefs = [clip_coefficient(n.to(torch.promote_types(n.dtype, torch.float32)), r) for n, r in zip(norms, radii)]
-        torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs, grads)])
+        coefs = [clip_coefficient(n, r) for n, r in zip(norms, radii)]
+        torch._foreach_mul_(grads, [coefficient_as(c, g.dtype) for c, g in zip(coefs, grads)])
         new = tuple(
             self.threshold.observe(s, n.reshape(1)) for s, n in zip(state.thresholds, norms)
         )
@@ -130,11 +134,11 @@ class Normalize(GradientTransform[NormalizeState]):
         return NormalizeState(torch.zeros((), device=dev))
 
     def update(self, grads: Grads, state: NormalizeState, ctx: StepContext) -> tuple[Grads, NormalizeState]:
-        norm = global_norm(grads)
+        norm = global_norm(grads, dtype=wide_dtype(grads[0].device))
         # where(), not a host-side test: safe at g = 0 without a sync.
         inv = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
         torch._foreach_mul_(grads, inv.to(grads[0].dtype))
-        return grads, NormalizeState(norm)
+        return grads, NormalizeState(norm.to(torch.promote_types(grads[0].dtype, torch.float32)))
 
     def __repr__(self) -> str:
         return "normalize()"
@@ -160,7 +164,9 @@ class L0L1Warmup(GradientTransform[WarmupState]):
         self.l1 = check_nonneg(l1, "l1")
         if self.l0 == 0 and self.l1 == 0:
             raise ValueError("l0 and l1 are both 0: the step 1/(L0 + L1 (f - f*)) is undefined.")
-        self.f_star = float(f_star)
+        self.f_star = check_finite(
+            f_star, "f_star", "the optimal loss value f*, e.g. 0.0 for a model that can fit its data"
+        )
 
     def init(self, params: Sequence[Tensor]) -> WarmupState:
         dev = params[0].device if len(params) else None

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from robustclip._kernels import addmm_
-from robustclip._math import clip_coefficient
+from robustclip._math import clip_coefficient, tensor_norms
 from robustclip._svd import decompose, sketch_columns
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_positive_int
@@ -326,7 +326,7 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         vt = self.vector_threshold
         assert vt is not None and plan.vector_index is not None
         vs = [grads[i] for i in plan.vectors]
-        norms = torch.stack([n.float() for n in torch._foreach_norm(vs, 2.0)])
+        norms = torch.stack(tensor_norms(vs, dtype=torch.float32))  # no overflow above 1.8e19
         finite = torch.isfinite(norms)
         radii = torch.stack([vt.value(ths[i]) for i in plan.vectors]).float()
         coef = clip_coefficient(norms, radii)

@@ -43,12 +43,23 @@ def check_max_norm(value: object, name: str = "max_norm") -> float:
     return value
 
 
+def check_finite(value: object, name: str, what: str) -> float:
+    """``value`` as a float after checking it is a finite real number; ``what`` says what to
+    pass instead (e.g. "the optimal loss value f*, such as 0.0")."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a finite number ({what}), got {type(value).__name__}.")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}; pass {what}.")
+    return v
+
+
 def check_nonneg(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__}.")
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        raise ValueError(f"{name} must be a finite number >= 0 (such as 0.0 or 0.01), got {value}.")
     return value
 
 

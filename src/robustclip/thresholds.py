@@ -18,8 +18,12 @@ bar it is measured against.
 Everything stays on the device, so an adaptive threshold never forces a host-device sync.
 ``observe`` is pure: it returns a new state and never writes into the old one, which is what
 lets the :class:`robustclip.Clipper` roll a threshold back when it skips a non-finite step.
-Non-finite entries of ``values`` are ignored; a call with no finite value leaves the state as it
-was.
+Zero and non-finite entries of ``values`` are ignored, and a call with no positive finite value
+leaves the state as it was: all-zero gradients (a batch whose targets are all ``ignore_index``,
+an unused parameter) say nothing about the size of a gradient, and observing them would drive a
+radius to 0 and the next clip coefficient to 0/0. Positive values below the smallest normal
+float32 (1.2e-38) are observed as that number, and the adaptive radii are floored there too, so
+no radius is ever 0.
 
 What a rule does with a *vector* of values (the per-sample norms of a micro-batch):
 
@@ -100,15 +104,20 @@ def _check_scale(value: object, name: str = "scale") -> float:
 _INF = float("inf")
 
 
+#: the smallest normal float32: the floor of every observed value and adaptive radius
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
 def _flat(values: Tensor) -> tuple[Tensor, Tensor]:
-    """``values`` as a detached 1-D float32 tensor, and its finite mask."""
+    """``values`` as a detached 1-D float32 tensor floored at ``_TINY``, and the mask of the
+    entries to observe: finite and > 0 (see the module docstring)."""
     if not isinstance(values, Tensor):
         raise TypeError(
             f"a threshold observes a tensor of values, got {type(values).__name__}; pass e.g. "
             "norm.reshape(1)."
         )
     v = values.detach().reshape(-1).float()
-    return v, torch.isfinite(v)
+    return v.clamp(min=_TINY), torch.isfinite(v) & (v > 0)
 
 
 def _moments(v: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,7 +239,7 @@ class EMA:
     def value(self, state: EMAState) -> Tensor:
         t = state.steps.float()
         correction = (1.0 - torch.pow(torch.full_like(t, self.beta), t)).clamp(min=1e-30)
-        return torch.where(state.steps > 0, self.scale * state.ema / correction, _INF)
+        return torch.where(state.steps > 0, (self.scale * state.ema / correction).clamp(min=_TINY), _INF)
 
     def observe(self, state: EMAState, values: Tensor) -> EMAState:
         v, ok = _flat(values)
@@ -364,7 +373,7 @@ class AutoClip:
         b = torch.searchsorted(cum, k.reshape(1), right=True).reshape(()).clamp(max=self.bins - 1)
         approx = torch.exp(self._log_low + (b.double() + 0.5) * self._log_width).float()
         quant = torch.where(n <= self.capacity, exact, approx)
-        return torch.where(n > 0, self.scale * quant, _INF)
+        return torch.where(n > 0, (self.scale * quant).clamp(min=_TINY), _INF)
 
     def observe(self, state: AutoClipState, values: Tensor) -> AutoClipState:
         v, ok = _flat(values)
@@ -436,7 +445,7 @@ class ZClip:
         return state.mean + self.z * state.var.clamp(min=0).sqrt()
 
     def value(self, state: ZClipState) -> Tensor:
-        return torch.where(state.steps >= self.warmup, self._radius(state), _INF)
+        return torch.where(state.steps >= self.warmup, self._radius(state).clamp(min=_TINY), _INF)
 
     def observe(self, state: ZClipState, values: Tensor) -> ZClipState:
         v, ok = _flat(values)

@@ -24,10 +24,12 @@ class LoopEngine(PerSampleEngine):
                 losses[i], params, retain_graph=True, allow_unused=True
             )
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            sq = [g.detach().to(acc_dtype(g.dtype)).pow(2).sum().reshape(1) for g in grads]
+            # float64 squares: float32 ones overflow above norm 1.8e19 and underflow below 1e-19
+            wide = torch.float64 if losses.device.type != "mps" else torch.float32
+            sq = [g.detach().to(wide).pow(2).sum().reshape(1) for g in grads]
             gsq = self.group_sq_norms(sq)  # (G, 1)
             w = weight_fn(gsq)
             for o, g, wp in zip(out, grads, expand_weights(w, self.layout.group_of)):
                 o.add_(g * wp[0].to(g.dtype))
-            norms.append(gsq.sqrt())
+            norms.append(gsq.sqrt().to(acc_dtype(grads[0].dtype)))
         return torch.cat(norms, dim=1)
