@@ -1,4 +1,4 @@
-"""accelerate with robustclip on the synthetic heavy-tailed problem (robustclip.data), with
+"""accelerate with robustclip on the synthetic heavy-tailed problem (robustclip.experiments.data), with
 gradient accumulation. CPU, well under a minute; also runs under ``accelerate launch``.
 
     python examples/accelerate_synthetic.py                   # PS-Clip-SGD
@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 import robustclip as rc  # robustclip
-from robustclip.data import synthetic_classification
+from robustclip.experiments.data import synthetic_classification
 
 
 def main() -> None:

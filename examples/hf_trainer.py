@@ -18,7 +18,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 import robustclip as rc  # robustclip
-from robustclip.data import CharCorpus, stdlib_corpus
+from robustclip.experiments.data import CharCorpus, stdlib_corpus
 from robustclip.integrations.transformers import RobustClipTrainer  # robustclip
 
 METHODS = {

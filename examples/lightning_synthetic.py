@@ -1,4 +1,4 @@
-"""Lightning with robustclip on the synthetic heavy-tailed problem (robustclip.data): per-sample
+"""Lightning with robustclip on the synthetic heavy-tailed problem (robustclip.experiments.data): per-sample
 clipping through the RobustClipModule mixin, or a batch-level method through the callback alone.
 CPU, well under a minute.
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustclip as rc  # robustclip
-from robustclip.data import synthetic_classification
+from robustclip.experiments.data import synthetic_classification
 from robustclip.integrations.lightning import RobustClipCallback, RobustClipModule  # robustclip
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustclip import convert_batchnorm_to_groupnorm
-from robustclip.models import MLP, AlexNet, CharGPT, ResNet18, SmallCNN, sequence_losses
+from robustclip.experiments.models import MLP, AlexNet, CharGPT, ResNet18, SmallCNN, sequence_losses
 
 Batch = dict[str, Tensor]
 
@@ -360,7 +360,7 @@ def _rnn(name: str, kind: str, **kw: Any) -> Entry:
     )
 
 
-# robustclip.models ----------------------------------------------------------------------------------------
+# robustclip.experiments.models ----------------------------------------------------------------------------------------
 
 
 def _image_batch(b: int, side: int, classes: int) -> Callable[[], Batch]:
