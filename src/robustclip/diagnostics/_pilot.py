@@ -1,0 +1,286 @@
+"""The pilot: candidate methods race on the user's own problem, by successive halving.
+
+A statistic says which clipping a problem *could* need; only training says which one wins. The
+pilot trains every candidate (a method and a radius) from the same initialisation, on the same
+data order and the same random stream (paired arms), and ranks them by the same metric.
+
+Why successive halving (Jamieson & Talwalkar, arXiv:1502.07943; Li et al., Hyperband,
+arXiv:1603.06560) with ``eta = 3``: with a handful of arms and a fixed budget, it spends a
+third of the arms' steps on all candidates and the rest on the best third, so the arms that
+matter are compared over a horizon about three times longer than an even split would give,
+and an arm that diverges or stalls is dropped after its first rung. The horizon matters: a
+race that is too short favours whatever makes the fastest early progress (large radii, no
+clipping), which is not what wins a long run. A rung's score is the arm's mean training loss
+over the last third of the rung (or the user's metric at the rung's end), and as every arm
+sees the same batches at the same step, the comparison is paired: the batches' own noise
+cancels in the difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import robustclip as rc
+
+__all__ = ["Candidate", "Arm", "PilotTrainer", "successive_halving", "METHODS"]
+
+#: the methods the pilot knows, in the order ties are broken
+METHODS = ("none", "per_sample_clip", "clip_by_global_norm", "spectral_clip")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One arm of the pilot: a method and its radius.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        radius: the clipping radius (``c`` or ``tau``); ``None`` for ``"none"``.
+        quantile: the quantile of the observed statistic the radius was read from.
+    """
+
+    method: str
+    radius: float | None = None
+    quantile: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.radius is None:
+            return self.method
+        return f"{self.method}({self.radius:.3g})"
+
+    def snippet(self) -> str:
+        """A line of robustclip code that applies this candidate."""
+        if self.method == "none":
+            return "rc.Clipper(model, opt, rc.mean())  # or plain loss.mean().backward(); opt.step()"
+        return f"rc.Clipper(model, opt, rc.{self.method}({self.radius:.4g}))"
+
+    def build(self, noise: Any | None, engine: str) -> Any:
+        """The robustclip method of this candidate; ``noise`` (a batch-level transform, e.g. a
+        synthetic problem's injected gradient noise) acts on the gradient before the method's
+        own transforms. The baseline records per-sample norms (a ``per_sample_clip(None)``,
+        which is the mean gradient) so that its run doubles as the statistics run."""
+        if self.method == "none":
+            est: Any = rc.per_sample_clip(None, engine=engine)
+            post: list[Any] = []
+        elif self.method == "per_sample_clip":
+            est, post = rc.per_sample_clip(self.radius, engine=engine), []
+        elif self.method == "clip_by_global_norm":
+            est, post = rc.mean(), [rc.clip_by_global_norm(self.radius)]
+        elif self.method == "spectral_clip":
+            est, post = rc.mean(), [rc.spectral_clip(self.radius)]
+        else:
+            raise ValueError(f"unknown pilot method {self.method!r}; choose one of {list(METHODS)}.")
+        pieces = [est, *([noise] if noise is not None else []), *post]
+        return rc.chain(*pieces)
+
+
+@dataclass
+class Arm:
+    """A candidate's training run inside the pilot, resumable between rungs."""
+
+    candidate: Candidate
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    clipper: Any
+    rng_state: Tensor
+    batches: Iterator[Any] | None = None
+    epoch: int = 0
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    scores: list[float] = field(default_factory=list)
+    eliminated_at: int | None = None
+    diverged: bool = False
+
+
+class PilotTrainer:
+    """Trains arms a few steps at a time, deterministically given ``seed``.
+
+    Every arm starts from the same parameters (``model_fn()`` under ``torch.manual_seed(seed)``,
+    or a deep copy of the given module) and the same global RNG state; each arm keeps its own
+    RNG state between rungs, and a new pass over the loader starts after seeding the global RNG
+    from ``(seed, epoch)``, so a shuffling ``DataLoader`` gives every arm the same batches.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module] | nn.Module,
+        loss_fn: LossFn,
+        loader: Iterable[Any],
+        optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        *,
+        seed: int,
+        device: torch.device,
+        noise_fn: Callable[[], Any] | None,
+        engine: str,
+    ) -> None:
+        self.model_fn = model_fn
+        self.loss_fn = loss_fn
+        self.loader = loader
+        self.optimizer_fn = optimizer_fn
+        self.seed = int(seed)
+        self.device = device
+        self.noise_fn = noise_fn
+        self.engine = engine
+        self._template = copy.deepcopy(model_fn) if isinstance(model_fn, nn.Module) else None
+
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        if self._template is not None:
+            return copy.deepcopy(self._template).to(self.device)
+        m = self.model_fn()  # type: ignore[operator]
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                f"model_fn() must return a torch.nn.Module, got {type(m).__name__}; pass a "
+                "factory such as lambda: MyNet() or the module itself (it is deep-copied)."
+            )
+        return m.to(self.device)
+
+    def new_arm(self, cand: Candidate) -> Arm:
+        model = self.new_model()
+        opt = self.optimizer_fn(model.parameters())
+        noise = self.noise_fn() if self.noise_fn is not None else None
+        clipper = rc.Clipper(model, opt, cand.build(noise, self.engine))
+        gen = torch.Generator().manual_seed(self.seed)
+        return Arm(cand, model, opt, clipper, gen.get_state())
+
+    def _next_batch(self, arm: Arm) -> Any:
+        for _ in range(2):
+            if arm.batches is None:
+                torch.manual_seed(hash((self.seed, arm.epoch)) & 0x7FFF_FFFF)
+                arm.batches = iter(self.loader)
+            try:
+                return next(arm.batches)
+            except StopIteration:
+                arm.batches = None
+                arm.epoch += 1
+        raise ValueError("the loader yielded no batch; pass a loader over a non-empty data set.")
+
+    def train(self, arm: Arm, steps: int, on_step: Callable[[Arm, Any], None] | None = None) -> None:
+        """Run ``steps`` more optimizer steps of ``arm`` (stops early once it diverged)."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(arm.rng_state)
+        try:
+            for _ in range(steps):
+                if arm.diverged:
+                    break
+                batch = self._next_batch(arm)
+                x, y = batch[0].to(self.device), batch[1].to(self.device)
+                arm.model.train()
+                arm.clipper.backward(self.loss_fn(arm.model(x), y))
+                info = arm.clipper.step()
+                if on_step is not None:
+                    on_step(arm, info)
+                loss = float(info.loss) if info.loss is not None else math.nan
+                arm.steps += 1
+                if info.skipped or not math.isfinite(loss):
+                    arm.skipped += 1
+                    arm.losses.append(math.nan)
+                    # more than a quarter of the steps skipped for non-finite values: diverged
+                    if arm.skipped > max(2, arm.steps // 4):
+                        arm.diverged = True
+                else:
+                    arm.losses.append(loss)
+        finally:
+            arm.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def close(self, arm: Arm) -> None:
+        arm.clipper.close()
+
+
+def rung_score(arm: Arm, start: int, metric_fn: Callable[[nn.Module], float] | None) -> float:
+    """The arm's score for the rung that began at step ``start`` (lower is better)."""
+    if arm.diverged:
+        return math.inf
+    if metric_fn is not None:
+        was = arm.model.training
+        arm.model.eval()
+        try:
+            with torch.no_grad():
+                v = float(metric_fn(arm.model))
+        finally:
+            arm.model.train(was)
+        return v if math.isfinite(v) else math.inf
+    window = np.asarray(arm.losses[start:], dtype=np.float64)
+    window = window[len(window) - max(1, len(window) // 3) :]
+    if window.size == 0 or not np.all(np.isfinite(window)):
+        return math.inf
+    return float(window.mean())
+
+
+def rung_lengths(n_arms: int, budget_steps: int, eta: int = 3) -> list[tuple[int, int]]:
+    """``[(arms, cumulative steps per arm), ...]`` for successive halving within the budget.
+
+    Rung k runs ``ceil(n / eta^k)`` arms up to ``s0 * eta^k`` steps each (arms continue, they
+    do not restart), until one arm is left; ``s0`` is the largest that keeps the total within
+    ``budget_steps``.
+    """
+    arms = [n_arms]
+    while arms[-1] > 1:
+        arms.append(max(1, math.ceil(arms[-1] / eta)))
+    # cost = s0 * sum_k arms_k * (eta^k - eta^(k-1)), the first rung counted in full
+    units = arms[0] + sum(a * (eta**k - eta ** (k - 1)) for k, a in enumerate(arms) if k > 0 and a > 0)
+    last = len(arms) - 1 if arms[-1] == 1 and len(arms) > 1 else len(arms)
+    # the final single arm needs no extra rung: it already won the previous one
+    if last < len(arms):
+        units -= arms[-1] * (eta**last - eta ** (last - 1))
+        arms = arms[:last]
+    s0 = max(1, budget_steps // max(units, 1))
+    return [(a, s0 * eta**k) for k, a in enumerate(arms)]
+
+
+def successive_halving(
+    trainer: PilotTrainer,
+    arms: Sequence[Arm],
+    plan: Sequence[tuple[int, int]],
+    *,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+) -> list[Arm]:
+    """Race ``arms`` over the rungs of ``plan`` (:func:`rung_lengths`); returns them best first.
+
+    Survivors of the last rung come first, by their last score, then the arms eliminated at
+    later rungs before those eliminated earlier. An arm that has already trained some steps (the
+    statistics run) continues from there.
+    """
+    alive = list(arms)
+    prev_end = 0
+    for k, (n_run, end) in enumerate(plan):
+        alive = alive[:n_run]
+        for arm in alive:
+            if arm.steps < end:
+                trainer.train(arm, end - arm.steps)
+            arm.scores.append(rung_score(arm, prev_end, metric_fn))
+        # scores equal to 1e-6 (an arm whose clipping never bites trains exactly as the
+        # baseline) keep the earlier, simpler arm ahead
+        order = sorted(range(len(alive)), key=lambda i: (_tie(alive[i].scores[-1]), i))
+        alive = [alive[i] for i in order]
+        keep = plan[k + 1][0] if k + 1 < len(plan) else len(alive)
+        for arm in alive[keep:]:
+            arm.eliminated_at = k
+        prev_end = end
+
+    index = {id(a): i for i, a in enumerate(arms)}
+
+    def rank(a: Arm) -> tuple[int, float, int]:
+        rung = len(plan) if a.eliminated_at is None else a.eliminated_at
+        return (-rung, _tie(a.scores[-1]) if a.scores else math.inf, index[id(a)])
+
+    return sorted(arms, key=rank)
+
+
+def _tie(score: float) -> float:
+    """``score`` rounded to 6 significant digits, so that float noise does not break ties."""
+    if not math.isfinite(score) or score == 0:
+        return score
+    return float(f"{score:.6g}")
