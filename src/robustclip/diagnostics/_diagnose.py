@@ -49,8 +49,14 @@ __all__ = ["diagnose", "Diagnosis", "RADIUS_QUANTILES"]
 RADIUS_QUANTILES = (0.1, 0.5, 0.9)
 #: how many clipping methods race beside the baseline
 RACED_METHODS = 2
-#: share of the pilot budget (after the rho passes) the statistics may spend on probes
+#: probes of the statistics run (start, middle, end: the (L0, L1) fit needs 3 points)
 PROBES = 3
+#: most of the budget the probes may take (a smaller budget shrinks the probe set)
+PROBE_SHARE = 0.1
+#: most of the budget the rho passes over the training set may take
+RHO_SHARE = 0.1
+#: share of the remaining training steps spent on the statistics run (the arms' common trunk)
+STATS_SHARE = 0.25
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -71,7 +77,8 @@ class Diagnosis:
             the streamed rho).
         evidence: method -> the statistic's reading of it (why it was raced or not).
         candidates: the arms raced, best first, each with its scores per rung and loss curve.
-        rungs: ``[(arms, cumulative steps per arm), ...]`` of the race.
+        rungs: ``[(arms, cumulative steps per arm), ...]`` of the race, counted from the branch.
+        trunk_losses: the statistics run's per-step losses (the arms branch at its end).
         pilot_steps: training-step equivalents spent (arms' steps, probes and rho passes).
         pilot_cost_frac: ``pilot_steps / planned_steps``.
         warnings: things a user must know before using the numbers (e.g. which (L0, L1)).
@@ -86,12 +93,15 @@ class Diagnosis:
     evidence: dict[str, str]
     candidates: list[dict[str, Any]]
     rungs: list[tuple[int, int]]
+    trunk_losses: list[float]
     pilot_steps: float
     pilot_cost_frac: float
     planned_steps: int
     budget: float
     seed: int
     warnings: list[str] = field(default_factory=list)
+    #: the statistics run's :class:`Diagnostics` (per-step readings, probes), saved beside
+    tracker: Diagnostics | None = field(default=None, repr=False)
 
     @property
     def headline(self) -> str:
@@ -112,6 +122,7 @@ class Diagnosis:
             "statistics": self.statistics,
             "candidates": self.candidates,
             "rungs": [list(r) for r in self.rungs],
+            "trunk_losses": self.trunk_losses,
             "pilot_steps": self.pilot_steps,
             "pilot_cost_frac": self.pilot_cost_frac,
             "planned_steps": self.planned_steps,
@@ -121,10 +132,15 @@ class Diagnosis:
         }
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
-        """Write ``verdict.json``, ``report.md`` and (with matplotlib) ``pilot.png``."""
+        """Write ``verdict.json``, ``report.md`` and (with matplotlib) ``pilot.png``, and the
+        statistics run's files (:meth:`Diagnostics.save`) into ``statistics/``."""
         from robustclip.diagnostics._report import write_diagnosis
 
-        return write_diagnosis(self, Path(out_dir), plots=plots)
+        paths = write_diagnosis(self, Path(out_dir), plots=plots)
+        if self.tracker is not None:
+            stats = self.tracker.save(Path(out_dir) / "statistics", plots=plots)
+            paths.update({f"statistics/{k}": v for k, v in stats.items()})
+        return paths
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -210,8 +226,12 @@ def _evidence(summary: dict[str, Any], batch_norms: np.ndarray) -> tuple[dict[st
         scores["per_sample_clip"] = min(1.0, spread / 20.0)
         a = "n/a" if alpha is None else f"{alpha:.2f}"
         why["per_sample_clip"] = f"α̂ = {a} (not heavy-tailed); per-sample norm q0.99/q0.5 = {spread:.3g}"
-    layers = summary.get("layers") or {}
-    ratios = summary.get("spike_ratios") or {}
+    # spectral clipping acts on matrices with at least 2 rows and 2 columns; on a (1, n) or
+    # (n, 1) gradient it is norm clipping, and its top share is 1 by construction
+    shapes = summary.get("layer_shapes") or {}
+    matrix = {n for n, sh in shapes.items() if min(sh) >= 2}
+    layers = {n: v for n, v in (summary.get("layers") or {}).items() if n in matrix}
+    ratios = {n: r for n, r in (summary.get("spike_ratios") or {}).items() if n in matrix}
     spiky = [n for n, r in ratios.items() if r >= SPIKE_RATIO and (layers.get(n, {}).get("top_share_mean") or 0) >= LOW_RANK_SHARE]
     worst = max(ratios.values()) if ratios else None
     if spiky:
@@ -219,9 +239,10 @@ def _evidence(summary: dict[str, Any], batch_norms: np.ndarray) -> tuple[dict[st
         why["spectral_clip"] = f"σ_max spikes up to {worst:.3g}x its recent median in {len(spiky)} low-rank layer(s)"
     else:
         share = np.mean([d["top_share_mean"] for d in layers.values() if d.get("top_share_mean") is not None]) if layers else 0.0
-        scores["spectral_clip"] = 0.5 * float(share)
+        scores["spectral_clip"] = 0.5 * float(share) if layers else 0.0
         why["spectral_clip"] = (
-            f"no low-rank σ_max spikes (largest ratio {worst:.3g})" if worst is not None else "no matrix gradients seen"
+            f"no low-rank σ_max spikes (largest ratio {worst:.3g})" if worst is not None
+            else "no gradient matrix with 2 or more rows and columns"
         )
     bn = batch_norms[np.isfinite(batch_norms)]
     b_ratio = spike_ratio(bn.tolist()) if bn.size >= 4 else None
@@ -277,6 +298,7 @@ def diagnose(
     seed: int = 0,
     device: torch.device | str | None = None,
     engine: str = "auto",
+    extrapolate: bool = True,
     out: str | Path | None = None,
     plots: bool = True,
 ) -> Diagnosis:
@@ -318,6 +340,8 @@ def diagnose(
         seed: seed of the initialisation, data order, sketches and the race.
         device: where to train (default: the model's device, else CPU).
         engine: per-sample engine (``"auto"``, ``"hooks"``, ``"vmap"``, ``"loop"``).
+        extrapolate: score each rung by its curve carried ahead (Aitken's delta-squared over
+            the rung's thirds, :func:`._pilot.extrapolate`) rather than by its last third.
         out: if given, write ``verdict.json``, ``report.md`` and ``pilot.png`` there.
         plots: write ``pilot.png`` (needs matplotlib).
 
@@ -344,7 +368,7 @@ def diagnose(
     try:
         return _diagnose(
             model_fn, loss_fn, loader, planned_steps, float(budget), optimizer_fn, metric_fn,
-            chosen, noise_fn, probe_size, dataset_size, int(seed), dev, engine, out, plots,
+            chosen, noise_fn, probe_size, dataset_size, int(seed), dev, engine, bool(extrapolate), out, plots,
         )
     finally:
         torch.set_rng_state(rng_outer)
@@ -365,6 +389,7 @@ def _diagnose(
     seed: int,
     dev: torch.device,
     engine: str,
+    extrapolate: bool,
     out: str | Path | None,
     plots: bool,
 ) -> Diagnosis:
@@ -373,45 +398,54 @@ def _diagnose(
     )
     warnings: list[str] = []
     total = budget * planned_steps
-    probe_x, probe_y = _probe_set(loader, probe_size, seed)
-    if probe_x.shape[0] < MIN_TAIL_SAMPLES:
-        raise ValueError(
-            f"the loader gave {probe_x.shape[0]} samples; the diagnosis needs at least "
-            f"{MIN_TAIL_SAMPLES}."
-        )
     batch = _batch_size(next(iter(loader)))
     n_data = dataset_size if dataset_size is not None else len(getattr(loader, "dataset", ()) or ()) or None
     n_batches = math.ceil(n_data / batch) if n_data else None
 
-    # costs in training-step equivalents (a step = forward + backward of one batch): a rho pass
-    # is one pass over the data; a probe is ~4 passes over the probe set (per-sample norms,
-    # per-sample vectors for the tail index, two gradients for the smoothness)
+    # costs in training-step equivalents (a step = forward + backward of one batch). A probe is
+    # about 4 passes over the probe set (per-sample norms, per-sample vectors for the tail
+    # index, two gradients for the smoothness); the probes may take a fifth of the budget, so
+    # a small budget shrinks the probe set (never below MIN_TAIL_SAMPLES).
+    size = min(probe_size, int(PROBE_SHARE * total * batch / (PROBES * 4)))
+    if size < MIN_TAIL_SAMPLES:
+        raise ValueError(
+            f"the budget ({budget:g} x {planned_steps} = {total:.0f} step equivalents) is too small "
+            f"for the statistics: the probes would get {size} samples, the tail index needs "
+            f"{MIN_TAIL_SAMPLES}. Raise budget or planned_steps."
+        )
+    probe_x, probe_y = _probe_set(loader, size, seed)
+    if probe_x.shape[0] < MIN_TAIL_SAMPLES:
+        raise ValueError(
+            f"the loader gave {probe_x.shape[0]} samples; the diagnosis needs at least {MIN_TAIL_SAMPLES}."
+        )
     probe_cost = PROBES * 4 * probe_x.shape[0] / batch
+    # rho: the whole training set at the start and the end of the statistics run if the
+    # budget allows it (a quarter of it), else one pass, else the first batches, corrected
     rho_passes = 2
     rho_batches: int | None = None
-    if n_batches is None or 2 * n_batches > 0.3 * total:
+    if n_batches is None or 2 * n_batches > RHO_SHARE * total:
         rho_passes = 1
-        if n_batches is None or n_batches > 0.3 * total:
-            rho_batches = max(2, int(0.3 * total))
+        if n_batches is None or n_batches > RHO_SHARE * total:
+            rho_batches = max(2, int(RHO_SHARE * total))
             if n_batches is not None:
                 rho_batches = min(rho_batches, n_batches)
     rho_cost = rho_passes * (rho_batches if rho_batches is not None else (n_batches or 0))
-    race_steps = int(total - probe_cost - rho_cost)
+    train_steps = int(total - probe_cost - rho_cost)
     n_methods = len([m for m in chosen if m != "none"])
     n_arms = (1 if "none" in chosen else 0) + 3 * min(RACED_METHODS, n_methods)
-    plan = rung_lengths(n_arms, max(race_steps, 0))
-    stats_steps = plan[0][1]
-    if race_steps < 3 * n_arms:
+    stats_steps = int(STATS_SHARE * train_steps)
+    race_steps = train_steps - stats_steps
+    if stats_steps < 4 or race_steps < 3 * n_arms:
         raise ValueError(
             f"the budget ({budget:g} x {planned_steps} = {total:.0f} step equivalents) leaves "
-            f"{race_steps} steps for {n_arms} pilot arms after the statistics (probes {probe_cost:.0f}, "
-            f"rho {rho_cost:.0f}); raise budget or planned_steps, or lower probe_size."
+            f"{train_steps} training steps for the statistics run and {n_arms} pilot arms after "
+            f"the probes ({probe_cost:.0f}) and rho ({rho_cost:.0f}); raise budget or planned_steps."
         )
 
-    # 1. statistics along the baseline's run (it is also the baseline arm of the race)
-    base = trainer.new_arm(Candidate("none"))
+    # 1. statistics along the baseline's run, the trunk every arm branches from
+    trunk = trainer.new_arm(Candidate("none"), observe_norms=True)
     diag = Diagnostics(
-        base.model, loss_fn, (probe_x, probe_y), batch_size=batch, engine=engine,
+        trunk.model, loss_fn, (probe_x, probe_y), batch_size=batch, engine=engine,
         spectrum_every=max(1, stats_steps // 50), sketch_dim=256, seed=seed,
     )
     batch_norms: list[Tensor] = []
@@ -421,73 +455,46 @@ def _diagnose(
         if info.grad_norm is not None and not info.skipped:
             batch_norms.append(info.grad_norm.detach().reshape(1))
 
-    def probe() -> None:
-        eng = base.clipper.engine
+    def detached(fn: Callable[[], Any]) -> Any:
+        # the clipper's per-sample engine watches every forward of the model; take it off
+        # while the probes run their own passes
+        eng = trunk.clipper.engine
         if eng is not None:
             eng.detach()
         try:
-            diag.probe()
+            return fn()
         finally:
             if eng is not None:
                 eng.attach()
 
     def rho_now() -> tuple[StrongGrowth | None, int]:
-        eng = base.clipper.engine
-        if eng is not None:
-            eng.detach()
         try:
-            return _stream_rho(base.model, loss_fn, loader, engine, rho_batches)
+            return detached(lambda: _stream_rho(trunk.model, loss_fn, loader, engine, rho_batches))
         except ValueError as e:
             warnings.append(f"rho: {e}")
             return None, 0
-        finally:
-            if eng is not None:
-                eng.attach()
 
     rhos: list[tuple[int, StrongGrowth | None, int]] = []
-    probe()
+    detached(diag.probe)
     if rho_passes == 2:
         rhos.append((0, *rho_now()))
     half = stats_steps // 2
-    trainer.train(base, half, on_step)
-    probe()
-    trainer.train(base, stats_steps - half, on_step)
-    probe()
-    rhos.append((base.steps, *rho_now()))
+    trainer.train(trunk, half, on_step)
+    detached(diag.probe)
+    trainer.train(trunk, stats_steps - half, on_step)
+    detached(diag.probe)
+    rhos.append((trunk.steps, *rho_now()))
     summary = diag.summary()
+    summary["layer_shapes"] = {
+        n: [p.shape[0], p[0].numel()] for n, p in trunk.model.named_parameters() if p.dim() >= 2
+    }
     summary["spike_ratios"] = {
         name: r for name, hist in diag.sigma_max_history().items()
         if (r := spike_ratio([v for _, v in hist])) is not None
     }
-    rho_vals = [(s, sg, n) for s, sg, n in rhos if sg is not None]
-    rho_hat = max((sg.rho for _, sg, _ in rho_vals), default=None)
-    correction = None
-    if rho_batches is not None and rho_vals:
-        # a partial pass: the subset's mean gradient carries its own noise; remove its expected
-        # share, E||gbar_n||^2 = ||gbar||^2 + (m - ||gbar||^2)(N - n)/(n (N - 1))
-        s, sg, n = rho_vals[-1]
-        big_n = n_data or math.inf
-        c = (big_n - n) / (n * (big_n - 1)) if math.isfinite(big_n) else 1.0 / n
-        g_hat = (sg.grad_sq_norm - c * sg.mean_sq_norm) / (1 - c) if c < 1 else 0.0
-        rho_hat = sg.mean_sq_norm / g_hat if g_hat > 0 else math.inf
-        correction = {"samples": n, "dataset_size": n_data, "uncorrected": sg.rho, "corrected": rho_hat}
-        warnings.append(
-            f"rho-hat was read from the first {n} samples only (the budget allows no full pass) and "
-            f"corrected for the subset's own noise: {sg.rho:.4g} -> {rho_hat:.4g}."
-        )
-    summary["rho_probe_subset"] = summary.pop("rho")
-    summary["rho"] = rho_hat
-    summary["rho_history"] = [
-        {"step": s, "rho": sg.rho, "samples": n} for s, sg, n in rho_vals
-    ]
-    summary["rho_source"] = "whole training set" if rho_batches is None else "subset, corrected"
-    if correction is not None:
-        summary["rho_correction"] = correction
-    summary["recommended_batch_size"] = math.ceil(rho_hat - 1e-9) if rho_hat is not None and math.isfinite(rho_hat) else None
+    summary.update(_rho_summary(rhos, rho_batches, n_data, warnings))
     bn = torch.cat(batch_norms).double().cpu().numpy() if batch_norms else np.zeros(0)
-    summary["batch_grad_norms"] = {
-        f"q{q:g}": float(np.quantile(bn, q)) for q in (0.1, 0.5, 0.9)
-    } if bn.size else {}
+    summary["batch_grad_norms"] = {f"q{q:g}": float(np.quantile(bn, q)) for q in (0.1, 0.5, 0.9)} if bn.size else {}
     if summary.get("l1") is not None:
         warnings.append(
             "The (L0, L1) fit l0, l1 is gradient-norm smoothness, ‖∇²f‖ ≤ L0 + L1‖∇f‖ (Zhang et al., "
@@ -496,49 +503,49 @@ def _diagnose(
             "with f* = 0), never l0, l1."
         )
 
-    # 2. candidates
+    # 2. candidates: the two best-supported clipping methods, 3 radii each, and the baseline
     scores, why = _evidence(summary, bn)
     clip_methods = sorted(
         (m for m in chosen if m != "none"), key=lambda m: (-scores[m], METHODS.index(m))
     )[:RACED_METHODS]
+    if len(clip_methods) > 1 and scores[clip_methods[0]] >= 2.0 and scores[clip_methods[1]] < 1.0:
+        # decisive statistics: race the one supported method (and the baseline) for longer
+        why[clip_methods[1]] += "; not raced: the statistics clearly favour " + clip_methods[0]
+        clip_methods = clip_methods[:1]
     norms_hist = diag.per_sample_norm_history()
     ps = np.concatenate(norms_hist) if norms_hist else np.zeros(0)
-    sig = np.asarray([v for h in diag.sigma_max_history().values() for _, v in h], dtype=np.float64)
+    eligible = {n for n, sh in summary["layer_shapes"].items() if min(sh) >= 2}
+    sig = np.asarray(
+        [v for n, h in diag.sigma_max_history().items() if n in eligible for _, v in h], dtype=np.float64
+    )
     source = {"per_sample_clip": ps, "clip_by_global_norm": bn, "spectral_clip": sig}
     all_radii = {m: _quantiles(v) for m, v in source.items()}
     summary["radii"] = all_radii
-    cands: list[Candidate] = []
+    cands: list[Candidate] = [Candidate("none")] if "none" in chosen else []
     for m in clip_methods:
         radii = all_radii[m]
         if radii is None:
             why[m] += "; too few readings to set radii, not raced"
             continue
         cands += [Candidate(m, r, q) for r, q in zip(radii, RADIUS_QUANTILES)]
-    diag_spent = probe_cost + rho_cost
-
-    # 3. the race (the baseline continues from its statistics run)
-    arms: list[Arm] = ([base] if "none" in chosen else []) + [trainer.new_arm(c) for c in cands]
-    if not arms:
+    if not cands:
         raise ValueError(
             f"no candidate could be raced: {'; '.join(why[m] for m in clip_methods)}. Include "
             "'none' in methods or give the statistics run more steps (a larger budget)."
         )
-    if "none" not in chosen:
-        trainer.close(base)
-        # its steps are spent; the race budget shrinks accordingly
-        race_steps -= base.steps
-    if "none" in chosen:
-        # the baseline's first rung is its statistics run: every arm's first rung has that length
-        plan = [(a, stats_steps * 3**k) for k, (a, _) in enumerate(rung_lengths(len(arms), race_steps))]
-    else:
-        plan = rung_lengths(len(arms), max(race_steps, 3 * len(arms)))
-    ranked = successive_halving(trainer, arms, plan, metric_fn=metric_fn)
-    spent = sum(a.steps for a in arms) + diag_spent + (0 if "none" in chosen else base.steps)
+
+    # 3. the race: every arm branches from the trunk (same weights, optimizer state, RNG state
+    # and, from a fresh pass, the same batches) and successive halving ranks them
+    arms = [trainer.branch(trunk, c) for c in cands]
+    trainer.close(trunk)
+    plan = rung_lengths(len(arms), race_steps)
+    ranked = successive_halving(trainer, arms, plan, metric_fn=metric_fn, extrapolate_curve=extrapolate)
     for a in arms:
         trainer.close(a)
+    spent = trunk.steps + sum(a.steps for a in arms) + probe_cost + rho_cost
 
     best = ranked[0]
-    conf, reason = _confidence(ranked, plan, scores, metric_fn is not None)
+    conf, reason = _confidence(ranked, plan, metric_fn is not None)
     favoured = max(scores, key=lambda m: scores[m])
     if scores[favoured] < 2.0:
         favoured = "none"
@@ -554,6 +561,7 @@ def _diagnose(
             "quantile": a.candidate.quantile,
             "label": a.candidate.label,
             "scores": a.scores,
+            "readings": a.readings,
             "steps": a.steps,
             "eliminated_at_rung": a.eliminated_at,
             "diverged": a.diverged,
@@ -571,21 +579,49 @@ def _diagnose(
         evidence=why,
         candidates=cand_records,
         rungs=plan,
+        trunk_losses=trunk.losses,
         pilot_steps=float(spent),
         pilot_cost_frac=float(spent) / planned_steps,
         planned_steps=planned_steps,
         budget=budget,
         seed=seed,
         warnings=warnings,
+        tracker=diag,
     )
     if out is not None:
         result.save(out, plots=plots)
     return result
 
 
-def _confidence(
-    ranked: list[Arm], plan: list[tuple[int, int]], scores: dict[str, float], has_metric: bool
-) -> tuple[str, str]:
+def _rho_summary(
+    rhos: list[tuple[int, StrongGrowth | None, int]], rho_batches: int | None, n_data: int | None,
+    warnings: list[str],
+) -> dict[str, Any]:
+    vals = [(s, sg, n) for s, sg, n in rhos if sg is not None]
+    out: dict[str, Any] = {"rho_probe_subset": None}
+    rho_hat = max((sg.rho for _, sg, _ in vals), default=None)
+    if rho_batches is not None and vals:
+        # a partial pass: the subset's mean gradient carries its own noise; remove its expected
+        # share, E||gbar_n||^2 = ||gbar||^2 + (m - ||gbar||^2)(N - n)/(n (N - 1))
+        _, sg, n = vals[-1]
+        c = (n_data - n) / (n * (n_data - 1)) if n_data else 1.0 / n
+        g_hat = (sg.grad_sq_norm - c * sg.mean_sq_norm) / (1 - c) if c < 1 else 0.0
+        rho_hat = sg.mean_sq_norm / g_hat if g_hat > 0 else math.inf
+        out["rho_correction"] = {"samples": n, "dataset_size": n_data, "uncorrected": sg.rho, "corrected": rho_hat}
+        warnings.append(
+            f"rho-hat was read from the first {n} samples only (the budget allows no full pass) and "
+            f"corrected for the subset's own noise: {sg.rho:.4g} -> {rho_hat:.4g}."
+        )
+    out["rho"] = rho_hat
+    out["rho_history"] = [{"step": s, "rho": sg.rho, "samples": n} for s, sg, n in vals]
+    out["rho_source"] = "whole training set" if rho_batches is None else "first batches, corrected"
+    out["recommended_batch_size"] = (
+        math.ceil(rho_hat - 1e-9) if rho_hat is not None and math.isfinite(rho_hat) else None
+    )
+    return out
+
+
+def _confidence(ranked: list[Arm], plan: list[tuple[int, int]], has_metric: bool) -> tuple[str, str]:
     if len(ranked) < 2:
         return "low", "Only one candidate was raced, so nothing was compared."
     best, second = ranked[0], ranked[1]

@@ -14,6 +14,13 @@ clipping), which is not what wins a long run. A rung's score is the arm's mean t
 over the last third of the rung (or the user's metric at the rung's end), and as every arm
 sees the same batches at the same step, the comparison is paired: the batches' own noise
 cancels in the difference.
+
+Two choices fight the short horizon. The arms branch from a common trunk (the statistics run)
+instead of starting at the initialisation, and before each rung the survivors restart from the
+leader's weights and optimizer state (the exploit step of population-based training,
+Jaderberg et al., arXiv:1711.09846). So each rung compares the methods from the best point
+reached so far: later rungs measure what the methods do nearer the end of training, where the
+gradient noise that clipping acts on, rather than the early transient, decides the loss.
 """
 
 from __future__ import annotations
@@ -64,13 +71,13 @@ class Candidate:
             return "rc.Clipper(model, opt, rc.mean())  # or plain loss.mean().backward(); opt.step()"
         return f"rc.Clipper(model, opt, rc.{self.method}({self.radius:.4g}))"
 
-    def build(self, noise: Any | None, engine: str) -> Any:
+    def build(self, noise: Any | None, engine: str, observe_norms: bool = False) -> Any:
         """The robustclip method of this candidate; ``noise`` (a batch-level transform, e.g. a
         synthetic problem's injected gradient noise) acts on the gradient before the method's
-        own transforms. The baseline records per-sample norms (a ``per_sample_clip(None)``,
-        which is the mean gradient) so that its run doubles as the statistics run."""
+        own transforms. ``observe_norms`` makes the baseline compute the mean gradient the
+        per-sample way (``per_sample_clip(None)``), so that its steps report every norm."""
         if self.method == "none":
-            est: Any = rc.per_sample_clip(None, engine=engine)
+            est: Any = rc.per_sample_clip(None, engine=engine) if observe_norms else rc.mean()
             post: list[Any] = []
         elif self.method == "per_sample_clip":
             est, post = rc.per_sample_clip(self.radius, engine=engine), []
@@ -99,6 +106,7 @@ class Arm:
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
     scores: list[float] = field(default_factory=list)
+    readings: list[list[float]] = field(default_factory=list)
     eliminated_at: int | None = None
     diverged: bool = False
 
@@ -146,13 +154,24 @@ class PilotTrainer:
             )
         return m.to(self.device)
 
-    def new_arm(self, cand: Candidate) -> Arm:
+    def new_arm(self, cand: Candidate, *, observe_norms: bool = False) -> Arm:
         model = self.new_model()
         opt = self.optimizer_fn(model.parameters())
         noise = self.noise_fn() if self.noise_fn is not None else None
-        clipper = rc.Clipper(model, opt, cand.build(noise, self.engine))
+        clipper = rc.Clipper(model, opt, cand.build(noise, self.engine, observe_norms))
         gen = torch.Generator().manual_seed(self.seed)
         return Arm(cand, model, opt, clipper, gen.get_state())
+
+    def branch(self, trunk: Arm, cand: Candidate) -> Arm:
+        """A new arm for ``cand`` that starts where ``trunk`` stands: its weights, optimizer
+        state and RNG state, and the next pass over the loader (so every branch sees the same
+        batches). Its step count starts at 0."""
+        arm = self.new_arm(cand)
+        arm.model.load_state_dict(trunk.model.state_dict())
+        arm.optimizer.load_state_dict(trunk.optimizer.state_dict())
+        arm.rng_state = trunk.rng_state.clone()
+        arm.epoch = trunk.epoch + 1
+        return arm
 
     def _next_batch(self, arm: Arm) -> Any:
         for _ in range(2):
@@ -199,24 +218,84 @@ class PilotTrainer:
         arm.clipper.close()
 
 
-def rung_score(arm: Arm, start: int, metric_fn: Callable[[nn.Module], float] | None) -> float:
-    """The arm's score for the rung that began at step ``start`` (lower is better)."""
-    if arm.diverged:
+#: readings of the metric per rung (two per third of the rung)
+READINGS = 6
+#: how far ahead a rung's curve may be extrapolated, in thirds of the rung
+LOOKAHEAD = 6
+
+
+def _metric(arm: Arm, metric_fn: Callable[[nn.Module], float]) -> float:
+    was = arm.model.training
+    arm.model.eval()
+    try:
+        with torch.no_grad():
+            v = float(metric_fn(arm.model))
+    finally:
+        arm.model.train(was)
+    return v if math.isfinite(v) else math.inf
+
+
+def run_rung(
+    trainer: PilotTrainer, arm: Arm, end: int, metric_fn: Callable[[nn.Module], float] | None
+) -> list[float]:
+    """Train ``arm`` up to step ``end`` in :data:`READINGS` chunks; the metric after each chunk
+    (the chunk's mean training loss without ``metric_fn``; ``inf`` once diverged)."""
+    start = arm.steps
+    cuts = [start + round((end - start) * (i + 1) / READINGS) for i in range(READINGS)]
+    out: list[float] = []
+    for cut in cuts:
+        before = arm.steps
+        if cut > arm.steps:
+            trainer.train(arm, cut - arm.steps)
+        if arm.diverged:
+            out.append(math.inf)
+        elif metric_fn is not None:
+            out.append(_metric(arm, metric_fn))
+        else:
+            w = np.asarray(arm.losses[before:], dtype=np.float64)
+            out.append(float(w.mean()) if w.size and np.all(np.isfinite(w)) else (out[-1] if out else math.inf))
+    return out
+
+
+def extrapolate(readings: Sequence[float], lookahead: float = LOOKAHEAD) -> float:
+    """The rung's curve carried ``lookahead`` thirds of a rung ahead, by Aitken's delta-squared.
+
+    The readings are averaged per third of the rung, ``M1, M2, M3``, and fitted with the
+    geometric approach ``M_k = m_inf + A x^k`` that a linearly converging method follows (three
+    points, three unknowns): ``x = (M3 - M2)/(M2 - M1)``,
+    ``m_inf = M3 - (M3 - M2) x/(1 - x)``. Only a curve that falls and flattens
+    (``0 < x < 1``) is extrapolated, to ``m_inf + (M3 - m_inf) x^lookahead``; any other
+    (flat, noisy, rising) stays at ``M3``, and the credited gain is at most the descent seen in
+    the rung, ``M1 - M3``. This is the short-horizon correction of the race:
+    an arm that is still descending steadily at the rung's end is credited with the descent it
+    will make, so a slower but less noisy method is not judged by its transient alone.
+    """
+    r = np.asarray(readings, dtype=np.float64)
+    if r.size < 3 or not np.all(np.isfinite(r)):
+        return float(r[-1]) if r.size and math.isfinite(r[-1]) else math.inf
+    m1, m2, m3 = (float(t.mean()) for t in np.array_split(r, 3))
+    d1, d2 = m2 - m1, m3 - m2
+    if not (d1 < 0 and d2 < 0):
+        return m3
+    x = d2 / d1
+    if not 0 < x < 1:
+        return m3
+    m_inf = m3 + d2 * x / (1 - x)
+    # never credit more than the descent already seen within the rung: noise in three
+    # averages can fake a fast approach to a low floor
+    return float(max(m_inf + (m3 - m_inf) * x**lookahead, m3 - (m1 - m3)))
+
+
+def rung_score(readings: Sequence[float], extrapolate_curve: bool) -> float:
+    """An arm's score for a rung from its readings (lower is better): the last third's mean,
+    or with ``extrapolate_curve`` the curve carried ahead (:func:`extrapolate`)."""
+    r = [v for v in readings]
+    if not r or not math.isfinite(r[-1]):
         return math.inf
-    if metric_fn is not None:
-        was = arm.model.training
-        arm.model.eval()
-        try:
-            with torch.no_grad():
-                v = float(metric_fn(arm.model))
-        finally:
-            arm.model.train(was)
-        return v if math.isfinite(v) else math.inf
-    window = np.asarray(arm.losses[start:], dtype=np.float64)
-    window = window[len(window) - max(1, len(window) // 3) :]
-    if window.size == 0 or not np.all(np.isfinite(window)):
-        return math.inf
-    return float(window.mean())
+    if extrapolate_curve:
+        return extrapolate(r)
+    last = np.asarray(r[len(r) - max(1, len(r) // 3) :], dtype=np.float64)
+    return float(last.mean())
 
 
 def rung_lengths(n_arms: int, budget_steps: int, eta: int = 3) -> list[tuple[int, int]]:
@@ -246,8 +325,15 @@ def successive_halving(
     plan: Sequence[tuple[int, int]],
     *,
     metric_fn: Callable[[nn.Module], float] | None = None,
+    exploit: bool = True,
+    extrapolate_curve: bool = True,
 ) -> list[Arm]:
     """Race ``arms`` over the rungs of ``plan`` (:func:`rung_lengths`); returns them best first.
+
+    With ``exploit`` every survivor restarts the next rung from the leader's weights, optimizer
+    state and RNG state (the exploit step of population-based training, Jaderberg et al.,
+    arXiv:1711.09846), on a fresh pass over the loader: later rungs compare the methods from
+    the best point reached so far, nearer the end of training.
 
     Survivors of the last rung come first, by their last score, then the arms eliminated at
     later rungs before those eliminated earlier. An arm that has already trained some steps (the
@@ -258,9 +344,9 @@ def successive_halving(
     for k, (n_run, end) in enumerate(plan):
         alive = alive[:n_run]
         for arm in alive:
-            if arm.steps < end:
-                trainer.train(arm, end - arm.steps)
-            arm.scores.append(rung_score(arm, prev_end, metric_fn))
+            readings = run_rung(trainer, arm, end, metric_fn)
+            arm.readings.append(readings)
+            arm.scores.append(rung_score(readings, extrapolate_curve))
         # scores equal to 1e-6 (an arm whose clipping never bites trains exactly as the
         # baseline) keep the earlier, simpler arm ahead
         order = sorted(range(len(alive)), key=lambda i: (_tie(alive[i].scores[-1]), i))
@@ -268,6 +354,8 @@ def successive_halving(
         keep = plan[k + 1][0] if k + 1 < len(plan) else len(alive)
         for arm in alive[keep:]:
             arm.eliminated_at = k
+        if exploit and k + 1 < len(plan):
+            _restart_from_leader(alive[:keep])
         prev_end = end
 
     index = {id(a): i for i, a in enumerate(arms)}
@@ -277,6 +365,21 @@ def successive_halving(
         return (-rung, _tie(a.scores[-1]) if a.scores else math.inf, index[id(a)])
 
     return sorted(arms, key=rank)
+
+
+def _restart_from_leader(alive: Sequence[Arm]) -> None:
+    leader = alive[0]
+    model_state = copy.deepcopy(leader.model.state_dict())
+    opt_state = copy.deepcopy(leader.optimizer.state_dict())
+    epoch = max(a.epoch for a in alive) + 1
+    for arm in alive:
+        if arm is not leader:
+            arm.model.load_state_dict(model_state)
+            arm.optimizer.load_state_dict(opt_state)
+            arm.rng_state = leader.rng_state.clone()
+        arm.batches = None
+        arm.epoch = epoch
+    leader.rng_state = leader.rng_state.clone()
 
 
 def _tie(score: float) -> float:

@@ -323,21 +323,27 @@ def _pilot_plot(d: Diagnosis, path: Path) -> Path:
             "the pilot plot needs matplotlib: pip install 'robustclip[experiments]', or pass plots=False."
         ) from e
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
-    longest = max((len(c["losses"]) for c in d.candidates), default=1)
-    width = max(1, longest // 30)
+    trunk = np.asarray(d.trunk_losses, dtype=np.float64)
+    s0 = trunk.size
+    longest = max([s0] + [s0 + len(c["losses"]) for c in d.candidates])
+    width = max(1, longest // 40)
+    if s0:
+        ax.plot(np.arange(1, s0 + 1), _smooth(trunk, width), color="black", lw=1.2, label="statistics run (no clipping)")
     cmap = plt.get_cmap("tab10")
     for i, c in enumerate(d.candidates):
         y = _smooth(np.asarray(c["losses"], dtype=np.float64), width)
         style = "-" if c["eliminated_at_rung"] is None else "--"
         lw = 2.2 if i == 0 else 1.0
         tag = " (verdict)" if i == 0 else (" (diverged)" if c["diverged"] else "")
-        ax.plot(np.arange(1, y.size + 1), y, style, lw=lw, color=cmap(i % 10), label=c["label"] + tag)
+        ax.plot(s0 + np.arange(1, y.size + 1), y, style, lw=lw, color=cmap(i % 10), label=c["label"] + tag)
+    ax.axvline(s0, color="black", ls=":", lw=0.8)
     for _, end in d.rungs[:-1]:
-        ax.axvline(end, color="gray", ls=":", lw=0.8)
+        ax.axvline(s0 + end, color="gray", ls=":", lw=0.8)
     finite = [v for c in d.candidates for v in c["losses"] if v is not None and math.isfinite(v) and v > 0]
+    finite += [v for v in d.trunk_losses if math.isfinite(v) and v > 0]
     if finite and max(finite) > 20 * min(finite):
         ax.set_yscale("log")
-    ax.set_xlabel("pilot step (dotted: rung ends; dashed: eliminated)")
+    ax.set_xlabel("step (dotted: branch point and rung ends; dashed: eliminated)")
     ax.set_ylabel(f"training loss (trailing mean over {width} steps)")
     ax.set_title(f"Pilot race: {d.headline}")
     ax.legend(fontsize=7, ncol=2)
@@ -356,7 +362,9 @@ def _diagnosis_markdown(d: Diagnosis, plot: bool) -> str:
     lines += ["## The pilot", ""]
     rungs = ", ".join(f"{a} arms to step {e}" for a, e in d.rungs)
     lines += [
-        f"Successive halving (eta = 3) on your problem: {rungs}. Cost: {d.pilot_steps:.0f} training-step "
+        f"A statistics run without clipping ({len(d.trunk_losses)} steps), then every candidate branches "
+        f"from its end and they race by successive halving (eta = 3): {rungs}. Cost, probes and "
+        f"rho passes included: {d.pilot_steps:.0f} training-step "
         f"equivalents = {d.pilot_cost_frac:.1%} of the {d.planned_steps} planned steps (budget "
         f"{d.budget:.0%}), seed {d.seed}.",
         "",
