@@ -49,6 +49,9 @@ __all__ = ["diagnose", "Diagnosis", "RADIUS_QUANTILES"]
 RADIUS_QUANTILES = (0.1, 0.5, 0.9)
 #: how many clipping methods race beside the baseline
 RACED_METHODS = 2
+#: probe samples from which the statistics may narrow the race to one method (the tail index
+#: of a smaller probe spreads too much: about +-0.3 at 40 samples)
+DECISIVE_PROBE = 128
 #: probes of the statistics run (start, middle, end: the (L0, L1) fit needs 3 points)
 PROBES = 3
 #: most of the budget the probes may take (a smaller budget shrinks the probe set)
@@ -508,7 +511,8 @@ def _diagnose(
     clip_methods = sorted(
         (m for m in chosen if m != "none"), key=lambda m: (-scores[m], METHODS.index(m))
     )[:RACED_METHODS]
-    if len(clip_methods) > 1 and scores[clip_methods[0]] >= 2.0 and scores[clip_methods[1]] < 1.0:
+    decisive = probe_x.shape[0] >= DECISIVE_PROBE
+    if decisive and len(clip_methods) > 1 and scores[clip_methods[0]] >= 2.0 and scores[clip_methods[1]] < 1.0:
         # decisive statistics: race the one supported method (and the baseline) for longer
         why[clip_methods[1]] += "; not raced: the statistics clearly favour " + clip_methods[0]
         clip_methods = clip_methods[:1]

@@ -218,6 +218,8 @@ class PilotTrainer:
         arm.clipper.close()
 
 
+#: relative margin by which a clipping arm must beat the baseline to be the verdict
+BASELINE_TIE = 0.01
 #: readings of the metric per rung (two per third of the rung)
 READINGS = 6
 #: how far ahead a rung's curve may be extrapolated, in thirds of the rung
@@ -266,24 +268,28 @@ def extrapolate(readings: Sequence[float], lookahead: float = LOOKAHEAD) -> floa
     ``m_inf = M3 - (M3 - M2) x/(1 - x)``. Only a curve that falls and flattens
     (``0 < x < 1``) is extrapolated, to ``m_inf + (M3 - m_inf) x^lookahead``; any other
     (flat, noisy, rising) stays at ``M3``, and the credited gain is at most the descent seen in
-    the rung, ``M1 - M3``. This is the short-horizon correction of the race:
+    the rung, ``M1 - M3``. A positive metric is fitted in log space (the floor stays positive).
+    This is the short-horizon correction of the race:
     an arm that is still descending steadily at the rung's end is credited with the descent it
     will make, so a slower but less noisy method is not judged by its transient alone.
     """
     r = np.asarray(readings, dtype=np.float64)
     if r.size < 3 or not np.all(np.isfinite(r)):
         return float(r[-1]) if r.size and math.isfinite(r[-1]) else math.inf
-    m1, m2, m3 = (float(t.mean()) for t in np.array_split(r, 3))
+    # a positive metric (a loss, an error) is extrapolated in log space, so that the
+    # prediction stays positive and a curve that halves per third reads as steady
+    log = bool(np.all(r > 0))
+    t = np.log(r) if log else r
+    m1, m2, m3 = (float(c.mean()) for c in np.array_split(t, 3))
     d1, d2 = m2 - m1, m3 - m2
-    if not (d1 < 0 and d2 < 0):
-        return m3
-    x = d2 / d1
-    if not 0 < x < 1:
-        return m3
-    m_inf = m3 + d2 * x / (1 - x)
-    # never credit more than the descent already seen within the rung: noise in three
-    # averages can fake a fast approach to a low floor
-    return float(max(m_inf + (m3 - m_inf) * x**lookahead, m3 - (m1 - m3)))
+    pred = m3
+    if d1 < 0 and d2 < 0 and 0 < d2 / d1 < 1:
+        x = d2 / d1
+        m_inf = m3 + d2 * x / (1 - x)
+        # never credit more than the descent already seen within the rung: noise in three
+        # averages can fake a fast approach to a low floor
+        pred = max(m_inf + (m3 - m_inf) * x**lookahead, m3 - (m1 - m3))
+    return float(math.exp(pred)) if log else float(pred)
 
 
 def rung_score(readings: Sequence[float], extrapolate_curve: bool) -> float:
@@ -364,7 +370,17 @@ def successive_halving(
         rung = len(plan) if a.eliminated_at is None else a.eliminated_at
         return (-rung, _tie(a.scores[-1]) if a.scores else math.inf, index[id(a)])
 
-    return sorted(arms, key=rank)
+    ranked = sorted(arms, key=rank)
+    # Occam: no clipping unless clipping is measurably better. A baseline in the final rung
+    # within BASELINE_TIE of the best score is the verdict.
+    best = ranked[0].scores[-1] if ranked[0].scores else math.inf
+    for i, a in enumerate(ranked):
+        if a.eliminated_at is None and a.candidate.method == "none" and i > 0 and a.scores:
+            s = a.scores[-1]
+            if math.isfinite(best) and s <= best + BASELINE_TIE * abs(best):
+                ranked.insert(0, ranked.pop(i))
+            break
+    return ranked
 
 
 def _restart_from_leader(alive: Sequence[Arm]) -> None:
