@@ -148,8 +148,8 @@ def _least_squares(name: str, seed: int, correlated: bool) -> Bench:
         mu = torch.randn(d, generator=g)
         x = mu + 0.5 * torch.randn(n, d, generator=g)
     else:
-        # independent features, n < d: rho is of order n, B = 2 << rho
-        n, d, b, lr = 256, 512, 2, 0.001
+        # independent features, n < d: rho is of order n, B = 4 << rho
+        n, d, b, lr = 256, 512, 4, 0.002
         x = torch.randn(n, d, generator=g)
     w = torch.randn(d, 1, generator=g) / math.sqrt(d)
     y = x @ w  # interpolation: a zero-loss solution exists

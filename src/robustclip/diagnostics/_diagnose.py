@@ -47,6 +47,9 @@ __all__ = ["diagnose", "Diagnosis", "RADIUS_QUANTILES"]
 
 #: the quantiles of a clipped quantity's observed distribution that give a method's 3 radii
 RADIUS_QUANTILES = (0.1, 0.5, 0.9)
+#: a one-step jump of a gradient norm or top singular value by this factor over its recent
+#: median, seen along the statistics run, rules out the unclipped baseline as the verdict
+CATASTROPHE_RATIO = 100.0
 #: how many clipping methods race beside the baseline
 RACED_METHODS = 2
 #: probe samples from which the statistics may narrow the race to one method (the tail index
@@ -56,6 +59,8 @@ DECISIVE_PROBE = 128
 PROBES = 3
 #: most of the budget the probes may take (a smaller budget shrinks the probe set)
 PROBE_SHARE = 0.1
+#: ... or up to this share when the batch is small, to reach a usable probe set
+PROBE_SHARE_MAX = 0.3
 #: most of the budget the rho passes over the training set may take
 RHO_SHARE = 0.1
 #: share of the remaining training steps spent on the statistics run (the arms' common trunk)
@@ -410,6 +415,13 @@ def _diagnose(
     # index, two gradients for the smoothness); the probes may take a fifth of the budget, so
     # a small budget shrinks the probe set (never below MIN_TAIL_SAMPLES).
     size = min(probe_size, int(PROBE_SHARE * total * batch / (PROBES * 4)))
+    if size < MIN_TAIL_SAMPLES and MIN_TAIL_SAMPLES * PROBES * 4 / batch <= PROBE_SHARE_MAX * total:
+        # small batches: the smallest usable probe costs more than the usual share; allow it
+        size = MIN_TAIL_SAMPLES
+        warnings.append(
+            f"the probes use the smallest usable probe set ({MIN_TAIL_SAMPLES} samples, "
+            f"{MIN_TAIL_SAMPLES * PROBES * 4 / batch:.0f} step equivalents): the tail index is rough."
+        )
     if size < MIN_TAIL_SAMPLES:
         raise ValueError(
             f"the budget ({budget:g} x {planned_steps} = {total:.0f} step equivalents) is too small "
@@ -548,8 +560,29 @@ def _diagnose(
         trainer.close(a)
     spent = trunk.steps + sum(a.steps for a in arms) + probe_cost + rho_cost
 
+    # a rare catastrophe the statistics run met (the gradient jumping by orders of magnitude
+    # in one step) may not recur within a short race; without clipping, a full run will meet
+    # it again, so the baseline cannot be the verdict then
+    jumps = [r for r in (summary.get("spike_ratios") or {}).values() if r is not None]
+    b_jump = spike_ratio(bn[np.isfinite(bn)].tolist()) if bn.size >= 4 else None
+    worst_jump = max(jumps + ([b_jump] if b_jump is not None else []), default=0.0)
+    overruled = None
+    if worst_jump >= CATASTROPHE_RATIO and ranked[0].candidate.method == "none":
+        clipped = [a for a in ranked if a.candidate.method != "none" and not a.diverged]
+        if clipped:
+            overruled = ranked[0]
+            ranked.remove(clipped[0])
+            ranked.insert(0, clipped[0])
     best = ranked[0]
     conf, reason = _confidence(ranked, plan, metric_fn is not None)
+    if overruled is not None:
+        conf = "medium"
+        reason = (
+            f"The pilot ranked no clipping first, but along the statistics run a gradient jumped to "
+            f"{worst_jump:.3g}x its recent median in one step: a full run without clipping meets "
+            f"such jumps, which a short race may not. The best clipping arm, {best.candidate.label}, "
+            "is the verdict."
+        )
     favoured = max(scores, key=lambda m: scores[m])
     if scores[favoured] < 2.0:
         favoured = "none"

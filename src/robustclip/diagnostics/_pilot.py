@@ -105,6 +105,7 @@ class Arm:
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
+    run_of_skips: int = 0
     scores: list[float] = field(default_factory=list)
     readings: list[list[float]] = field(default_factory=list)
     eliminated_at: int | None = None
@@ -204,11 +205,13 @@ class PilotTrainer:
                 arm.steps += 1
                 if info.skipped or not math.isfinite(loss):
                     arm.skipped += 1
+                    arm.run_of_skips += 1
                     arm.losses.append(math.nan)
-                    # more than a quarter of the steps skipped for non-finite values: diverged
-                    if arm.skipped > max(2, arm.steps // 4):
+                    # a run of non-finite steps, or more than a quarter of all: diverged
+                    if arm.run_of_skips >= 5 or arm.skipped > max(2, arm.steps // 4):
                         arm.diverged = True
                 else:
+                    arm.run_of_skips = 0
                     arm.losses.append(loss)
         finally:
             arm.rng_state = torch.get_rng_state()
