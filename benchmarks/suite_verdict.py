@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if name not in PROBLEMS:
             raise SystemExit(f"unknown problem {name!r}; choose from {sorted(PROBLEMS)}")
         rec = measure(PROBLEMS[name](args.seed), args.seed, args.engine)
-        print({k: rec[k] for k in ("problem", "verdict", "threshold", "winner", "agree", "gap", "pilot_cost_frac")}, flush=True)
+        print({k: rec[k] for k in ("problem", "verdict", "threshold", "winner", "agree", "gap", "pilot_cost_frac", "finals")}, flush=True)
         records.append(rec)
     return records
 

@@ -41,7 +41,12 @@ from robustclip.diagnostics._pilot import (
 )
 from robustclip.diagnostics._tail import MIN_TAIL_SAMPLES
 from robustclip.diagnostics._tracker import Diagnostics
-from robustclip.diagnostics._verdict import HEAVY_TAIL_ALPHA, LOW_RANK_SHARE, SPIKE_RATIO, spike_ratio
+from robustclip.diagnostics._verdict import (
+    HEAVY_TAIL_ALPHA,
+    LOW_RANK_SHARE,
+    SPIKE_RATIO,
+    spike_ratio,
+)
 
 __all__ = ["diagnose", "Diagnosis", "RADIUS_QUANTILES"]
 

@@ -76,15 +76,18 @@ class Candidate:
         synthetic problem's injected gradient noise) acts on the gradient before the method's
         own transforms. ``observe_norms`` makes the baseline compute the mean gradient the
         per-sample way (``per_sample_clip(None)``), so that its steps report every norm."""
+        if self.method != "none" and self.radius is None:
+            raise ValueError(f"candidate {self.method} needs a radius.")
+        radius = float(self.radius) if self.radius is not None else math.inf
         if self.method == "none":
             est: Any = rc.per_sample_clip(None, engine=engine) if observe_norms else rc.mean()
             post: list[Any] = []
         elif self.method == "per_sample_clip":
-            est, post = rc.per_sample_clip(self.radius, engine=engine), []
+            est, post = rc.per_sample_clip(radius, engine=engine), []
         elif self.method == "clip_by_global_norm":
-            est, post = rc.mean(), [rc.clip_by_global_norm(self.radius)]
+            est, post = rc.mean(), [rc.clip_by_global_norm(radius)]
         elif self.method == "spectral_clip":
-            est, post = rc.mean(), [rc.spectral_clip(self.radius)]
+            est, post = rc.mean(), [rc.spectral_clip(radius)]
         else:
             raise ValueError(f"unknown pilot method {self.method!r}; choose one of {list(METHODS)}.")
         pieces = [est, *([noise] if noise is not None else []), *post]
@@ -147,7 +150,8 @@ class PilotTrainer:
         torch.manual_seed(self.seed)
         if self._template is not None:
             return copy.deepcopy(self._template).to(self.device)
-        m = self.model_fn()  # type: ignore[operator]
+        assert callable(self.model_fn)
+        m = self.model_fn()
         if not isinstance(m, nn.Module):
             raise TypeError(
                 f"model_fn() must return a torch.nn.Module, got {type(m).__name__}; pass a "
@@ -349,7 +353,6 @@ def successive_halving(
     statistics run) continues from there.
     """
     alive = list(arms)
-    prev_end = 0
     for k, (n_run, end) in enumerate(plan):
         alive = alive[:n_run]
         for arm in alive:
@@ -365,7 +368,6 @@ def successive_halving(
             arm.eliminated_at = k
         if exploit and k + 1 < len(plan):
             _restart_from_leader(alive[:keep])
-        prev_end = end
 
     index = {id(a): i for i, a in enumerate(arms)}
 
