@@ -144,7 +144,7 @@ def _least_squares(name: str, seed: int, correlated: bool) -> Bench:
     g = torch.Generator().manual_seed(seed)
     if correlated:
         # samples share one direction: per-sample gradients align, rho is small, B = 64 >> rho
-        n, d, b, lr = 256, 512, 64, 0.02
+        n, d, b, lr = 256, 512, 64, 0.003
         mu = torch.randn(d, generator=g)
         x = mu + 0.5 * torch.randn(n, d, generator=g)
     else:

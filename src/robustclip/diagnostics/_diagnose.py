@@ -37,6 +37,7 @@ from robustclip.diagnostics._pilot import (
     Candidate,
     PilotTrainer,
     rung_lengths,
+    staged_race,
     successive_halving,
 )
 from robustclip.diagnostics._tail import MIN_TAIL_SAMPLES
@@ -260,7 +261,12 @@ def _evidence(summary: dict[str, Any], batch_norms: np.ndarray) -> tuple[dict[st
     bn = batch_norms[np.isfinite(batch_norms)]
     b_ratio = spike_ratio(bn.tolist()) if bn.size >= 4 else None
     l0, l1, g = summary.get("l0"), summary.get("l1"), summary.get("grad_norm_median")
-    if l0 is not None and l1 is not None and g is not None and l1 * g > l0:
+    if spiky and worst is not None:
+        # a spike in the aggregated gradient is what batch-level clipping removes, by norm or by
+        # singular value; per-sample clipping acts before the average and cannot
+        scores["clip_by_global_norm"] = 1.5 + min(2.0, math.log10(max(worst, 1.0)))
+        why["clip_by_global_norm"] = f"the aggregated gradient spikes (σ_max up to {worst:.3g}x its recent median)"
+    elif l0 is not None and l1 is not None and g is not None and l1 * g > l0:
         scores["clip_by_global_norm"] = 2.0
         why["clip_by_global_norm"] = f"smoothness grows with the gradient: L1·‖∇f‖ = {l1 * g:.3g} > L0 = {l0:.3g}"
     elif b_ratio is not None and b_ratio >= SPIKE_RATIO:
@@ -312,6 +318,7 @@ def diagnose(
     device: torch.device | str | None = None,
     engine: str = "auto",
     extrapolate: bool = True,
+    pilot: str = "staged",
     out: str | Path | None = None,
     plots: bool = True,
 ) -> Diagnosis:
@@ -353,6 +360,8 @@ def diagnose(
         seed: seed of the initialisation, data order, sketches and the race.
         device: where to train (default: the model's device, else CPU).
         engine: per-sample engine (``"auto"``, ``"hooks"``, ``"vmap"``, ``"loop"``).
+        pilot: ``"staged"`` (method first, then radius; the default) or ``"halving"``
+            (successive halving over all arms, eta = 3); see :mod:`._pilot`.
         extrapolate: score each rung by its curve carried ahead (Aitken's delta-squared over
             the rung's thirds, :func:`._pilot.extrapolate`) rather than by its last third.
         out: if given, write ``verdict.json``, ``report.md`` and ``pilot.png`` there.
@@ -381,7 +390,8 @@ def diagnose(
     try:
         return _diagnose(
             model_fn, loss_fn, loader, planned_steps, float(budget), optimizer_fn, metric_fn,
-            chosen, noise_fn, probe_size, dataset_size, int(seed), dev, engine, bool(extrapolate), out, plots,
+            chosen, noise_fn, probe_size, dataset_size, int(seed), dev, engine, bool(extrapolate), pilot,
+            out, plots,
         )
     finally:
         torch.set_rng_state(rng_outer)
@@ -403,9 +413,12 @@ def _diagnose(
     dev: torch.device,
     engine: str,
     extrapolate: bool,
+    pilot: str,
     out: str | Path | None,
     plots: bool,
 ) -> Diagnosis:
+    if pilot not in ("staged", "halving"):
+        raise ValueError(f"pilot must be 'staged' or 'halving', got {pilot!r}.")
     trainer = PilotTrainer(
         model_fn, loss_fn, loader, optimizer_fn, seed=seed, device=dev, noise_fn=noise_fn, engine=engine
     )
@@ -555,29 +568,45 @@ def _diagnose(
             "'none' in methods or give the statistics run more steps (a larger budget)."
         )
 
-    # 3. the race: every arm branches from the trunk (same weights, optimizer state, RNG state
-    # and, from a fresh pass, the same batches) and successive halving ranks them
-    arms = [trainer.branch(trunk, c) for c in cands]
-    trainer.close(trunk)
-    plan = rung_lengths(len(arms), race_steps)
-    ranked = successive_halving(trainer, arms, plan, metric_fn=metric_fn, extrapolate_curve=extrapolate)
-    for a in arms:
-        trainer.close(a)
-    spent = trunk.steps + sum(a.steps for a in arms) + probe_cost + rho_cost
-
     # a rare catastrophe the statistics run met (the gradient jumping by orders of magnitude
     # in one step) may not recur within a short race; without clipping, a full run will meet
     # it again, so the baseline cannot be the verdict then
     jumps = [r for r in (summary.get("spike_ratios") or {}).values() if r is not None]
     b_jump = spike_ratio(bn[np.isfinite(bn)].tolist()) if bn.size >= 4 else None
     worst_jump = max(jumps + ([b_jump] if b_jump is not None else []), default=0.0)
+    catastrophe = worst_jump >= CATASTROPHE_RATIO
+
+    # 3. the race: every arm branches from the trunk (same weights, optimizer state, RNG state
+    # and, from a fresh pass, the same batches)
+    if pilot == "staged":
+        ranked, plan = staged_race(
+            trainer, trunk, cands, race_steps, metric_fn=metric_fn, extrapolate_curve=extrapolate,
+            forbid_baseline=catastrophe,
+        )
+        arms = list(ranked)
+    else:
+        arms = [trainer.branch(trunk, c) for c in cands]
+        plan = rung_lengths(len(arms), race_steps)
+        ranked = successive_halving(trainer, arms, plan, metric_fn=metric_fn, extrapolate_curve=extrapolate)
+    trainer.close(trunk)
+    for a in arms:
+        trainer.close(a)
+    # steps each arm actually trained (a stage-2 arm's step count starts where it branched)
+    spent = trunk.steps + sum(len(a.losses) - a.padded for a in arms) + probe_cost + rho_cost
     overruled = None
-    if worst_jump >= CATASTROPHE_RATIO and ranked[0].candidate.method == "none":
-        clipped = [a for a in ranked if a.candidate.method != "none" and not a.diverged]
-        if clipped:
-            overruled = ranked[0]
-            ranked.remove(clipped[0])
-            ranked.insert(0, clipped[0])
+    if catastrophe and any(a.candidate.method == "none" for a in ranked):
+        base = next(a for a in ranked if a.candidate.method == "none")
+        lead = ranked[0]
+        if lead is base:
+            clipped = [a for a in ranked if a.candidate.method != "none" and not a.diverged]
+            if clipped:
+                overruled = base
+                ranked.remove(clipped[0])
+                ranked.insert(0, clipped[0])
+        elif pilot == "staged" and base.scores and lead.scores and base.scores[0] <= min(
+            a.scores[0] for a in ranked if a.scores and a.candidate.method != "none"
+        ):
+            overruled = base
     best = ranked[0]
     conf, reason = _confidence(ranked, plan, metric_fn is not None)
     if overruled is not None:

@@ -109,6 +109,7 @@ class Arm:
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
     run_of_skips: int = 0
+    padded: int = 0  # leading NaN losses of a stage-2 arm (steps it inherited, not trained)
     scores: list[float] = field(default_factory=list)
     readings: list[list[float]] = field(default_factory=list)
     eliminated_at: int | None = None
@@ -408,3 +409,75 @@ def _tie(score: float) -> float:
     if not math.isfinite(score) or score == 0:
         return score
     return float(f"{score:.6g}")
+
+
+def staged_race(
+    trainer: PilotTrainer,
+    trunk: Arm,
+    candidates: Sequence[Candidate],
+    budget_steps: int,
+    *,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    extrapolate_curve: bool = True,
+    forbid_baseline: bool = False,
+) -> tuple[list[Arm], list[tuple[int, int]]]:
+    """Method first, then radius: two rungs of equal length within ``budget_steps``.
+
+    Stage 1 races one arm per method (its middle radius) and the baseline, all branched from
+    ``trunk``. Stage 2 races the winning method's three radii from the point its stage-1 arm
+    reached (that arm continues; the other radii branch from it), so the radius, the finer
+    choice, is judged nearer the end of training, where a small radius's lower noise shows.
+    ``forbid_baseline`` keeps the baseline from winning stage 1 (see ``diagnose``).
+
+    Returns every arm, best first (stage-2 arms by their score, then stage-1 losers), and the
+    rungs ``[(arms, cumulative steps), ...]``.
+    """
+    by_method: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_method.setdefault(c.method, []).append(c)
+    first = [cs[len(cs) // 2] for cs in by_method.values()]
+    clip = [cs for m, cs in by_method.items() if m != "none"]
+    n_second = max((len(cs) for cs in clip), default=0)
+    length = max(1, budget_steps // (len(first) + n_second))
+    arms1 = [trainer.branch(trunk, c) for c in first]
+    for arm in arms1:
+        readings = run_rung(trainer, arm, length, metric_fn)
+        arm.readings.append(readings)
+        arm.scores.append(rung_score(readings, extrapolate_curve))
+    index = {id(a): i for i, a in enumerate(arms1)}
+    order = sorted(arms1, key=lambda a: (_tie(a.scores[-1]), index[id(a)]))
+    best = order[0]
+    base = next((a for a in order if a.candidate.method == "none"), None)
+    if base is not None and base is not best and math.isfinite(best.scores[-1]):
+        if base.scores[-1] <= best.scores[-1] + BASELINE_TIE * abs(best.scores[-1]) and not forbid_baseline:
+            best = base
+    if best.candidate.method == "none" and forbid_baseline:
+        best = next((a for a in order if a.candidate.method != "none" and not a.diverged), best)
+    order.remove(best)
+    order.insert(0, best)
+    plan = [(len(arms1), length)]
+    if best.candidate.method == "none":
+        for a in order[1:]:
+            a.eliminated_at = 0
+        return order, plan
+    # stage 2: the winner continues; its other radii branch from where it stands
+    others = [c for c in by_method[best.candidate.method] if c != best.candidate]
+    arms2 = [best]
+    for c in others:
+        arm = trainer.branch(best, c)
+        arm.steps = best.steps
+        arm.losses = [math.nan] * best.steps
+        arm.padded = best.steps
+        arms2.append(arm)
+    for a in order[1:]:
+        a.eliminated_at = 0
+    _restart_from_leader(arms2)  # fresh pass: the same batches for every radius
+    end = 2 * length
+    for arm in arms2:
+        readings = run_rung(trainer, arm, end, metric_fn)
+        arm.readings.append(readings)
+        arm.scores.append(rung_score(readings, extrapolate_curve))
+    plan.append((len(arms2), end))
+    idx2 = {id(a): i for i, a in enumerate(arms2)}
+    ranked2 = sorted(arms2, key=lambda a: (_tie(a.scores[-1]), idx2[id(a)]))
+    return ranked2 + order[1:], plan
