@@ -36,6 +36,7 @@ from robustclip.diagnostics._pilot import (
     Arm,
     Candidate,
     PilotTrainer,
+    paired_z,
     rung_lengths,
     staged_race,
     successive_halving,
@@ -58,9 +59,9 @@ RADIUS_QUANTILES = (0.1, 0.5, 0.9)
 CATASTROPHE_RATIO = 100.0
 #: how many clipping methods race beside the baseline
 RACED_METHODS = 2
-#: probe samples from which the statistics may narrow the race to one method (the tail index
-#: of a smaller probe spreads too much: about +-0.3 at 40 samples)
-DECISIVE_PROBE = 128
+#: an evidence score at or above this (see ``_evidence``) is strong: heavy tails, spikes in
+#: the aggregated gradient, smoothness growing with the gradient
+STRONG_EVIDENCE = 2.0
 #: probes of the statistics run (start, middle, end: the (L0, L1) fit needs 3 points)
 PROBES = 3
 #: most of the budget the probes may take (a smaller budget shrinks the probe set)
@@ -277,24 +278,6 @@ def _evidence(summary: dict[str, Any], batch_norms: np.ndarray) -> tuple[dict[st
         r = "n/a" if b_ratio is None else f"{b_ratio:.3g}"
         why["clip_by_global_norm"] = f"no sign of (L0, L1) growth; batch-norm spike ratio {r}"
     return scores, why
-
-
-def _paired_z(a: Arm, b: Arm, start: int, end: int) -> float | None:
-    """Mean paired loss difference (b - a) over the last third of [start, end), in standard errors."""
-    la = np.asarray(a.losses[start:end], dtype=np.float64)
-    lb = np.asarray(b.losses[start:end], dtype=np.float64)
-    n = min(la.size, lb.size)
-    if n < 3:
-        return None
-    la, lb = la[n - max(3, n // 3) : n], lb[n - max(3, n // 3) : n]
-    d = lb - la
-    d = d[np.isfinite(d)]
-    if d.size < 3:
-        return None
-    se = float(d.std(ddof=1)) / math.sqrt(d.size)
-    if se == 0:
-        return math.inf if d.mean() > 0 else 0.0
-    return float(d.mean()) / se
 
 
 # -- the public function --------------------------------------------------------------------------
@@ -538,14 +521,19 @@ def _diagnose(
 
     # 2. candidates: the two best-supported clipping methods, 3 radii each, and the baseline
     scores, why = _evidence(summary, bn)
-    clip_methods = sorted(
+    ranked_methods = sorted(
         (m for m in chosen if m != "none"), key=lambda m: (-scores[m], METHODS.index(m))
-    )[:RACED_METHODS]
-    decisive = probe_x.shape[0] >= DECISIVE_PROBE
-    if decisive and len(clip_methods) > 1 and scores[clip_methods[0]] >= 2.0 and scores[clip_methods[1]] < 1.0:
-        # decisive statistics: race the one supported method (and the baseline) for longer
-        why[clip_methods[1]] += "; not raced: the statistics clearly favour " + clip_methods[0]
-        clip_methods = clip_methods[:1]
+    )
+    strong = [m for m in ranked_methods if scores[m] >= STRONG_EVIDENCE]
+    # strong evidence (heavy tails, spikes in the aggregated gradient, (L0, L1) growth) is a
+    # property of the whole run, which a short race cannot see: then only the supported methods
+    # race, for their radius and against the baseline; without it, the two best-scored race
+    clip_methods = (strong or ranked_methods)[:RACED_METHODS]
+    for m in ranked_methods:
+        if m not in clip_methods:
+            why[m] += "; not raced" + (
+                f": the statistics clearly favour {', '.join(strong)}" if strong else ""
+            )
     norms_hist = diag.per_sample_norm_history()
     ps = np.concatenate(norms_hist) if norms_hist else np.zeros(0)
     eligible = {n for n, sh in summary["layer_shapes"].items() if min(sh) >= 2}
@@ -578,10 +566,13 @@ def _diagnose(
 
     # 3. the race: every arm branches from the trunk (same weights, optimizer state, RNG state
     # and, from a fresh pass, the same batches)
+    favoured = max(clip_methods, key=lambda m: scores[m]) if clip_methods else "none"
+    if scores.get(favoured, 0.0) < STRONG_EVIDENCE:
+        favoured = "none"
     if pilot == "staged":
         ranked, plan = staged_race(
             trainer, trunk, cands, race_steps, metric_fn=metric_fn, extrapolate_curve=extrapolate,
-            forbid_baseline=catastrophe,
+            forbid_baseline=catastrophe, prior=None if favoured == "none" else favoured,
         )
         arms = list(ranked)
     else:
@@ -617,9 +608,6 @@ def _diagnose(
             f"such jumps, which a short race may not. The best clipping arm, {best.candidate.label}, "
             "is the verdict."
         )
-    favoured = max(scores, key=lambda m: scores[m])
-    if scores[favoured] < 2.0:
-        favoured = "none"
     if best.candidate.method != favoured:
         reason += (
             f" The statistics alone pointed to {favoured}; the pilot overrules them, as it "
@@ -701,7 +689,7 @@ def _confidence(ranked: list[Arm], plan: list[tuple[int, int]], has_metric: bool
     s1, s2 = best.scores[-1], second.scores[-1]
     start = plan[-2][1] if len(plan) > 1 else 0
     end = plan[-1][1]
-    z = _paired_z(best, second, start, end)
+    z = paired_z(best, second, start, end)
     rel = (s2 - s1) / abs(s1) if s1 and math.isfinite(s1) and math.isfinite(s2) else math.inf
     zs = "n/a" if z is None else f"{z:.1f}"
     what = "metric" if has_metric else "training loss"

@@ -228,6 +228,10 @@ class PilotTrainer:
 
 #: relative margin by which a clipping arm must beat the baseline to be the verdict
 BASELINE_TIE = 0.01
+#: a clipping method overrules the statistics' favourite only by this relative margin ...
+OVERRULE_GAP = 0.05
+#: ... and this many standard errors of the paired per-step loss difference
+OVERRULE_Z = 2.0
 #: readings of the metric per rung (two per third of the rung)
 READINGS = 6
 #: how far ahead a rung's curve may be extrapolated, in thirds of the rung
@@ -389,6 +393,34 @@ def successive_halving(
     return ranked
 
 
+def paired_z(a: Arm, b: Arm, start: int, end: int) -> float | None:
+    """Mean paired loss difference ``b - a`` over the last third of steps ``[start, end)``, in
+    standard errors (positive: ``a`` is lower); ``None`` with fewer than 3 finite pairs."""
+    la = np.asarray(a.losses[start:end], dtype=np.float64)
+    lb = np.asarray(b.losses[start:end], dtype=np.float64)
+    n = min(la.size, lb.size)
+    if n < 3:
+        return None
+    k = max(3, n // 3)
+    d = lb[n - k : n] - la[n - k : n]
+    d = d[np.isfinite(d)]
+    if d.size < 3:
+        return None
+    se = float(d.std(ddof=1)) / math.sqrt(d.size)
+    if se == 0:
+        return math.inf if d.mean() > 0 else 0.0
+    return float(d.mean()) / se
+
+
+def _clearly_better(a: Arm, b: Arm, start: int, end: int) -> bool:
+    sa, sb = a.scores[-1], b.scores[-1]
+    if not math.isfinite(sb):
+        return math.isfinite(sa)
+    gap = (sb - sa) / abs(sb) if sb else 0.0
+    z = paired_z(a, b, start, end)
+    return gap >= OVERRULE_GAP and z is not None and z >= OVERRULE_Z
+
+
 def _restart_from_leader(alive: Sequence[Arm]) -> None:
     leader = alive[0]
     model_state = copy.deepcopy(leader.model.state_dict())
@@ -420,6 +452,7 @@ def staged_race(
     metric_fn: Callable[[nn.Module], float] | None = None,
     extrapolate_curve: bool = True,
     forbid_baseline: bool = False,
+    prior: str | None = None,
 ) -> tuple[list[Arm], list[tuple[int, int]]]:
     """Method first, then radius: two rungs of equal length within ``budget_steps``.
 
@@ -427,7 +460,10 @@ def staged_race(
     ``trunk``. Stage 2 races the winning method's three radii from the point its stage-1 arm
     reached (that arm continues; the other radii branch from it), so the radius, the finer
     choice, is judged nearer the end of training, where a small radius's lower noise shows.
-    ``forbid_baseline`` keeps the baseline from winning stage 1 (see ``diagnose``).
+    ``forbid_baseline`` keeps the baseline from winning stage 1 (see ``diagnose``). ``prior``,
+    the method the statistics favour, keeps stage 1 unless another clipping method beats it
+    clearly (:data:`OVERRULE_GAP` and :data:`OVERRULE_Z`); the baseline still wins a tie within
+    :data:`BASELINE_TIE` of the best (no clipping unless clipping measurably helps).
 
     Returns every arm, best first (stage-2 arms by their score, then stage-1 losers), and the
     rungs ``[(arms, cumulative steps), ...]``.
@@ -451,6 +487,13 @@ def staged_race(
     if base is not None and base is not best and math.isfinite(best.scores[-1]):
         if base.scores[-1] <= best.scores[-1] + BASELINE_TIE * abs(best.scores[-1]) and not forbid_baseline:
             best = base
+    if prior is not None and best.candidate.method not in ("none", prior):
+        # the statistics favour `prior` (heavy tails, low-rank spikes: properties of the whole
+        # run); a short race is biased toward fast early progress, so it overrules them only
+        # with a clear, significant margin
+        held = next((a for a in order if a.candidate.method == prior and not a.diverged), None)
+        if held is not None and not _clearly_better(best, held, 0, length):
+            best = held
     if best.candidate.method == "none" and forbid_baseline:
         best = next((a for a in order if a.candidate.method != "none" and not a.diverged), best)
     order.remove(best)
