@@ -8,14 +8,15 @@ Three stages, all within a budget the user sets (a fraction of the planned train
    local smoothness and its (L0, L1) fits. The strong-growth constant rho-hat is the finite sum
    over the whole training set (streamed over the loader, arXiv:2605.14800), at the start and
    at the end of this run.
-2. **Candidates.** The statistics rank the clipping methods (per-sample clipping for heavy
-   tails, spectral clipping for spiky low-rank gradients, batch clipping for smoothness growing
-   with the gradient); the best two race, each at three radii read off the distribution of the
-   quantity it clips (its 0.1-, 0.5- and 0.9-quantile), beside the baseline: at most 3 methods
-   and 7 arms.
-3. **Pilot.** The arms race by successive halving (:mod:`._pilot`); the winner is the verdict,
-   and the race's margin, measured against the step-to-step noise of paired losses, is its
-   confidence.
+2. **Candidates.** The statistics score the clipping methods (per-sample clipping for heavy
+   tails; spectral and global-norm clipping for spikes in the aggregated gradient; global-norm
+   clipping for smoothness growing with the gradient). Methods with strong evidence race alone
+   (at most two); otherwise the two best-scored race. Each races at three radii read off the
+   distribution of the quantity it clips (its 0.1-, 0.5- and 0.9-quantile), beside the
+   baseline: at most 3 methods x 3 radii.
+3. **Pilot.** The arms branch from the trunk and race (:func:`._pilot.staged_race`: method
+   first, then radius; or successive halving); the winner is the verdict, and the race's margin,
+   measured against the step-to-step noise of paired losses, is its confidence.
 """
 
 from __future__ import annotations

@@ -1,26 +1,27 @@
-"""The pilot: candidate methods race on the user's own problem, by successive halving.
+"""The pilot: candidate methods race on the user's own problem.
 
 A statistic says which clipping a problem *could* need; only training says which one wins. The
-pilot trains every candidate (a method and a radius) from the same initialisation, on the same
-data order and the same random stream (paired arms), and ranks them by the same metric.
+pilot trains every candidate (a method and a radius) from a common point, on the same data
+order and the same random stream (paired arms), and ranks them by the same metric: as every
+arm sees the same batches at the same step, the batches' own noise cancels in the difference.
 
-Why successive halving (Jamieson & Talwalkar, arXiv:1502.07943; Li et al., Hyperband,
-arXiv:1603.06560) with ``eta = 3``: with a handful of arms and a fixed budget, it spends a
-third of the arms' steps on all candidates and the rest on the best third, so the arms that
-matter are compared over a horizon about three times longer than an even split would give,
-and an arm that diverges or stalls is dropped after its first rung. The horizon matters: a
-race that is too short favours whatever makes the fastest early progress (large radii, no
-clipping), which is not what wins a long run. A rung's score is the arm's mean training loss
-over the last third of the rung (or the user's metric at the rung's end), and as every arm
-sees the same batches at the same step, the comparison is paired: the batches' own noise
-cancels in the difference.
+The horizon is the difficulty: a race of a few percent of the run favours whatever makes the
+fastest early progress (no clipping, large radii, batch-level clipping), which is not what wins
+a long run. Two race designs:
 
-Two choices fight the short horizon. The arms branch from a common trunk (the statistics run)
-instead of starting at the initialisation, and before each rung the survivors restart from the
-leader's weights and optimizer state (the exploit step of population-based training,
-Jaderberg et al., arXiv:1711.09846). So each rung compares the methods from the best point
-reached so far: later rungs measure what the methods do nearer the end of training, where the
-gradient noise that clipping acts on, rather than the early transient, decides the loss.
+* :func:`staged_race` (the default of ``diagnose``): method first, then radius. Stage 1 races
+  the baseline and each method at its middle radius; stage 2 races the winner's three radii
+  from the point stage 1 reached, so the finer choice is judged nearer the end of training.
+  With the budget split over two questions instead of all arms, each arm runs twice as long as
+  an even split would give.
+* :func:`successive_halving` (Jamieson & Talwalkar, arXiv:1502.07943; Hyperband,
+  arXiv:1603.06560) with ``eta = 3``: all arms for a first rung, the best third for a rung three
+  times as long; before each rung the survivors restart from the leader's weights and optimizer
+  state (the exploit step of population-based training, Jaderberg et al., arXiv:1711.09846).
+
+Both branch the arms from a common trunk (the statistics run) rather than the initialisation,
+read the metric six times per rung and score the rung by its curve carried ahead
+(:func:`extrapolate`, Aitken's delta-squared), capped at the descent the rung itself showed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ from torch import Tensor, nn
 
 import robustclip as rc
 
-__all__ = ["Candidate", "Arm", "PilotTrainer", "successive_halving", "METHODS"]
+__all__ = [
+    "Candidate",
+    "Arm",
+    "PilotTrainer",
+    "staged_race",
+    "successive_halving",
+    "rung_lengths",
+    "extrapolate",
+    "METHODS",
+]
 
 #: the methods the pilot knows, in the order ties are broken
 METHODS = ("none", "per_sample_clip", "clip_by_global_norm", "spectral_clip")
