@@ -62,9 +62,10 @@ def test_gaussian_noise_gets_no_clipping():
     assert d.pilot_cost_frac <= 0.1 + 1e-9
 
 
-def test_the_pilot_is_deterministic_given_a_seed(tmp_path):
-    a = _diagnose("cauchy", seed=3)
-    b = _diagnose("cauchy", seed=3)
+@pytest.mark.parametrize("pilot", ["staged", "halving"])
+def test_the_pilot_is_deterministic_given_a_seed(pilot):
+    a = _diagnose("cauchy", seed=3, pilot=pilot)
+    b = _diagnose("cauchy", seed=3, pilot=pilot)
     assert (a.method, a.threshold, a.rungs) == (b.method, b.threshold, b.rungs)
     assert a.trunk_losses == b.trunk_losses
     assert [c["losses"] for c in a.candidates] == [c["losses"] for c in b.candidates]
@@ -73,7 +74,7 @@ def test_the_pilot_is_deterministic_given_a_seed(tmp_path):
     torch.manual_seed(0)
     before = torch.rand(3)
     torch.manual_seed(0)
-    _diagnose("gaussian", seed=5)
+    _diagnose("gaussian", seed=5, pilot=pilot)
     assert torch.equal(torch.rand(3), before)
 
 
@@ -138,5 +139,7 @@ def test_diagnose_errors_are_clear():
         rcd.diagnose(lambda: nn.Linear(D, 1), loss_fn, loader, planned_steps=100, methods=["sgd"])
     with pytest.raises(ValueError, match="too small"):
         rcd.diagnose(lambda: nn.Linear(D, 1), loss_fn, loader, planned_steps=50)
+    with pytest.raises(ValueError, match="pilot"):
+        rcd.diagnose(lambda: nn.Linear(D, 1), loss_fn, loader, planned_steps=1500, pilot="random")
     with pytest.raises(TypeError, match="nn.Module"):
         rcd.diagnose(lambda: "not a model", loss_fn, loader, planned_steps=1500)
