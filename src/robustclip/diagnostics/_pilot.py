@@ -475,6 +475,11 @@ def staged_race(
     clearly (:data:`OVERRULE_GAP` and :data:`OVERRULE_Z`); the baseline still wins a tie within
     :data:`BASELINE_TIE` of the best (no clipping unless clipping measurably helps).
 
+    When the baseline wins stage 1 there is no radius to choose, and stage 2 instead repeats
+    stage 1 over a second, later stretch (all arms restart from the baseline's point): a
+    clipping method whose advantage shows late gets a second chance (then at its middle
+    radius).
+
     Returns every arm, best first (stage-2 arms by their score, then stage-1 losers), and the
     rungs ``[(arms, cumulative steps), ...]``.
     """
@@ -486,32 +491,43 @@ def staged_race(
     n_second = max((len(cs) for cs in clip), default=0)
     length = max(1, budget_steps // (len(first) + n_second))
     arms1 = [trainer.branch(trunk, c) for c in first]
-    for arm in arms1:
-        readings = run_rung(trainer, arm, length, metric_fn)
-        arm.readings.append(readings)
-        arm.scores.append(rung_score(readings, extrapolate_curve))
-    index = {id(a): i for i, a in enumerate(arms1)}
-    order = sorted(arms1, key=lambda a: (_tie(a.scores[-1]), index[id(a)]))
-    best = order[0]
-    base = next((a for a in order if a.candidate.method == "none"), None)
-    if base is not None and base is not best and math.isfinite(best.scores[-1]):
-        if base.scores[-1] <= best.scores[-1] + BASELINE_TIE * abs(best.scores[-1]) and not forbid_baseline:
-            best = base
-    if prior is not None and best.candidate.method not in ("none", prior):
-        # the statistics favour `prior` (heavy tails, low-rank spikes: properties of the whole
-        # run); a short race is biased toward fast early progress, so it overrules them only
-        # with a clear, significant margin
-        held = next((a for a in order if a.candidate.method == prior and not a.diverged), None)
-        if held is not None and not _clearly_better(best, held, 0, length):
-            best = held
-    if best.candidate.method == "none" and forbid_baseline:
-        best = next((a for a in order if a.candidate.method != "none" and not a.diverged), best)
-    order.remove(best)
-    order.insert(0, best)
+
+    def stage1(end: int) -> Arm:
+        for arm in arms1:
+            readings = run_rung(trainer, arm, end, metric_fn)
+            arm.readings.append(readings)
+            arm.scores.append(rung_score(readings, extrapolate_curve))
+        index = {id(a): i for i, a in enumerate(arms1)}
+        order = sorted(arms1, key=lambda a: (_tie(a.scores[-1]), index[id(a)]))
+        best = order[0]
+        base = next((a for a in order if a.candidate.method == "none"), None)
+        if base is not None and base is not best and math.isfinite(best.scores[-1]) and not forbid_baseline:
+            if base.scores[-1] <= best.scores[-1] + BASELINE_TIE * abs(best.scores[-1]):
+                best = base
+        if prior is not None and best.candidate.method not in ("none", prior):
+            # the statistics favour `prior` (heavy tails, spikes: properties of the whole run);
+            # a short race is biased toward fast early progress, so it overrules them only with
+            # a clear, significant margin
+            held = next((a for a in order if a.candidate.method == prior and not a.diverged), None)
+            if held is not None and not _clearly_better(best, held, end - length, end):
+                best = held
+        if best.candidate.method == "none" and forbid_baseline:
+            best = next((a for a in order if a.candidate.method != "none" and not a.diverged), best)
+        return best
+
+    best = stage1(length)
     plan = [(len(arms1), length)]
-    if best.candidate.method == "none":
+    if best.candidate.method == "none" and len(arms1) > 1:
+        # the baseline leads: there is no radius to choose, so stage 2 asks stage 1's question
+        # again over a second, later stretch (every arm restarts from the baseline's point)
+        _restart_from_leader([best] + [a for a in arms1 if a is not best])
+        best = stage1(2 * length)
+        plan.append((len(arms1), 2 * length))
+    order = [best] + [a for a in sorted(arms1, key=lambda a: (_tie(a.scores[-1]), arms1.index(a))) if a is not best]
+    if len(plan) > 1 or best.candidate.method == "none" or len(by_method[best.candidate.method]) == 1:
+        # (after a repeated stage 1 the budget is spent: a clipping winner keeps its middle radius)
         for a in order[1:]:
-            a.eliminated_at = 0
+            a.eliminated_at = len(plan) - 1
         return order, plan
     # stage 2: the winner continues; its other radii branch from where it stands
     others = [c for c in by_method[best.candidate.method] if c != best.candidate]
@@ -525,7 +541,7 @@ def staged_race(
     for a in order[1:]:
         a.eliminated_at = 0
     _restart_from_leader(arms2)  # fresh pass: the same batches for every radius
-    end = 2 * length
+    end = best.steps + length
     for arm in arms2:
         readings = run_rung(trainer, arm, end, metric_fn)
         arm.readings.append(readings)
