@@ -11,7 +11,7 @@ Three stages, all within a budget the user sets (a fraction of the planned train
 2. **Candidates.** The statistics score the clipping methods (per-sample clipping for heavy
    tails; spectral and global-norm clipping for spikes in the aggregated gradient; global-norm
    clipping for smoothness growing with the gradient). Methods with strong evidence race alone
-   (at most two); otherwise the two best-scored race. Each races at three radii read off the
+   (at most two); otherwise all three race. Each races at three radii read off the
    distribution of the quantity it clips (its 0.1-, 0.5- and 0.9-quantile), beside the
    baseline: at most 3 methods x 3 radii.
 3. **Pilot.** The arms branch from the trunk and race (:func:`._pilot.staged_race`: method
@@ -58,10 +58,13 @@ RADIUS_QUANTILES = (0.1, 0.5, 0.9)
 #: a one-step jump of a gradient norm or top singular value by this factor over its recent
 #: median, seen along the statistics run, rules out the unclipped baseline as the verdict
 CATASTROPHE_RATIO = 100.0
-#: how many clipping methods race beside the baseline
+#: how many clipping methods race beside the baseline when the statistics strongly support
+#: some (those, at most this many) ...
 RACED_METHODS = 2
+#: ... and when they support none (all of them)
+RACED_METHODS_WEAK = 3
 #: an evidence score at or above this (see ``_evidence``) is strong: heavy tails, spikes in
-#: the aggregated gradient, smoothness growing with the gradient
+#: the aggregated gradient
 STRONG_EVIDENCE = 2.0
 #: probes of the statistics run (start, middle, end: the (L0, L1) fit needs 3 points)
 PROBES = 3
@@ -269,7 +272,8 @@ def _evidence(summary: dict[str, Any], batch_norms: np.ndarray) -> tuple[dict[st
         scores["clip_by_global_norm"] = 1.5 + min(2.0, math.log10(max(worst, 1.0)))
         why["clip_by_global_norm"] = f"the aggregated gradient spikes (σ_max up to {worst:.3g}x its recent median)"
     elif l0 is not None and l1 is not None and g is not None and l1 * g > l0:
-        scores["clip_by_global_norm"] = 2.0
+        # three probes along a short trunk: a suggestion, not strong evidence
+        scores["clip_by_global_norm"] = 1.5
         why["clip_by_global_norm"] = f"smoothness grows with the gradient: L1·‖∇f‖ = {l1 * g:.3g} > L0 = {l0:.3g}"
     elif b_ratio is not None and b_ratio >= SPIKE_RATIO:
         scores["clip_by_global_norm"] = 1.5
@@ -528,8 +532,8 @@ def _diagnose(
     strong = [m for m in ranked_methods if scores[m] >= STRONG_EVIDENCE]
     # strong evidence (heavy tails, spikes in the aggregated gradient, (L0, L1) growth) is a
     # property of the whole run, which a short race cannot see: then only the supported methods
-    # race, for their radius and against the baseline; without it, the two best-scored race
-    clip_methods = (strong or ranked_methods)[:RACED_METHODS]
+    # race, for their radius and against the baseline; without it, every method races
+    clip_methods = strong[:RACED_METHODS] if strong else ranked_methods[:RACED_METHODS_WEAK]
     for m in ranked_methods:
         if m not in clip_methods:
             why[m] += "; not raced" + (
