@@ -492,7 +492,7 @@ def staged_race(
     length = max(1, budget_steps // (len(first) + n_second))
     arms1 = [trainer.branch(trunk, c) for c in first]
 
-    def stage1(end: int) -> Arm:
+    def stage1(end: int, stretch: int) -> Arm:
         for arm in arms1:
             readings = run_rung(trainer, arm, end, metric_fn)
             arm.readings.append(readings)
@@ -509,20 +509,21 @@ def staged_race(
             # a short race is biased toward fast early progress, so it overrules them only with
             # a clear, significant margin
             held = next((a for a in order if a.candidate.method == prior and not a.diverged), None)
-            if held is not None and not _clearly_better(best, held, end - length, end):
+            if held is not None and not _clearly_better(best, held, end - stretch, end):
                 best = held
         if best.candidate.method == "none" and forbid_baseline:
             best = next((a for a in order if a.candidate.method != "none" and not a.diverged), best)
         return best
 
-    best = stage1(length)
+    best = stage1(length, length)
     plan = [(len(arms1), length)]
-    if best.candidate.method == "none" and len(arms1) > 1:
+    again = min(length, n_second * length // len(arms1))  # stage 2's share of the budget
+    if best.candidate.method == "none" and len(arms1) > 1 and again >= 3:
         # the baseline leads: there is no radius to choose, so stage 2 asks stage 1's question
         # again over a second, later stretch (every arm restarts from the baseline's point)
         _restart_from_leader([best] + [a for a in arms1 if a is not best])
-        best = stage1(2 * length)
-        plan.append((len(arms1), 2 * length))
+        best = stage1(length + again, again)
+        plan.append((len(arms1), length + again))
     order = [best] + [a for a in sorted(arms1, key=lambda a: (_tie(a.scores[-1]), arms1.index(a))) if a is not best]
     if len(plan) > 1 or best.candidate.method == "none" or len(by_method[best.candidate.method]) == 1:
         # (after a repeated stage 1 the budget is spent: a clipping winner keeps its middle radius)
