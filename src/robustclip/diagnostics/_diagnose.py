@@ -97,6 +97,7 @@ class Diagnosis:
         evidence: method -> the statistic's reading of it (why it was raced or not).
         candidates: the arms raced, best first, each with its scores per rung and loss curve.
         rungs: ``[(arms, cumulative steps per arm), ...]`` of the race, counted from the branch.
+        pilot: the race design, ``"staged"`` or ``"halving"``.
         trunk_losses: the statistics run's per-step losses (the arms branch at its end).
         pilot_steps: training-step equivalents spent (arms' steps, probes and rho passes).
         pilot_cost_frac: ``pilot_steps / planned_steps``.
@@ -118,6 +119,7 @@ class Diagnosis:
     planned_steps: int
     budget: float
     seed: int
+    pilot: str = "staged"
     warnings: list[str] = field(default_factory=list)
     #: the statistics run's :class:`Diagnostics` (per-step readings, probes), saved beside
     tracker: Diagnostics | None = field(default=None, repr=False)
@@ -147,6 +149,7 @@ class Diagnosis:
             "planned_steps": self.planned_steps,
             "budget": self.budget,
             "seed": self.seed,
+            "pilot": self.pilot,
             "warnings": self.warnings,
         }
 
@@ -649,6 +652,7 @@ def _diagnose(
         planned_steps=planned_steps,
         budget=budget,
         seed=seed,
+        pilot=pilot,
         warnings=warnings,
         tracker=diag,
     )

@@ -353,6 +353,12 @@ def _pilot_plot(d: Diagnosis, path: Path) -> Path:
     return path
 
 
+_DESIGNS = {
+    "staged": "stage 1 picks the method at middle radii, stage 2 the radius from the point stage 1 reached",
+    "halving": "successive halving, eta = 3, survivors restarting from the leader",
+}
+
+
 def _diagnosis_markdown(d: Diagnosis, plot: bool) -> str:
     s = d.statistics
     lines = ["# robustclip diagnose: verdict", "", f"**Verdict:** {d.headline}.", ""]
@@ -363,7 +369,7 @@ def _diagnosis_markdown(d: Diagnosis, plot: bool) -> str:
     rungs = ", ".join(f"{a} arms to step {e}" for a, e in d.rungs)
     lines += [
         f"A statistics run without clipping ({len(d.trunk_losses)} steps), then every candidate branches "
-        f"from its end and they race by successive halving (eta = 3): {rungs}. Cost, probes and "
+        f"from its end and they race ({_DESIGNS.get(d.pilot, d.pilot)}): {rungs}. Cost, probes and "
         f"rho passes included: {d.pilot_steps:.0f} training-step "
         f"equivalents = {d.pilot_cost_frac:.1%} of the {d.planned_steps} planned steps (budget "
         f"{d.budget:.0%}), seed {d.seed}.",
