@@ -56,12 +56,52 @@ def test_ema_vector_is_one_step_with_the_mean():
 
 def test_window_quantile_hand_computed():
     # q = 0.5 (median, linear interpolation) over the last 3 values, the current excluded
-    got = run_sequence(th.WindowQuantile(q=0.5, window=3), [4.0, 1.0, 3.0, 10.0, 2.0])
+    got = run_sequence(th.WindowQuantile(q=0.5, window=3, method="linear"), [4.0, 1.0, 3.0, 10.0, 2.0])
     # windows: [], [4], [4,1], [4,1,3], [1,3,10], [3,10,2]
     assert got == pytest.approx([INF, 4.0, 2.5, 3.0, 3.0, 3.0])
     # q = 0.85 of [1, 3, 10]: position 0.85 * 2 = 1.7 -> 3 + 0.7 * 7 = 7.9, times scale 2
-    got = run_sequence(th.WindowQuantile(q=0.85, window=3, scale=2.0), [1.0, 3.0, 10.0])
+    got = run_sequence(th.WindowQuantile(q=0.85, window=3, scale=2.0, method="linear"), [1.0, 3.0, 10.0])
     assert got[-1] == pytest.approx(2 * 7.9)
+    # the default takes the lower order statistic: [4,1] -> sorted[int(0.5 * 1)] = 1
+    got = run_sequence(th.WindowQuantile(q=0.5, window=3), [4.0, 1.0, 3.0, 10.0, 2.0])
+    assert got == pytest.approx([INF, 4.0, 1.0, 3.0, 3.0, 3.0])
+    got = run_sequence(th.WindowQuantile(q=0.85, window=3, scale=2.0), [1.0, 3.0, 10.0])
+    assert got[-1] == pytest.approx(2 * 3.0)  # sorted([1, 3, 10])[int(1.7)]
+
+
+def _official_window_quantile(values: list[float], q: float, window: int) -> list[float]:
+    """The spectral-clipping authors' rule, transcribed: the threshold for each new value is
+    ``sorted(history)[int(q * (len(history) - 1))]`` over the last ``window`` previous values
+    (no clipping, here ``inf``, while the history is empty)."""
+    history: list[float] = []
+    out = []
+    for v in [*values, None]:  # None: the threshold after the last value
+        out.append(sorted(history)[int(q * (len(history) - 1))] if history else INF)
+        if v is not None:
+            history.append(v)
+            if len(history) > window:
+                del history[: len(history) - window]
+    return out
+
+
+@pytest.mark.parametrize("q, window", [(0.85, 100), (0.5, 7), (0.9, 10), (0.0, 5), (1.0, 5), (0.33, 64)])
+def test_window_quantile_matches_the_official_rule(q, window):
+    # a fixed heavy-tailed sequence (top singular values of spiky gradients look like this)
+    gen = np.random.default_rng(1234)
+    seq = (np.abs(gen.standard_cauchy(400)) + 0.01).astype(np.float32).astype(float).tolist()
+    got = run_sequence(th.WindowQuantile(q=q, window=window), seq)
+    want = _official_window_quantile(seq, q, window)
+    assert got == pytest.approx(want, rel=1e-6)
+    # linear interpolation stays available and is never below the official order statistic
+    lin = run_sequence(th.WindowQuantile(q=q, window=window, method="linear"), seq)
+    assert all(a >= b * (1 - 1e-6) for a, b in zip(lin[1:], want[1:]))
+    if 0 < q < 1:
+        assert any(a > b * 1.01 for a, b in zip(lin[1:], want[1:]))
+
+
+def test_window_quantile_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="lower"):
+        th.WindowQuantile(method="nearest")
 
 
 def test_window_counts_values_of_a_vector():
@@ -146,7 +186,9 @@ class Oracle:
         if self.kind == "window":
             if not flat:
                 return INF
-            return kw.get("scale", 1.0) * float(np.quantile(flat[-kw["window"] :], kw["q"]))
+            return kw.get("scale", 1.0) * float(
+                np.quantile(flat[-kw["window"] :], kw["q"], method=kw.get("method", "lower"))
+            )
         if self.kind == "autoclip":
             if not flat:
                 return INF

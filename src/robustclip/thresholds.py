@@ -152,6 +152,15 @@ def _sorted_quantile(buffer: Tensor, n_valid: Tensor, q: float) -> Tensor:
     return a + frac * (b - a)
 
 
+def _sorted_order_statistic(buffer: Tensor, n_valid: Tensor, index: Tensor) -> Tensor:
+    """``sorted(buffer[:n_valid])[index]`` (0 if empty), without a host read."""
+    size = buffer.shape[0]
+    valid = torch.arange(size, device=buffer.device) < n_valid
+    s = torch.sort(torch.where(valid, buffer, _INF)).values
+    s = torch.where(torch.isfinite(s), s, 0.0)
+    return s[index.clamp(0, size - 1)]
+
+
 # -- constant ------------------------------------------------------------------------------------
 
 
@@ -262,23 +271,44 @@ class WindowQuantileState(NamedTuple):
 class WindowQuantile:
     """``scale`` times the ``q``-quantile of the last ``window`` values, the current excluded.
 
-    The quantile interpolates linearly between order statistics (numpy's default). Until a
-    first value is observed the radius is ``inf``; with fewer than ``window`` values it is the
-    quantile of those seen. The layer-wise sliding-window threshold of spectral clipping
-    (arXiv:2605.11838; ``q = 0.85`` over the last 100 top singular values). The window counts
-    values, so with per-sample norms it spans ``window / batch`` micro-batches: choose
-    ``window`` accordingly.
+    The layer-wise sliding-window threshold of spectral clipping (arXiv:2605.11838;
+    ``q = 0.85`` over the last 100 top singular values). By default the quantile is the order
+    statistic the authors' code takes, ``sorted(h)[int(q * (n - 1))]`` over the ``n`` values
+    in the window (``method="lower"``, numpy's ``method="lower"``): never above the linearly
+    interpolated quantile, and always one of the values seen. ``method="linear"``
+    interpolates between the two neighbouring order statistics (numpy's default); with
+    heavy-tailed values it can sit well above the official threshold (up to about 30% on
+    spectral-clipping histories), so it is an option, not the default.
+
+    Until a first value is observed the radius is ``inf``; with fewer than ``window`` values it
+    is the quantile of those seen. The window counts values, so with per-sample norms it spans
+    ``window / batch`` micro-batches: choose ``window`` accordingly.
 
     Args:
         q: the quantile level in ``[0, 1]``.
         window: how many recent values to keep (>= 1).
         scale: multiplier ``> 0`` on the quantile.
+        method: ``"lower"`` (the official rule, default) or ``"linear"``.
     """
 
-    def __init__(self, q: float = 0.85, window: int = 100, scale: float = 1.0) -> None:
+    METHODS = ("lower", "linear")
+
+    def __init__(
+        self, q: float = 0.85, window: int = 100, scale: float = 1.0, method: str = "lower"
+    ) -> None:
         self.q = _check_unit(q, "q", low_open=False, high_open=False)
         self.window = check_positive_int(window, "window")
         self.scale = _check_scale(scale)
+        if method not in self.METHODS:
+            raise ValueError(
+                f"method must be 'lower' (sorted(h)[int(q * (n - 1))], the spectral-clipping "
+                f"paper's rule) or 'linear' (numpy's default interpolation), got {method!r}."
+            )
+        self.method = method
+        # the official index int(q * (n - 1)) for every fill level n, computed once in float64
+        # on the host so that it matches the reference bit for bit (no float32 rounding of q)
+        self._lower_index = [int(self.q * (n - 1)) if n > 0 else 0 for n in range(self.window + 1)]
+        self._index_cache: dict[torch.device, Tensor] = {}
 
     def init(self, device: torch.device | str | None = None) -> WindowQuantileState:
         return WindowQuantileState(
@@ -288,8 +318,18 @@ class WindowQuantile:
 
     def value(self, state: WindowQuantileState) -> Tensor:
         n = state.count.clamp(max=self.window)
-        quant = _sorted_quantile(state.buffer[: self.window], n, self.q)
+        if self.method == "linear":
+            quant = _sorted_quantile(state.buffer[: self.window], n, self.q)
+        else:
+            quant = _sorted_order_statistic(state.buffer[: self.window], n, self._index(n.device)[n])
         return torch.where(n > 0, self.scale * quant, _INF)
+
+    def _index(self, device: torch.device) -> Tensor:
+        table = self._index_cache.get(device)
+        if table is None:
+            table = torch.tensor(self._lower_index, dtype=torch.int64, device=device)
+            self._index_cache[device] = table
+        return table
 
     def observe(self, state: WindowQuantileState, values: Tensor) -> WindowQuantileState:
         v, ok = _flat(values)
@@ -303,7 +343,7 @@ class WindowQuantile:
         return WindowQuantileState(buffer, state.count + n_new)
 
     def __repr__(self) -> str:
-        return f"WindowQuantile(q={self.q}, window={self.window}, scale={self.scale})"
+        return f"WindowQuantile(q={self.q}, window={self.window}, scale={self.scale}, method={self.method!r})"
 
 
 # -- AutoClip ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ sample's gradient well defined; the model's mode is restored afterwards.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,6 +33,7 @@ from robustclip.per_sample._engine import auto_engine, unwrap_model
 __all__ = [
     "ProbeGradients",
     "probe_gradients",
+    "stream_gradients",
     "per_sample_gradients",
     "GaussianSketch",
     "CountSketch",
@@ -175,6 +176,65 @@ def probe_gradients(
                 norms.append(gn.double().pow(2).sum(0).sqrt())
         finally:
             eng.detach()
+    mean = [o / n for o in out]
+    return ProbeGradients(mean, params, torch.cat(norms).cpu(), float(loss_sum) / n)
+
+
+def stream_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    engine: str = "auto",
+) -> ProbeGradients:
+    """:func:`probe_gradients` over every batch of an iterable (a ``DataLoader``), streamed.
+
+    Memory is one gradient-sized buffer plus one float per sample, whatever the data set's
+    size: the per-sample engine adds each batch's ``sum_i g_i`` into the buffer and returns
+    the batch's per-sample norms. This is the finite sum over all N training points on which
+    Lobanov & Koloskova (arXiv:2605.14800) estimate ``rho`` each epoch.
+
+    Args:
+        model: the model; run in eval mode here.
+        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses.
+        batches: an iterable of ``(inputs, targets)`` pairs (e.g. a ``DataLoader``); iterated
+            once.
+        engine: ``"auto"``, ``"vmap"``, ``"hooks"`` or ``"loop"``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if engine == "auto":
+        engine = auto_engine(ENGINES)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {['auto', *sorted(ENGINES)]}.")
+    base = unwrap_model(model)
+    _, params = _trainable(base, None)
+    layout = ParamLayout.build(base, params)
+    eng = ENGINES[engine](base, layout)
+    dev = _device_of(base)
+    out = [torch.zeros_like(p) for p in params]
+    norms: list[Tensor] = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    n = 0
+    with eval_mode(base), torch.enable_grad():
+        eng.attach()
+        try:
+            for batch in batches:
+                if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                    raise TypeError(
+                        "each batch must be a pair (inputs, targets) of tensors, got "
+                        f"{type(batch).__name__}; wrap other loaders so they yield (x, y)."
+                    )
+                xb, yb = batch[0].to(dev), batch[1].to(dev)
+                losses = _check_losses(loss_fn(base(xb), yb), xb.shape[0])
+                loss_sum += losses.detach().double().sum()
+                gn = eng.accumulate(losses, lambda sq: torch.ones_like(sq[:1]), out)
+                norms.append(gn.double().pow(2).sum(0).sqrt())
+                n += xb.shape[0]
+        finally:
+            eng.detach()
+    if n < 2:
+        raise ValueError(f"the data gave {n} sample(s); gradient statistics need at least 2.")
     mean = [o / n for o in out]
     return ProbeGradients(mean, params, torch.cat(norms).cpu(), float(loss_sum) / n)
 

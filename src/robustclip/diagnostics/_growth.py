@@ -10,21 +10,28 @@ and estimate it each epoch on the finite sum,
 
 taking the batch size above the largest rho_hat seen. ``rho_hat >= 1`` always (Jensen), with
 equality exactly when every sample has the same gradient.
+
+Estimated on a subset of n samples instead of all N, rho_hat is biased, and not by a constant
+factor: the subset's mean gradient carries the subset's own noise, ``E||gbar_n||^2 =
+||gbar||^2 + (mean ||g_i||^2 - ||gbar||^2)(N - n)/(n (N - 1))``, so where rho is large the
+subset estimate tends to ``n`` instead of rho. :func:`strong_growth_over` streams the finite
+sum over the whole training set (one pass, one gradient-sized buffer), which is what
+``robustclip.diagnostics.diagnose`` uses.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor, nn
 
-from robustclip.diagnostics._gradients import probe_gradients
+from robustclip.diagnostics._gradients import probe_gradients, stream_gradients
 from robustclip.diagnostics._tail import _as_float64
 
-__all__ = ["StrongGrowth", "strong_growth", "estimate_strong_growth"]
+__all__ = ["StrongGrowth", "strong_growth", "estimate_strong_growth", "strong_growth_over"]
 
 
 @dataclass(frozen=True)
@@ -119,4 +126,26 @@ def estimate_strong_growth(
         print(est.rho, est.recommended_batch_size)
     """
     pg = probe_gradients(model, loss_fn, inputs, targets, engine=engine, chunk_size=chunk_size)
+    return strong_growth(pg.per_sample_norms, pg.mean_grad)
+
+
+def strong_growth_over(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    engine: str = "auto",
+) -> StrongGrowth:
+    """:func:`strong_growth` over every sample of a loader: the finite sum of arXiv:2605.14800.
+
+    One pass over ``batches`` (e.g. the training ``DataLoader``), in eval mode, holding one
+    gradient-sized buffer and one float per sample. Unlike :func:`estimate_strong_growth` on
+    a probe subset it has no subset bias (see the module docstring).
+
+    Example::
+
+        est = rcd.strong_growth_over(model, loss_fn, train_loader)
+        print(est.rho, est.recommended_batch_size)
+    """
+    pg = stream_gradients(model, loss_fn, batches, engine=engine)
     return strong_growth(pg.per_sample_norms, pg.mean_grad)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from robustclip.diagnostics._diagnose import Diagnosis
     from robustclip.diagnostics._tracker import Diagnostics
 
 #: the plots every report has (a plot without data says so on its canvas)
@@ -280,3 +281,141 @@ def _plots(diag: Diagnostics, s: dict[str, Any], out: Path) -> dict[str, Path]:
         ax.legend(fontsize=8)
         save(fig, "smoothness.png")
     return paths
+
+
+# -- diagnose(): the verdict with its evidence -----------------------------------------------------
+
+
+def write_diagnosis(d: Diagnosis, out: Path, *, plots: bool) -> dict[str, Path]:
+    """``verdict.json``, ``report.md`` and ``pilot.png`` of a :class:`Diagnosis`."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    p = out / "verdict.json"
+    p.write_text(json.dumps(jsonable(d.as_dict()), indent=2, ensure_ascii=False) + "\n")
+    paths["verdict.json"] = p
+    if plots:
+        paths["pilot.png"] = _pilot_plot(d, out / "pilot.png")
+    p = out / "report.md"
+    p.write_text(_diagnosis_markdown(d, "pilot.png" in paths))
+    paths["report.md"] = p
+    return paths
+
+
+def _smooth(x: np.ndarray, width: int) -> np.ndarray:
+    """Trailing mean over ``width`` steps, NaN-aware (a skipped step leaves a gap)."""
+    out = np.full(x.shape, np.nan)
+    for i in range(x.size):
+        w = x[max(0, i - width + 1) : i + 1]
+        w = w[np.isfinite(w)]
+        if w.size:
+            out[i] = w.mean()
+    return out
+
+
+def _pilot_plot(d: Diagnosis, path: Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - matplotlib is a dev/experiments extra
+        raise ImportError(
+            "the pilot plot needs matplotlib: pip install 'robustclip[experiments]', or pass plots=False."
+        ) from e
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    trunk = np.asarray(d.trunk_losses, dtype=np.float64)
+    s0 = trunk.size
+    longest = max([s0] + [s0 + len(c["losses"]) for c in d.candidates])
+    width = max(1, longest // 40)
+    if s0:
+        ax.plot(np.arange(1, s0 + 1), _smooth(trunk, width), color="black", lw=1.2, label="statistics run (no clipping)")
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(d.candidates):
+        y = _smooth(np.asarray(c["losses"], dtype=np.float64), width)
+        style = "-" if c["eliminated_at_rung"] is None else "--"
+        lw = 2.2 if i == 0 else 1.0
+        tag = " (verdict)" if i == 0 else (" (diverged)" if c["diverged"] else "")
+        ax.plot(s0 + np.arange(1, y.size + 1), y, style, lw=lw, color=cmap(i % 10), label=c["label"] + tag)
+    ax.axvline(s0, color="black", ls=":", lw=0.8)
+    for _, end in d.rungs[:-1]:
+        ax.axvline(s0 + end, color="gray", ls=":", lw=0.8)
+    finite = [v for c in d.candidates for v in c["losses"] if v is not None and math.isfinite(v) and v > 0]
+    finite += [v for v in d.trunk_losses if math.isfinite(v) and v > 0]
+    if finite and max(finite) > 20 * min(finite):
+        ax.set_yscale("log")
+    ax.set_xlabel("step (dotted: branch point and rung ends; dashed: eliminated)")
+    ax.set_ylabel(f"training loss (trailing mean over {width} steps)")
+    ax.set_title(f"Pilot race: {d.headline}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_DESIGNS = {
+    "staged": "stage 1 picks the method at middle radii, stage 2 the radius from the point stage 1 reached",
+    "halving": "successive halving, eta = 3, survivors restarting from the leader",
+}
+
+
+def _diagnosis_markdown(d: Diagnosis, plot: bool) -> str:
+    s = d.statistics
+    lines = ["# robustclip diagnose: verdict", "", f"**Verdict:** {d.headline}.", ""]
+    lines += ["```python", d.snippet, "```", "", f"**Confidence: {d.confidence}.** {d.confidence_reason}", ""]
+    if d.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in d.warnings] + [""]
+    lines += ["## The pilot", ""]
+    rungs = ", ".join(f"{a} arms to step {e}" for a, e in d.rungs)
+    lines += [
+        f"A statistics run without clipping ({len(d.trunk_losses)} steps), then every candidate branches "
+        f"from its end and they race ({_DESIGNS.get(d.pilot, d.pilot)}): {rungs}. Cost, probes and "
+        f"rho passes included: {d.pilot_steps:.0f} training-step "
+        f"equivalents = {d.pilot_cost_frac:.1%} of the {d.planned_steps} planned steps (budget "
+        f"{d.budget:.0%}), seed {d.seed}.",
+        "",
+        "| rank | candidate | radius from | score per rung (lower is better) | steps | out at rung |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(d.candidates):
+        q = "" if c["quantile"] is None else f"q{c['quantile']:g} of observed"
+        sc = ", ".join(_fmt(v) for v in c["scores"])
+        out = "" if c["eliminated_at_rung"] is None else str(c["eliminated_at_rung"])
+        out += " (diverged)" if c["diverged"] else ""
+        lines.append(f"| {i + 1} | {c['label']} | {q} | {sc} | {c['steps']} | {out} |")
+    lines.append("")
+    if plot:
+        lines += ["![pilot curves](pilot.png)", ""]
+    lines += ["## Why these candidates", "", "| method | what the statistics say |", "|---|---|"]
+    lines += [f"| {m} | {w} |" for m, w in d.evidence.items()] + [""]
+    rows = [
+        ("tail index α̂ (median, later probes)", _fmt(s.get("tail_index"), ".3f")),
+        ("strong growth ρ̂ (" + str(s.get("rho_source")) + ", largest)", _fmt(s.get("rho"))),
+        ("ρ̂ on the probe subset (biased toward its size)", _fmt(s.get("rho_probe_subset"))),
+        ("batch size / recommended (b ≥ ρ̂)", f"{s.get('batch_size')} / {_fmt(s.get('recommended_batch_size'), 'd')}"),
+        ("gradient-norm (L0, L1) (Zhang et al.)", f"{_fmt(s.get('l0'))}, {_fmt(s.get('l1'))}"),
+        ("function-gap (L0, L1), f* = 0 (for rc.l0l1_warmup)", f"{_fmt(s.get('l0_gap'))}, {_fmt(s.get('l1_gap'))}"),
+        ("per-sample norm q0.1 / q0.5 / q0.9", " / ".join(_fmt((s.get("per_sample_norms") or {}).get(k)) for k in ("q0.1", "q0.5", "q0.9"))),
+        ("batch gradient norm q0.1 / q0.5 / q0.9", " / ".join(_fmt((s.get("batch_grad_norms") or {}).get(k)) for k in ("q0.1", "q0.5", "q0.9"))),
+    ]
+    lines += ["## Statistics", "", "| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows] + [""]
+    if s.get("layers"):
+        lines += ["| layer | σ_max median | σ_max max | spike ratio | top-r share |", "|---|---|---|---|---|"]
+        for n, v in s["layers"].items():
+            lines.append(
+                f"| {n} | {_fmt(v['sigma_max_median'])} | {_fmt(v['sigma_max_max'])} | "
+                f"{_fmt((s.get('spike_ratios') or {}).get(n))} | {_fmt(v['top_share_mean'], '.2f')} |"
+            )
+        lines.append("")
+    lines += [
+        "## How to read this",
+        "",
+        "- The verdict is the pilot's winner, not a rule applied to the statistics; the statistics "
+        "choose which methods race and set their radii (0.1-, 0.5- and 0.9-quantiles of the quantity "
+        "each method clips, observed along the baseline's run).",
+        "- A pilot is short: it ranks the methods by their progress over its horizon. A method "
+        "whose advantage only shows late in training can lose it; the confidence says how clear the "
+        "margin was.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -395,6 +395,16 @@ class Diagnostics:
                 l0, l1, l0_upper, r2 = fit.l0, fit.l1, fit.l0_upper, fit.r2
             except ValueError as e:
                 notes.append(f"(L0, L1): {e}")
+        # the same curvature readings against the loss: function-gap (L0, L1)-smoothness with
+        # f* = 0, the constants rc.l0l1_warmup takes (arXiv:2605.14800, app. C.4)
+        l0_gap = l1_gap = None
+        gap_pts = [(p.loss, p.smoothness) for p in self.probes if _finite(p.smoothness) and _finite(p.loss)]
+        if gap_pts:
+            try:
+                gfit = fit_l0_l1([max(a, 0.0) for a, _ in gap_pts], [b for _, b in gap_pts])
+                l0_gap, l1_gap = gfit.l0, gfit.l1
+            except ValueError as e:
+                notes.append(f"(L0, L1) against the loss: {e}")
         gnorms = [p.grad_norm for p in self.probes if _finite(p.grad_norm)]
         gmed = float(np.median(gnorms)) if gnorms else None
 
@@ -433,6 +443,8 @@ class Diagnostics:
             "l0": l0,
             "l1": l1,
             "l0_upper": l0_upper,
+            "l0_gap": l0_gap,
+            "l1_gap": l1_gap,
             "l0l1_r2": r2,
             "grad_norm_median": gmed,
             "per_sample_norms": _quantiles(train_norms) if train_norms.size else {},
