@@ -58,10 +58,11 @@ from robustclip.per_sample._engine import (
     expand_weights,
     new_grad,
 )
+from robustclip.per_sample._hooks import views
 from robustclip.per_sample._hooks.capture import Call, EdgeKey, Recorder, Unit, plan_units, release
 from robustclip.per_sample._hooks.fallback import DROPOUT, Fallbacks, PerSampleFallbackWarning
 from robustclip.per_sample._hooks.norms import Gathered
-from robustclip.per_sample._hooks.plan import Plan, RuleJob, make_plan
+from robustclip.per_sample._hooks.plan import Plan, RuleJob, Site, make_plan
 from robustclip.per_sample._hooks.verify import Verifier, check_input_unchanged
 from robustclip.per_sample._hooks.walk import walk
 from robustclip.per_sample._loop import LoopEngine
@@ -200,9 +201,8 @@ class HookEngine(PerSampleEngine):
             if g is not None:
                 got.add(_rule_terms(job.call, g, batch, unbatched=job.consumers is not None))
         for b in plan.bare:
-            g = gmap.get((b.node, 0))
-            if g is not None:
-                ps = broadcast.per_sample(b.factor, g, tuple(params[b.idx].shape))
+            ps = site_grad(b.site, gmap)
+            if ps is not None:
                 got.add({b.idx: DenseTerm(ps.to(acc_dtype(ps.dtype)))})
         for c in plan.fallbacks:
             gs = [_or_zeros(gmap.get(k), s, losses.device) for k, s in zip(c.keys, c.out_shapes)]
@@ -277,16 +277,26 @@ class HookEngine(PerSampleEngine):
 
 def _output_grad(job: RuleJob, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | None:
     """The gradient of a rule call's output, batch first: requested directly, or recovered per
-    sample at the consumers that broadcast an unbatched output."""
+    sample where an unbatched output is broadcast over the batch."""
     if job.consumers is None:
         return grads.get(job.call.keys[0])
-    shape = job.call.out_shapes[0]
     g: Tensor | None = None
-    for m, fac in job.consumers:
-        dy = grads[(m, 0)]
-        assert dy is not None, "a broadcasting consumer lies on the losses' graph"
-        part = broadcast.per_sample(fac, dy, shape)
-        g = part if g is None else g + part
+    for site in job.consumers:
+        part = site_grad(site, grads)
+        if part is not None:
+            g = part if g is None else g + part
+    return g
+
+
+def site_grad(site: Site, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | None:
+    """Per-sample gradient ``(B, *shape)`` of a tensor shared by every sample, from the gradient
+    of the node that broadcasts it, mapped back through the shape-only nodes before it."""
+    dy = grads.get((site.node, 0))
+    if dy is None:
+        return None
+    g = broadcast.per_sample(site.factor, dy, site.shape)
+    for node, in_shape, fac in reversed(site.views):
+        g = views.back(node, g, in_shape) if fac is None else broadcast.per_sample(fac, g, in_shape)
     return g
 
 
