@@ -87,6 +87,9 @@ class Clipper:
         allow_unused: accept optimizer parameters that get no gradient (they get a zero one).
         distributed: sum gradients over processes at ``step()``. ``None``: yes if ``model`` is
             a DistributedDataParallel module.
+        verify_every: per-sample methods compare sample 0's per-sample gradient with autograd
+            on the first use of every way the engine computes it; with ``N``, also every ``N``
+            steps (one extra backward pass each time; docs/fast_engine.md).
 
     Usage (three changed lines in a training loop)::
 
@@ -115,6 +118,7 @@ class Clipper:
         allow_unused: bool = False,
         distributed: bool | None = None,
         process_group: Any = None,
+        verify_every: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -154,6 +158,7 @@ class Clipper:
         self._batchnorms = [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm)]
         self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
         if self.engine is not None:
+            self.engine.set_verify_every(verify_every)
             self.engine.attach()
         self._est_state = est.init(self.layout, self.device)
         self._tr_state = self.method.transform.init(params)

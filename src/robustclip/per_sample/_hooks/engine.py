@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from robustclip.per_sample._engine import (
     ParamLayout,
+    PathCheck,
     PerSampleEngine,
     WeightFn,
     acc_dtype,
@@ -89,12 +90,14 @@ class HookEngine(PerSampleEngine):
         layout: the clipper's parameter layout.
         max_chunk_elements: memory cap, in tensor elements, of the temporary per-sample tensors
             of one layer (chunks of samples) and of the torch.func fallbacks.
-        verify: compare sample 0's gradient with autograd's on the first step (one extra
-            backward pass, once).
+        verify: compare sample 0's gradient with autograd's on the first use of every path
+            (one extra backward pass on such steps; ``verify.py``).
+        verify_every: also re-run that check every ``verify_every`` steps (None: first uses only).
     """
 
     name = "hooks"
     writes_new_grads = True
+    checks_itself = True
 
     def __init__(
         self,
@@ -102,15 +105,17 @@ class HookEngine(PerSampleEngine):
         layout: ParamLayout,
         max_chunk_elements: int = 2**26,
         verify: bool = True,
+        verify_every: int | None = None,
     ) -> None:
         super().__init__(model, layout)
+        self.checks = PathCheck(verify, verify_every)
         self.max_chunk_elements = int(max_chunk_elements)
         # temporaries of a layer's chunk (unfolded patches, Grams) stay below this
         self.transient_elements = min(self.max_chunk_elements, 2**23)
         self._index = {id(p): i for i, p in enumerate(layout.params)}
         self.units: list[Unit] = plan_units(self.model, layout)
         self.recorder = Recorder(self.units, self._on_output_grad)
-        self.verifier = Verifier(layout, enabled=verify)
+        self.verifier = Verifier(layout, self.checks)
         self.fallbacks = Fallbacks(self.units, self.verifier, self.recorder.replaying)
         #: after a whole-model fallback: the engine that takes over
         self._delegate: PerSampleEngine | None = None
@@ -161,6 +166,7 @@ class HookEngine(PerSampleEngine):
         plan = make_plan(calls, walk(losses.grad_fn, calls, self._index), batch, self.layout)
         if plan.problems:
             return self._whole_model_fallback(plan.problems, losses, weight_fn, out)
+        self.verifier.begin(plan.paths())
         retain = self.fallbacks.prepare(plan.fallbacks)
         ref = self.verifier.reference(losses, self.recorder.replaying)
         # 2-3. the one backward pass, and every call's terms (streamed layers' norms too)
@@ -271,8 +277,16 @@ class HookEngine(PerSampleEngine):
             self._delegate = LoopEngine(self.model, self.layout)
         else:
             self._delegate = VmapEngine(self.model, self.layout, max_chunk_elements=self.max_chunk_elements)
+        # its first use (the next step: it did not see this step's forward pass) is checked
+        # against autograd, and so is every verify_every-th step after it
+        self._delegate.checks = PathCheck(self.checks.enabled, self.checks.every)
         self._delegate.attach()
         return accumulate_into(LoopEngine(self.model, self.layout), losses, weight_fn, out)
+
+    def set_verify_every(self, every: int | None) -> None:
+        super().set_verify_every(every)
+        if self._delegate is not None:
+            self._delegate.set_verify_every(every)
 
 
 def _output_grad(job: RuleJob, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | None:

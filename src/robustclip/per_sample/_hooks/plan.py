@@ -132,6 +132,11 @@ class Plan:
             out.append((b.name, "bare parameter", f"broadcast by {_via(b.site)}"))
         return out
 
+    def paths(self) -> set[str]:
+        """The ways this step computes per-sample gradients, one string each: a step that
+        takes one for the first time is checked against autograd (``verify.py``)."""
+        return {" | ".join(r) for r in self.rows()}
+
     def __str__(self) -> str:
         head = f"hook engine plan: batch {self.batch}, {len(self.requests)} gradient(s) requested"
         rows = self.rows()
