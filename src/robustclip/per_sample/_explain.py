@@ -105,7 +105,8 @@ def explain(
     method: Any = None,
     *,
     params: Sequence[Tensor] | None = None,
-    file: TextIO | None = sys.stdout,
+    file: TextIO | None = None,
+    quiet: bool = False,
 ) -> Explanation:
     """Print and return, for each module that owns trainable parameters, the path its
     per-sample gradients take (a layer rule, the per-module fallback, bare parameters, the
@@ -124,7 +125,8 @@ def explain(
         method: the per-sample method (``rc.per_sample_clip(...)``); its ``engine`` decides the
             engine (default: the hook engine).
         params: the parameters to train (default: every parameter that requires grad).
-        file: where to print the table (None: do not print).
+        file: where to print the table (default: ``sys.stdout``).
+        quiet: do not print; only return the :class:`Explanation`.
 
     Example::
 
@@ -138,8 +140,8 @@ def explain(
         result = _whole_engine(model, layout, example, losses_fn, engine_name)
     else:
         result = _hooks(model, layout, example, losses_fn)
-    if file is not None:
-        print(result, file=file)
+    if not quiet:
+        print(result, file=file if file is not None else sys.stdout)
     return result
 
 
