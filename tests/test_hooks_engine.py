@@ -726,3 +726,35 @@ def test_chosen_engines_are_checked_on_first_use(engine):
             clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
             clipper.step()
         assert clipper.engine.checks.checks == 3  # steps 1, 3, 5
+
+
+# -- views, class tokens, shared position biases: the gradients ----------------------------------------
+
+
+@pytest.mark.parametrize("which", ["heads-view", "heads-split", "class-token", "relative-bias", "table-T==B"])
+def test_view_recognition_gives_the_loops_gradients(which):
+    """The plans of ``test_hooks_plan.py`` (views, class and register tokens, a relative
+    position bias through permute and a mask), computed: the loop's clipped sums, two steps,
+    no whole-model fallback."""
+    from .test_hooks_plan import _ClassToken, _Heads, _RelBias
+
+    torch.manual_seed(0)
+    model, x = {
+        "heads-view": lambda: (_Heads("view"), torch.randn(5, 4, 8)),
+        "heads-split": lambda: (_Heads("split"), torch.randn(5, 5, 8)),
+        "class-token": lambda: (_ClassToken(), torch.randn(5, 4, 3)),
+        "relative-bias": lambda: (_RelBias(), torch.randn(5, 5, 4)),
+        "table-T==B": lambda: (_TableTB(), torch.randn(4, 4, 4)),
+    }[which]()
+    engine = compare_engines((model, x, lambda out: out.pow(2).flatten(1).sum(1)), steps=2)
+    assert engine._delegate is None
+
+
+class _TableTB(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(4, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x) + self.pos(torch.arange(4)))

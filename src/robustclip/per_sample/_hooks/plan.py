@@ -170,14 +170,14 @@ def make_plan(calls: list[Call], found: WalkResult, batch: int, layout: ParamLay
 def _plan_rule_call(plan: Plan, c: Call, users: Users) -> None:
     shape, batch = c.out_shapes[0], plan.batch
     consumers = users.get(c.keys[0], [])
-    if not unbatched(shape, consumers, batch):
+    if not unbatched(shape, consumers, batch, users):
         plan.requests[c.keys[0]] = c.out_edges[0]
         plan.rules.append(RuleJob(c))
         return
     sites: list[Site] = []
     bad: list[str] = []
     for m, pos in consumers:
-        _sites(m, pos, shape, batch, users, (), sites, bad)
+        _sites(m, pos, shape, batch, users, (), sites, bad, [_BUDGET])
     if consumers and not bad:
         for x in sites:
             plan.requests[(x.node, 0)] = GradientEdge(x.node, 0)
@@ -204,18 +204,22 @@ def _sites(
     views: tuple[View, ...],
     sites: list[Site],
     bad: list[str],
+    budget: list[int],
 ) -> None:
     """Where a tensor of ``shape`` without a batch dimension, consumed by ``m`` as input ``pos``,
     is broadcast over the batch: at ``m`` itself, or past the nodes that carry it there without
     a batch dimension: shape-only ones, and elementwise ones with another unbatched operand
-    (``views.py``). What cannot be followed is named in ``bad``."""
+    (``views.py``). What cannot be followed
+    is named in ``bad``; so is everything once ``budget[0]`` nodes have been visited (a
+    shared tensor reaches the batch within a few nodes; a batched one may branch everywhere)."""
+    budget[0] -= 1
     if broadcast.supported(m, shape, batch):
         sites.append(Site(m, broadcast.factor(m, pos), shape, views))
         return
     out = broadcast.output_shape(m)
     nxt = users.get((m, 0), [])
     step: View | None = None
-    if out is not None and nxt and len(views) < 32:
+    if out is not None and nxt and budget[0] > 0:
         if m.name() in views_mod.SHAPE_ONLY:
             step = (m, shape, None)
         elif m.name() in broadcast.CONSUMERS and broadcast.broadcast_dims(shape, (batch, *out)) is not None:
@@ -224,7 +228,13 @@ def _sites(
         bad.append(" <- ".join([m.name()] + [v[0].name() for v in reversed(views)]))
         return
     for n, p in nxt:
-        _sites(n, p, out, batch, users, (*views, step), sites, bad)
+        _sites(n, p, out, batch, users, (*views, step), sites, bad, budget)
+        if bad:
+            return
+
+
+#: nodes :func:`_sites` visits at most for one tensor
+_BUDGET = 64
 
 
 def _plan_fallback_call(plan: Plan, c: Call) -> None:
@@ -242,7 +252,7 @@ def _plan_fallback_call(plan: Plan, c: Call) -> None:
 def _plan_bare(plan: Plan, node: Node, pos: int, idx: int, shape: tuple[int, ...], name: str, users: Users) -> None:
     sites: list[Site] = []
     bad: list[str] = []
-    _sites(node, pos, shape, plan.batch, users, (), sites, bad)
+    _sites(node, pos, shape, plan.batch, users, (), sites, bad, [_BUDGET])
     if bad:
         plan.problems.append(
             f"parameter '{name}' is used directly by {', '.join(sorted(set(bad)))} (not through a "
@@ -301,24 +311,28 @@ def _source_name(call: Call) -> str | None:
     return None if rule is None else rule.source_param(call.unit.module, call.unit.names)
 
 
-def unbatched(shape: tuple[int, ...], consumers: list[tuple[Node, int]], batch: int) -> bool:
+def unbatched(shape: tuple[int, ...], consumers: list[tuple[Node, int]], batch: int, users: Users | None = None) -> bool:
     """Does a layer output lack a batch dimension?
 
     Yes if its first dimension is not the batch. If it is, the output is batched, unless every
-    consumer is a broadcasting operation (``rules/broadcast.py``) that broadcasts it over the
-    batch: a position table of ``T == B`` rows added to ``(B, T, d)`` activations. A view,
-    reshape, permute, split or concatenation that keeps the batch in dimension 0 (the head
-    split ``.view(B, T, H, d)`` after an attention projection) is not broadcasting and says
-    nothing against the batch: the output stays batched, and the first-use check
-    (``verify.py``) compares the result with autograd.
+    use of it ends, past shape-only nodes (and elementwise ones with other unbatched operands),
+    at an operation that broadcasts it over the batch
+    (``rules/broadcast.py``): a position table of ``T == B`` rows, ``unsqueeze(0)``-ed and added
+    to ``(B, T, d)`` activations. A view, reshape, permute, split or concatenation that keeps
+    the batch in dimension 0 (the head split ``.view(B, T, H, d)`` after an attention
+    projection) is not broadcasting and says nothing against the batch: the output stays
+    batched, and the first-use check (``verify.py``) compares the result with autograd.
     """
     if len(shape) == 0 or shape[0] != batch:
         return True
     if not consumers:
         return False
-    for m, _ in consumers:
-        out = broadcast.output_shape(m)
-        if m.name() not in broadcast.CONSUMERS or out is None or len(out) <= len(shape) or out[0] != batch:
+    sites: list[Site] = []
+    bad: list[str] = []
+    budget = [_BUDGET]
+    for m, pos in consumers:
+        _sites(m, pos, shape, batch, users or {}, (), sites, bad, budget)
+        if bad:
             return False
     return True
 
