@@ -22,7 +22,7 @@ autograd, and changes nothing, so any objects with those attributes can stand in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -159,7 +159,7 @@ def make_plan(calls: list[Call], found: WalkResult, batch: int, layout: ParamLay
             _plan_rule_call(plan, c, found.consumers)
     for c in found.reached:
         if c.unit.rule is None:
-            _plan_fallback_call(plan, c)
+            _plan_fallback_call(plan, c, found.consumers)
     for node, pos, idx in found.bare:
         _plan_bare(plan, node, pos, idx, tuple(layout.params[idx].shape), layout.names[idx], found.consumers)
     if not plan.problems:
@@ -237,8 +237,20 @@ def _sites(
 _BUDGET = 64
 
 
-def _plan_fallback_call(plan: Plan, c: Call) -> None:
+def _plan_fallback_call(plan: Plan, c: Call, users: Users) -> None:
     batch = plan.batch
+    # only the outputs the losses use are replayed and differentiated: a recurrent layer's
+    # final state (batch in dimension 1) returned beside its batch-first output is often unused
+    used = [k for k, key in enumerate(c.keys) if key in users]
+    if used and len(used) < len(c.keys):
+        c = replace(
+            c,
+            out_edges=[c.out_edges[k] for k in used],
+            out_shapes=[c.out_shapes[k] for k in used],
+            out_positions=[c.out_positions[k] for k in used],
+            out_values=[c.out_values[k] for k in used],
+            out_versions=[c.out_versions[k] for k in used],
+        )
     batched_in = any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch for t in c.input_leaves)
     if not batched_in or any(len(s) == 0 or s[0] != batch for s in c.out_shapes):
         plan.problems.append(
