@@ -39,7 +39,8 @@ class ModulePath:
     name: str
     type: str
     #: ``"rule <Type>"``, ``"per-module fallback"``, ``"bare parameters"``, ``"whole-model
-    #: fallback (vmap)"``, ``"engine vmap"``/``"engine loop"``, or ``"not reached"``
+    #: fallback (vmap)"``, ``"engine vmap"``/``"engine loop"``, ``"tied"`` (its parameters are
+    #: used only through other modules), or ``"not reached"``
     path: str
     why: str
     #: the norm strategy of each parameter (``keep``, ``ghost``, ``index``, ``chunks``,
@@ -240,6 +241,10 @@ def _hooks(model: nn.Module, layout: ParamLayout, example: Any, losses_fn: Calla
                 why = f"{c.unit.reason}; {mode}{inside if sub is not c.unit.module else ''}"
                 by_module.setdefault(id(sub), ("per-module fallback", why))
         bare = {b.idx: b for b in plan.bare}
+        used_by: dict[int, str] = {}
+        for j in plan.rules:
+            for i in j.call.unit.params.values():
+                used_by.setdefault(i, j.call.unit.name)
         mods = []
         for name, mod, own in _owners(model, layout):
             if id(mod) in by_module:
@@ -248,6 +253,9 @@ def _hooks(model: nn.Module, layout: ParamLayout, example: Any, losses_fn: Calla
                 p, why = "bare parameters", "used outside any layer; broadcast by " + ", ".join(
                     plan_row_via(plan, i) for i in own.values() if i in bare
                 )
+            elif any(i in used_by for i in own.values()):
+                via = sorted({used_by[i] for i in own.values() if i in used_by})
+                p, why = "tied", f"its parameters are used through {', '.join(via)}"
             else:
                 p, why = "not reached", "the losses do not depend on it"
             norms = {n: got.how[i][0] for n, i in own.items() if i in got.how}
