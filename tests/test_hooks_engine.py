@@ -330,12 +330,15 @@ def test_unbatched_layer_output_used_by_a_matmul_falls_back():
 
 
 def test_batch_not_first_is_never_silently_wrong():
-    # T != B: the layer's output is recognised as not batch-first and the model falls back
+    # T != B: the Linear's output (T, B, 3) has the batch in dimension 1; a position-wise rule
+    # takes it with the batch moved first (no fallback), and matches the loop
     model = SeqFirst()
     x = torch.randn(3, 5, 4)
-    with pytest.warns(PerSampleFallbackWarning):
-        compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))))
-    # T == B: shapes cannot tell; the first-step check against autograd raises
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSampleFallbackWarning)
+        engine = compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))), steps=2)
+    assert engine._delegate is None
+    # T == B: shapes cannot tell (taken as batch-first); the first-use check raises
     x = torch.randn(4, 4, 4)
     with pytest.raises(ValueError, match="disagrees with autograd"):
         compare_engines((SeqFirst(), x, lambda out: out.pow(2).sum((1, 2))))
@@ -758,3 +761,28 @@ class _TableTB(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.lin(x) + self.pos(torch.arange(4)))
+
+
+class SeqFirstBlock(nn.Module):
+    """A sequence-first block (batch_first=False): Linear, LayerNorm, Linear on (T, B, d)."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):  # x: (B, T, d)
+        h = x.transpose(0, 1)
+        h = self.out(torch.tanh(self.norm(self.inp(h))))
+        return h.transpose(0, 1)
+
+
+def test_sequence_first_positionwise_layers_take_their_rules():
+    model = SeqFirstBlock()
+    x = torch.randn(4, 7, 6)
+    engine = compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))), steps=2)
+    assert engine._delegate is None
+    ex = rc.explain(model, x, lambda out: out.pow(2).sum((1, 2)), quiet=True)
+    assert {m.path for m in ex.modules} == {"rule Linear", "rule LayerNorm"}
+    assert all("batch in dimension 1" in m.why for m in ex.modules)

@@ -205,7 +205,7 @@ class HookEngine(PerSampleEngine):
             check_input_unchanged(job.call)
             g = _output_grad(job, gmap)
             if g is not None:
-                got.add(_rule_terms(job.call, g, batch, unbatched=job.consumers is not None))
+                got.add(_rule_terms(job.call, g, batch, unbatched=job.consumers is not None, batch_dim=job.batch_dim))
         for b in plan.bare:
             ps = site_grad(b.site, gmap)
             if ps is not None:
@@ -314,14 +314,17 @@ def site_grad(site: Site, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | No
     return g
 
 
-def _rule_terms(call: Call, grad_out: Tensor, batch: int, unbatched: bool) -> dict[int, Term]:
+def _rule_terms(call: Call, grad_out: Tensor, batch: int, unbatched: bool, batch_dim: int = 0) -> dict[int, Term]:
     """A rule call's terms, by parameter index. An unbatched call's input is the same for every
-    sample: it is expanded over the batch, as its recovered output gradient is."""
+    sample: it is expanded over the batch, as its recovered output gradient is. A sequence-first
+    call's input and output gradient get their batch moved first."""
     unit = call.unit
     assert call.x is not None and unit.rule is not None
     x = call.x.detach()
     if unbatched:
         x = x.unsqueeze(0).expand(batch, *x.shape)
+    if batch_dim:
+        x, grad_out = x.movedim(batch_dim, 0), grad_out.movedim(batch_dim, 0)
     return {unit.params[name]: t for name, t in unit.rule.terms(unit.module, x, grad_out, unit.names).items()}
 
 

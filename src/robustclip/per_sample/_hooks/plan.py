@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from robustclip.per_sample._engine import ParamLayout
@@ -68,6 +68,9 @@ class RuleJob:
     consumers: list[Site] | None = None
     #: processed inside the backward pass by the tensor hook on its output
     streamed: bool = False
+    #: the dimension of the batch in the call's input and output (1: a sequence-first
+    #: position-wise layer; processed after the pass, with the batch moved first)
+    batch_dim: int = 0
     #: what the pass requests so that it reaches this (first) layer: ``"output"``, or the
     #: parameter the rule declares as ``source_param``; None when a request below serves it
     requests: str | None = None
@@ -118,7 +121,9 @@ class Plan:
         for j in self.rules:
             unit = j.call.unit
             what = f"{unit.name} ({type(unit.module).__name__})"
-            if j.consumers is not None:
+            if j.batch_dim:
+                out.append((what, "rule, batch in dimension 1", "sequence-first layer"))
+            elif j.consumers is not None:
                 via = ", ".join(sorted({_via(x) for x in j.consumers}))
                 out.append((what, "rule, unbatched output", f"broadcast by {via}"))
             elif j.streamed:
@@ -182,6 +187,11 @@ def _plan_rule_call(plan: Plan, c: Call, users: Users) -> None:
         for x in sites:
             plan.requests[(x.node, 0)] = GradientEdge(x.node, 0)
         plan.rules.append(RuleJob(c, sites))
+    elif len(shape) >= 2 and shape[1] == batch and _positionwise(c):
+        # a sequence-first layer (batch_first=False): a position-wise layer sees its batch in
+        # dimension 1; the rule gets input and output gradient with the batch moved first
+        plan.requests[c.keys[0]] = c.out_edges[0]
+        plan.rules.append(RuleJob(c, batch_dim=1))
     else:
         used = ", ".join(sorted(set(bad))) or "nothing"
         plan.problems.append(
@@ -189,6 +199,26 @@ def _plan_rule_call(plan: Plan, c: Call, users: Users) -> None:
             f"shape {shape}, batch {batch}) and its output is used by {used}, which "
             "does not broadcast it over the batch"
         )
+
+
+def _positionwise(c: Call) -> bool:
+    """Does the call's rule treat every position of its input alike, acting on the last
+    dimension only (so the batch may sit in any leading dimension)? Its input must then
+    have the batch in dimension 1 too."""
+    rule = c.unit.rule
+    x = c.x
+    return (
+        rule is not None
+        and issubclass(rule.module_type, POSITIONWISE)
+        and x is not None
+        and x.dim() >= 2
+        and x.shape[1] == c.out_shapes[0][1]
+    )
+
+
+#: layer types whose rules act on the last dimension alone (a Linear, a norm over the last
+#: dimension, an embedding lookup): the batch may sit in dimension 1 of their input and output
+POSITIONWISE: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 
 
 #: edge key -> its consumers (the walk's ``consumers``)
@@ -289,7 +319,7 @@ def _plan_streaming(plan: Plan, calls: list[Call]) -> None:
     for b in plan.bare:
         uses[b.idx] = uses.get(b.idx, 0) + 1
     for j in plan.rules:
-        if j.consumers is None and all(uses[i] == 1 for i in j.call.unit.params.values()):
+        if j.consumers is None and j.batch_dim == 0 and all(uses[i] == 1 for i in j.call.unit.params.values()):
             j.streamed = True
             # autograd computes a streamed call's output gradient only if a requested gradient
             # lies below it; calls with none below (the first layer) are requested themselves
