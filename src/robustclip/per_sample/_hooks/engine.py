@@ -31,9 +31,12 @@ Safety nets, so that a gradient is never silently wrong:
 * modules without a rule are replayed per sample with torch.func (one warning naming them);
 * bare parameters and unbatched layer calls are handled at their broadcasting consumer
   (``rules/broadcast.py``) or else the whole model falls back to torch.func (warning);
-* on the first step, sample 0's gradient from the terms is compared with autograd's (one extra
-  backward pass, once); a mismatch raises instead of training on a wrong gradient
-  (``verify.py``, with the other checks).
+* on every step that takes a path for the first time (the first step, a module that starts
+  falling back, a layer called in a new way) and every ``verify_every`` steps, sample 0's
+  gradient from the terms is compared with autograd's (one extra backward pass); a mismatch
+  raises instead of training on a wrong gradient (``verify.py``, with the other checks). The
+  engine a whole-model fallback hands over to is checked on its own first step
+  (``_engine.accumulate_into``).
 
 References: ghost clipping, Goodfellow (arXiv:1510.01799), Li et al. (arXiv:2110.05679);
 mixed ghost clipping and book-keeping, Bu et al. (arXiv:2205.10683, arXiv:2210.00038);
@@ -268,7 +271,7 @@ class HookEngine(PerSampleEngine):
             "robustclip: the hook engine cannot split this model's gradient by sample: "
             + "; ".join(problems[:4])
             + (". It falls back to torch.func over the whole model" if not random else ". It falls back to the reference loop (the model has dropout)")
-            + " (this step: the reference loop).",
+            + " (this step: the reference loop; the next step's engine is checked against autograd).",
             PerSampleFallbackWarning,
             stacklevel=5,
         )
