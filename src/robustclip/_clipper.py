@@ -89,7 +89,7 @@ class Clipper:
             a DistributedDataParallel module.
         verify_every: per-sample methods compare sample 0's per-sample gradient with autograd
             on the first use of every way the engine computes it; with ``N``, also every ``N``
-            steps (one extra backward pass each time; docs/fast_engine.md).
+            ``backward`` calls (one extra backward pass each time; docs/fast_engine.md).
 
     Usage (three changed lines in a training loop)::
 

@@ -108,7 +108,8 @@ class PathCheck:
     broadcast site for the hook engine, which names them), so a path first taken at step ``k``
     (a module that starts falling back, a layer called in a new way, a whole-model fallback)
     is checked at step ``k``; and, with ``every = N``, again once ``N`` steps have passed since
-    the last check.
+    the last check. A step here is one ``accumulate`` call: one ``clipper.backward``, so with
+    gradient accumulation a micro-batch.
 
     Args:
         enabled: run the checks at all.

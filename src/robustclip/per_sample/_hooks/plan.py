@@ -239,9 +239,9 @@ def _sites(
     """Where a tensor of ``shape`` without a batch dimension, consumed by ``m`` as input ``pos``,
     is broadcast over the batch: at ``m`` itself, or past the nodes that carry it there without
     a batch dimension: shape-only ones, and elementwise ones with another unbatched operand
-    (``views.py``). What cannot be followed
-    is named in ``bad``; so is everything once ``budget[0]`` nodes have been visited (a
-    shared tensor reaches the batch within a few nodes; a batched one may branch everywhere)."""
+    (``views.py``). What cannot be followed is named in ``bad``; so is everything once
+    ``budget[0]`` nodes have been visited (a shared tensor reaches the batch within a few
+    nodes; a batched one may branch everywhere)."""
     budget[0] -= 1
     if broadcast.supported(m, shape, batch):
         sites.append(Site(m, broadcast.factor(m, pos), shape, views))
