@@ -248,20 +248,20 @@ def _hooks(model: nn.Module, layout: ParamLayout, example: Any, losses_fn: Calla
         mods = []
         for name, mod, own in _owners(model, layout):
             if id(mod) in by_module:
-                p, why = by_module[id(mod)]
+                route, why = by_module[id(mod)]
             elif any(i in bare for i in own.values()):
-                p, why = "bare parameters", "used outside any layer; broadcast by " + ", ".join(
+                route, why = "bare parameters", "used outside any layer; broadcast by " + ", ".join(
                     plan_row_via(plan, i) for i in own.values() if i in bare
                 )
             elif any(i in used_by for i in own.values()):
                 via = sorted({used_by[i] for i in own.values() if i in used_by})
-                p, why = "tied", f"its parameters are used through {', '.join(via)}"
+                route, why = "tied", f"its parameters are used through {', '.join(via)}"
             else:
-                p, why = "not reached", "the losses do not depend on it"
+                route, why = "not reached", "the losses do not depend on it"
             norms = {n: got.how[i][0] for n, i in own.items() if i in got.how}
             cost = sum(got.how[i][1] for i in own.values() if i in got.how)
             plain = sum(got.how[i][2] for i in own.values() if i in got.how)
-            mods.append(ModulePath(name, type(mod).__name__, p, why, norms, cost, plain))
+            mods.append(ModulePath(name, type(mod).__name__, route, why, norms, cost, plain))
         return Explanation("hooks", batch, mods, plan=plan)
     finally:
         engine.detach()

@@ -254,7 +254,7 @@ def _sites(
             step = (m, shape, None)
         elif m.name() in broadcast.CONSUMERS and broadcast.broadcast_dims(shape, (batch, *out)) is not None:
             step = (m, shape, broadcast.factor(m, pos))
-    if step is None:
+    if step is None or out is None:
         bad.append(" <- ".join([m.name()] + [v[0].name() for v in reversed(views)]))
         return
     for n, p in nxt:
