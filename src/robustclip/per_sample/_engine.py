@@ -237,10 +237,13 @@ _HALF = (torch.float16, torch.bfloat16)
 def check_norms(got: Tensor, ref: Tensor, groups: Sequence[str], engine: str, half: bool) -> None:
     """Sample 0's per-group gradient norms from an engine against autograd's; raise if they
     disagree (one host read: this runs on check steps only)."""
-    rtol = 5e-2 if half else 1e-3
+    # as the hook engine's sample-0 check (verify.py): half-precision rounding is relative to
+    # the whole gradient, so a small group's norm may differ by more than its own 5%
+    rtol, atol = (5e-2, 1e-2) if half else (1e-3, 1e-5)
     got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
-    floor = 100 * torch.finfo(torch.float32).eps * (1.0 + float(ref.norm()))
-    bad = [g for g, a, r in zip(groups, got.tolist(), ref.tolist()) if abs(a - r) > rtol * r + 1e-5 * float(ref.norm()) + floor]
+    total = float(ref.norm())
+    floor = 100 * torch.finfo(torch.float32).eps * (1.0 + total)
+    bad = [g for g, a, r in zip(groups, got.tolist(), ref.tolist()) if abs(a - r) > rtol * r + atol * total + floor]
     if bad:
         raise ValueError(
             f"robustclip: the {engine!r} per-sample engine's gradient norm of sample 0 disagrees "
