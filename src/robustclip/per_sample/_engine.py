@@ -226,12 +226,22 @@ def accumulate_into(
     )[:, 0]
     del ref
     norms = engine.accumulate(losses, weight_fn, out)
-    check_norms(norms[:, 0], ref_sq.sqrt(), lay.group_names, engine.name, norms.dtype in _HALF or lay.params[0].dtype in _HALF)
+    check_norms(norms[:, 0], ref_sq.sqrt(), lay.group_names, engine.name, _half_precision(engine, losses))
     engine.checks.passed({engine.name})
     return norms
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_precision(engine: PerSampleEngine, losses: Tensor) -> bool:
+    """Did the step compute in bf16/fp16 (half-precision parameters, or a forward pass under
+    autocast, as the engine recorded it: ``(device, enabled, dtype)``), so that the engine and
+    autograd round differently?"""
+    if losses.dtype in _HALF or engine.layout.params[0].dtype in _HALF:
+        return True
+    recorded = getattr(engine, "_autocast", None)  # the vmap engine records its forward's
+    return bool(recorded and recorded[1] and recorded[2] in _HALF) or torch.is_autocast_enabled(losses.device.type)
 
 
 def check_norms(got: Tensor, ref: Tensor, groups: Sequence[str], engine: str, half: bool) -> None:
