@@ -330,12 +330,15 @@ def test_unbatched_layer_output_used_by_a_matmul_falls_back():
 
 
 def test_batch_not_first_is_never_silently_wrong():
-    # T != B: the layer's output is recognised as not batch-first and the model falls back
+    # T != B: the Linear's output (T, B, 3) has the batch in dimension 1; a position-wise rule
+    # takes it with the batch moved first (no fallback), and matches the loop
     model = SeqFirst()
     x = torch.randn(3, 5, 4)
-    with pytest.warns(PerSampleFallbackWarning):
-        compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))))
-    # T == B: shapes cannot tell; the first-step check against autograd raises
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSampleFallbackWarning)
+        engine = compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))), steps=2)
+    assert engine._delegate is None
+    # T == B: shapes cannot tell (taken as batch-first); the first-use check raises
     x = torch.randn(4, 4, 4)
     with pytest.raises(ValueError, match="disagrees with autograd"):
         compare_engines((SeqFirst(), x, lambda out: out.pow(2).sum((1, 2))))
@@ -593,3 +596,193 @@ def test_a_step_leaves_no_reference_cycles(make):
             gc.enable()
     clipper.close()
     assert not leaked, f"reference cycles left by the step hold: {leaked[:10]}"
+
+
+# -- no path goes unchecked: first uses, plan changes, verify_every --------------------------------------
+
+
+class Scale(nn.Module):
+    """``y = x * weight``: a layer type the tests give a rule that can be rigged wrong."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class Rigged:
+    """A rule for :class:`Scale` that is right until ``wrong`` is set, then off by 10%."""
+
+    def __init__(self) -> None:
+        self.wrong = False
+
+    def __call__(self, module, x, grad_out, names):
+        from robustclip.per_sample.rules import DenseTerm
+
+        b = grad_out.shape[0]
+        per_sample = (grad_out * x).reshape(b, -1, module.weight.shape[0]).sum(1)
+        return {"weight": DenseTerm(per_sample * (1.1 if self.wrong else 1.0))}
+
+
+@pytest.fixture
+def rigged(monkeypatch):
+    from robustclip.per_sample.rules import RULES, Rule
+
+    fn = Rigged()
+    monkeypatch.setitem(RULES, Scale, Rule(Scale, fn))
+    return fn
+
+
+class WithScale(nn.Module):
+    """Linear, then a Scale that the forward pass uses only from ``use_scale`` on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.scale = Scale(4)
+        self.head = nn.Linear(4, 3)
+        self.use_scale = True
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return self.head(self.scale(h) if self.use_scale else h)
+
+
+def _train(model, steps, on_step=lambda k: None, **clipper_kw):
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    with rc.Clipper(model, opt, rc.per_sample_clip(0.5), allow_unused=True, **clipper_kw) as clipper:
+        for k in range(steps):
+            on_step(k)
+            clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
+            clipper.step()
+        return clipper
+
+
+def test_rigged_rule_is_caught_by_verify_every(rigged):
+    """Wrong from step 2 on: the first-use check passed at step 1, verify_every=1 checks again."""
+    model = WithScale()
+
+    def on_step(k):
+        rigged.wrong = k >= 1
+
+    with pytest.raises(ValueError, match="scale.weight"):
+        _train(model, 3, on_step, verify_every=1)
+    # without verify_every nothing re-checks the same path: documented, and the reason for it
+    rigged.wrong = False
+    _train(WithScale(), 3, on_step)
+
+
+def test_new_path_is_checked_when_the_plan_changes(rigged):
+    """A module used for the first time at step 2, through a wrong rule: that step is checked."""
+    rigged.wrong = True
+    model = WithScale()
+    model.use_scale = False
+
+    def on_step(k):
+        model.use_scale = k >= 1
+
+    with pytest.raises(ValueError, match="scale.weight"):
+        _train(model, 3, on_step)
+
+
+def test_a_checked_step_has_exactly_the_extra_backward_of_the_check():
+    """verify_every=3 over 7 steps: checks at steps 1, 4 and 7."""
+    clipper = _train(MLP([5, 8, 3]), 7, verify_every=3)
+    assert clipper.engine.checks.checks == 3
+    clipper = _train(MLP([5, 8, 3]), 7)
+    assert clipper.engine.checks.checks == 1
+    with pytest.raises(ValueError, match="verify_every"):
+        _train(MLP([5, 8, 3]), 1, verify_every=0)
+
+
+def test_whole_model_fallback_engine_is_checked_on_its_first_use(monkeypatch):
+    """The model falls back at step 1 (the reference loop runs); the vmap engine that takes over
+    runs first at step 2 and is checked there: rigged wrong, it raises instead of training."""
+    real = VmapEngine.accumulate
+
+    def wrong(self, losses, weight_fn, out):
+        return real(self, losses * 1.2, weight_fn, out)  # every per-sample gradient 20% too large
+
+    monkeypatch.setattr(VmapEngine, "accumulate", wrong)
+    model = BareMatmul()
+    x, y = torch.randn(5, 5), torch.randint(0, 3, (5,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with rc.Clipper(model, opt, rc.per_sample_clip(0.5)) as clipper:
+        with pytest.warns(PerSampleFallbackWarning, match="cannot split"):
+            clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
+        clipper.step()
+        with pytest.raises(ValueError, match="'vmap' per-sample engine"):
+            clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
+
+
+@pytest.mark.parametrize("engine", ["vmap", "loop"])
+def test_chosen_engines_are_checked_on_first_use(engine):
+    model = MLP([5, 8, 3])
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with rc.Clipper(model, opt, rc.per_sample_clip(0.5, engine=engine), verify_every=2) as clipper:
+        for _ in range(5):
+            clipper.backward(F.cross_entropy(model(x), y, reduction="none"))
+            clipper.step()
+        assert clipper.engine.checks.checks == 3  # steps 1, 3, 5
+
+
+# -- views, class tokens, shared position biases: the gradients ----------------------------------------
+
+
+@pytest.mark.parametrize("which", ["heads-view", "heads-split", "class-token", "relative-bias", "table-T==B"])
+def test_view_recognition_gives_the_loops_gradients(which):
+    """The plans of ``test_hooks_plan.py`` (views, class and register tokens, a relative
+    position bias through permute and a mask), computed: the loop's clipped sums, two steps,
+    no whole-model fallback."""
+    from .test_hooks_plan import _ClassToken, _Heads, _RelBias
+
+    torch.manual_seed(0)
+    model, x = {
+        "heads-view": lambda: (_Heads("view"), torch.randn(5, 4, 8)),
+        "heads-split": lambda: (_Heads("split"), torch.randn(5, 5, 8)),
+        "class-token": lambda: (_ClassToken(), torch.randn(5, 4, 3)),
+        "relative-bias": lambda: (_RelBias(), torch.randn(5, 5, 4)),
+        "table-T==B": lambda: (_TableTB(), torch.randn(4, 4, 4)),
+    }[which]()
+    engine = compare_engines((model, x, lambda out: out.pow(2).flatten(1).sum(1)), steps=2)
+    assert engine._delegate is None
+
+
+class _TableTB(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(4, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x) + self.pos(torch.arange(4)))
+
+
+class SeqFirstBlock(nn.Module):
+    """A sequence-first block (batch_first=False): Linear, LayerNorm, Linear on (T, B, d)."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):  # x: (B, T, d)
+        h = x.transpose(0, 1)
+        h = self.out(torch.tanh(self.norm(self.inp(h))))
+        return h.transpose(0, 1)
+
+
+def test_sequence_first_positionwise_layers_take_their_rules():
+    model = SeqFirstBlock()
+    x = torch.randn(4, 7, 6)
+    engine = compare_engines((model, x, lambda out: out.pow(2).sum((1, 2))), steps=2)
+    assert engine._delegate is None
+    ex = rc.explain(model, x, lambda out: out.pow(2).sum((1, 2)), quiet=True)
+    assert {m.path for m in ex.modules} == {"rule Linear", "rule LayerNorm"}
+    assert all("batch in dimension 1" in m.why for m in ex.modules)

@@ -202,3 +202,134 @@ def test_plan_of_a_real_forward_pass_runs_no_backward():
     }
     assert [c.unit.name for c in plan.fallbacks] == ["custom"]
     release(calls)
+
+
+# -- batched tensors through views; shared tensors through views to their broadcasting site ------------
+
+
+def _plan_of(model: nn.Module, x: torch.Tensor, losses_fn=lambda out: out.pow(2).flatten(1).sum(1)):
+    layout = ParamLayout.build(model, list(model.parameters()))
+    recorder = Recorder(plan_units(model, layout), lambda call, g: None)
+    recorder.attach()
+    try:
+        losses = losses_fn(model(x))
+        calls = recorder.take()
+        plan = make_plan(calls, walk(losses.grad_fn, calls, {id(p): i for i, p in enumerate(layout.params)}), x.shape[0], layout)
+    finally:
+        recorder.detach()
+    return plan, calls
+
+
+class _Heads(nn.Module):
+    """An attention block's projections, heads split with a view, and every other batch-keeping
+    rearrangement after a projection: none makes a batched output look unbatched."""
+
+    def __init__(self, how: str, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.how, self.h = how, heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        y = self.qkv(x)
+        if self.how == "view":
+            q, k, v = y.view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        elif self.how == "reshape":
+            q, k, v = y.reshape(b, t, self.h, 3 * d // self.h).transpose(1, 2).chunk(3, dim=-1)
+        elif self.how == "split":
+            q, k, v = (z.unflatten(-1, (self.h, d // self.h)).transpose(1, 2) for z in y.split(d, dim=-1))
+        else:
+            raise KeyError(self.how)
+        att = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.out(att.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "split"])
+@pytest.mark.parametrize("t", [5, B], ids=["T!=B", "T==B"])
+def test_views_that_keep_the_batch_first_are_batched(how, t):
+    """``.view(B, T, H, d)`` and friends after a projection (output (B, T, 3d), its first
+    dimension the batch) leave it a batched layer: no problem, its output requested as usual."""
+    plan, calls = _plan_of(_Heads(how), torch.randn(B, t, 8))
+    assert not plan.problems, plan.problems
+    assert all(j.consumers is None for j in plan.rules) and len(plan.rules) == 2
+    release(calls)
+
+
+class _ClassToken(nn.Module):
+    """ViT's embeddings: patches, a class token and register tokens expanded over the batch and
+    concatenated along dimension 1, a position table added (all bare parameters)."""
+
+    def __init__(self, d: int = 8, n: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Linear(3, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.reg = nn.Parameter(torch.randn(1, 2, d))
+        self.pos = nn.Parameter(torch.randn(n + 3, d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        h = torch.cat([self.cls.expand(b, -1, -1), self.reg.expand(b, -1, -1), self.patch(x)], 1)
+        return self.head(h + self.pos.unsqueeze(0))
+
+
+def test_class_and_register_tokens_and_position_table_are_bare_broadcasts():
+    plan, calls = _plan_of(_ClassToken(), torch.randn(B, 4, 3))
+    assert not plan.problems, plan.problems
+    via = {b.name: b.site.node.name() for b in plan.bare}
+    assert via == {"cls": "ExpandBackward0", "reg": "ExpandBackward0", "pos": "AddBackward0"}
+    pos = next(b for b in plan.bare if b.name == "pos")
+    assert [v[0].name() for v in pos.site.views] == ["UnsqueezeBackward0"]
+    release(calls)
+
+
+class _RelBias(nn.Module):
+    """T5's relative position bias: an embedding of (q, k) buckets, permuted and unsqueezed to
+    (1, H, q, k), masked by a causal mask (still no batch), added to the batch's scores."""
+
+    def __init__(self, t: int = 5, heads: int = 2) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(8, heads)
+        self.proj = nn.Linear(4, 4)
+        pos = torch.arange(t)
+        self.register_buffer("buckets", (pos[None] - pos[:, None]).clamp(-3, 4) + 3)
+        self.register_buffer("causal", torch.ones(t, t, dtype=torch.bool).tril())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias(self.buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, q, k)
+        b = torch.where(self.causal, b, -1e4)
+        h = self.proj(x)  # (B, t, 4)
+        scores = (h @ h.transpose(1, 2)).unsqueeze(1) + b  # (B, H, q, k)
+        return torch.softmax(scores, -1).sum(1)
+
+
+def test_an_unbatched_output_is_followed_through_views_and_masks_to_its_broadcast():
+    plan, calls = _plan_of(_RelBias(), torch.randn(B, 5, 4))
+    assert not plan.problems, plan.problems
+    (job,) = [j for j in plan.rules if j.consumers is not None]
+    (site,) = job.consumers
+    assert site.node.name() == "AddBackward0"
+    assert [v[0].name() for v in site.views] == ["PermuteBackward0", "UnsqueezeBackward0", "WhereBackward0"]
+    assert site.views[2][2] is not None  # the mask's factor; shape-only steps have none
+    release(calls)
+
+
+def test_a_batch_sized_table_added_after_unsqueeze_is_not_taken_for_batched():
+    """A position table of T == B rows: shapes cannot tell it from a batched output. Added
+    directly, the add that broadcasts it says it is unbatched; the plan follows it there."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Embedding(B, 4)
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.pos(torch.arange(B))  # (B, T=B, 4) + (T=B, 4)
+
+    plan, calls = _plan_of(Table(), torch.randn(B, B, 4))
+    assert not plan.problems
+    (job,) = [j for j in plan.rules if j.call.unit.name == "pos"]
+    assert job.consumers is not None and job.consumers[0].node.name() == "AddBackward0"
+    release(calls)

@@ -28,17 +28,9 @@ HF = {"gpt2", "gpt2_padded", "bert_padded", "llama_tied", "llama_untied", "vit",
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 _WHOLE = "the hook engine makes the whole model fall back to torch.func"
-_VIEW = "(a projection's output split into heads with .view is taken for an unbatched call)"
 #: (model, engine) -> why it fails today, for every method
 XFAIL: dict[tuple[str, str], str] = {
-    ("llama_tied", "auto"): f"{_WHOLE} {_VIEW}",
-    ("llama_untied", "auto"): f"{_WHOLE} {_VIEW}",
-    ("vit", "auto"): f"{_WHOLE} {_VIEW}",
-    ("bert_padded", "auto"): f"{_WHOLE} {_VIEW}",
-    ("t5_labels", "auto"): f"{_WHOLE} {_VIEW}",
-    ("t5_decoder_ids", "auto"): f"{_WHOLE} {_VIEW}",
     ("torch_encoder_bf0", "auto"): f"{_WHOLE} (nn.MultiheadAttention with the batch in dimension 1)",
-    ("lstm", "auto"): f"{_WHOLE} (nn.LSTM has no rule and its fallback sees the (h, c) state tuple)",
     ("gru", "auto"): f"{_WHOLE} (nn.GRU has no rule and its fallback sees the batch in dimension 1)",
     ("bilstm2_tagger", "auto"): (
         "the hook engine's per-module replay of a 2-layer bidirectional nn.LSTM raises a shape "

@@ -36,6 +36,7 @@ from robustclip._norm_transforms import (
 from robustclip._spectral import spectral_clip
 from robustclip._transform import GradientTransform, StepContext, identity
 from robustclip.per_sample import PerSampleFallbackWarning
+from robustclip.per_sample._explain import explain
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "clip_by_tensor_norm",
     "convert_batchnorm_to_groupnorm",
     "diagnostics",
+    "explain",
     "identity",
     "l0l1_warmup",
     "losses",

@@ -99,6 +99,9 @@ class Clipper:
             a DistributedDataParallel module.
         params: the parameters to work on when ``optimizer`` is ``None`` (default: those of
             ``model`` that require grad).
+        verify_every: per-sample methods compare sample 0's per-sample gradient with autograd
+            on the first use of every way the engine computes it; with ``N``, also every ``N``
+            ``backward`` calls (one extra backward pass each time; docs/fast_engine.md).
 
     Usage (three changed lines in a training loop)::
 
@@ -135,6 +138,7 @@ class Clipper:
         distributed: bool | None = None,
         process_group: Any = None,
         params: Iterable[Tensor] | None = None,
+        verify_every: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -186,6 +190,7 @@ class Clipper:
         self._batchnorms = [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm)]
         self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
         if self.engine is not None:
+            self.engine.set_verify_every(verify_every)
             self.engine.attach()
         self._est_state = est.init(self.layout, self.device)
         self._tr_state = self.method.transform.init(params)

@@ -100,6 +100,45 @@ class ParamLayout:
         return cls(list(params), names, modules, group_of, group_names)
 
 
+class PathCheck:
+    """When an engine compares its per-sample result with autograd (one extra backward pass).
+
+    A check is due on the first use of every way the engine computes per-sample gradients
+    (*paths*: the whole engine for vmap and the loop; each layer's rule, per-module fallback or
+    broadcast site for the hook engine, which names them), so a path first taken at step ``k``
+    (a module that starts falling back, a layer called in a new way, a whole-model fallback)
+    is checked at step ``k``; and, with ``every = N``, again once ``N`` steps have passed since
+    the last check. A step here is one ``accumulate`` call: one ``clipper.backward``, so with
+    gradient accumulation a micro-batch.
+
+    Args:
+        enabled: run the checks at all.
+        every: re-check every ``every`` steps (None: first uses only).
+    """
+
+    def __init__(self, enabled: bool = True, every: int | None = None) -> None:
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"verify_every must be a positive int or None, got {every!r}.")
+        self.enabled = enabled
+        self.every = every
+        #: the paths that have passed a check
+        self.checked: set[str] = set()
+        self.since = 0  # steps since the last check passed
+        self.checks = 0  # checks passed (tests and diagnostics read it)
+
+    def due(self, paths: set[str]) -> bool:
+        """Is a check due on a step that takes ``paths``? Call once per step."""
+        self.since += 1
+        if not self.enabled:
+            return False
+        return bool(paths - self.checked) or (self.every is not None and self.since >= self.every)
+
+    def passed(self, paths: set[str]) -> None:
+        self.checked |= paths
+        self.since = 0
+        self.checks += 1
+
+
 class PerSampleEngine:
     """Base class: see the module docstring for the contract."""
 
@@ -107,10 +146,18 @@ class PerSampleEngine:
     #: True if :meth:`accumulate` accepts ``None`` entries in ``out``; otherwise the per-sample
     #: estimators hand it zero-filled buffers
     writes_new_grads = False
+    #: True if the engine runs its own first-use checks (finer than :func:`accumulate_into`'s)
+    checks_itself = False
 
     def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
         self.model = unwrap_model(model)
         self.layout = layout
+        #: when the result is compared with autograd (:func:`accumulate_into`, or the engine)
+        self.checks = PathCheck()
+
+    def set_verify_every(self, every: int | None) -> None:
+        """Re-run the check against autograd every ``every`` steps, besides first uses."""
+        self.checks.every = PathCheck(True, every).every  # validated there
 
     def attach(self) -> None:
         """Install whatever the engine needs to observe the forward pass."""
@@ -165,10 +212,56 @@ def accumulate_into(
     engine: PerSampleEngine, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]
 ) -> Tensor:
     """``engine.accumulate``, with zeros first in the ``None`` entries of ``out`` for an engine
-    that only adds into it (``writes_new_grads`` False)."""
+    that only adds into it (``writes_new_grads`` False), and, when due
+    (:class:`PathCheck`), sample 0's per-group norms compared with autograd's (for engines
+    that do not check themselves)."""
     if not engine.writes_new_grads:
         fill_missing(out, engine.layout.params)
-    return engine.accumulate(losses, weight_fn, out)
+    if engine.checks_itself or not engine.checks.due({engine.name}) or losses.grad_fn is None:
+        return engine.accumulate(losses, weight_fn, out)
+    lay = engine.layout
+    ref = torch.autograd.grad(losses[0], lay.params, retain_graph=True, allow_unused=True)
+    ref_sq = engine.group_sq_norms(
+        [torch.zeros(1, device=losses.device) if g is None else g.detach().to(acc_dtype(g.dtype)).pow(2).sum().reshape(1) for g in ref]
+    )[:, 0]
+    del ref
+    norms = engine.accumulate(losses, weight_fn, out)
+    check_norms(norms[:, 0], ref_sq.sqrt(), lay.group_names, engine.name, _half_precision(engine, losses))
+    engine.checks.passed({engine.name})
+    return norms
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_precision(engine: PerSampleEngine, losses: Tensor) -> bool:
+    """Did the step compute in bf16/fp16 (half-precision parameters, or a forward pass under
+    autocast, as the engine recorded it: ``(device, enabled, dtype)``), so that the engine and
+    autograd round differently?"""
+    if losses.dtype in _HALF or engine.layout.params[0].dtype in _HALF:
+        return True
+    recorded = getattr(engine, "_autocast", None)  # the vmap engine records its forward's
+    return bool(recorded and recorded[1] and recorded[2] in _HALF) or torch.is_autocast_enabled(losses.device.type)
+
+
+def check_norms(got: Tensor, ref: Tensor, groups: Sequence[str], engine: str, half: bool) -> None:
+    """Sample 0's per-group gradient norms from an engine against autograd's; raise if they
+    disagree (one host read: this runs on check steps only)."""
+    # as the hook engine's sample-0 check (verify.py): half-precision rounding is relative to
+    # the whole gradient, so a small group's norm may differ by more than its own 5%
+    rtol, atol = (5e-2, 1e-2) if half else (1e-3, 1e-5)
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    total = float(ref.norm())
+    floor = 100 * torch.finfo(torch.float32).eps * (1.0 + total)
+    bad = [g for g, a, r in zip(groups, got.tolist(), ref.tolist()) if abs(a - r) > rtol * r + atol * total + floor]
+    if bad:
+        raise ValueError(
+            f"robustclip: the {engine!r} per-sample engine's gradient norm of sample 0 disagrees "
+            f"with autograd's for {', '.join(bad[:6])}{'...' if len(bad) > 6 else ''}. Its "
+            "per-sample gradients would be wrong; the model probably mixes samples in its "
+            "forward pass or keeps the batch elsewhere than in the first dimension. Use "
+            "engine='loop' (one backward per sample) for this model, and report it."
+        )
 
 
 def expand_weights(weights: Tensor, group_of: Sequence[int]) -> list[Tensor]:

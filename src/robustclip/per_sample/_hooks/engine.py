@@ -31,9 +31,12 @@ Safety nets, so that a gradient is never silently wrong:
 * modules without a rule are replayed per sample with torch.func (one warning naming them);
 * bare parameters and unbatched layer calls are handled at their broadcasting consumer
   (``rules/broadcast.py``) or else the whole model falls back to torch.func (warning);
-* on the first step, sample 0's gradient from the terms is compared with autograd's (one extra
-  backward pass, once); a mismatch raises instead of training on a wrong gradient
-  (``verify.py``, with the other checks).
+* on every step that takes a path for the first time (the first step, a module that starts
+  falling back, a layer called in a new way) and every ``verify_every`` steps, sample 0's
+  gradient from the terms is compared with autograd's (one extra backward pass); a mismatch
+  raises instead of training on a wrong gradient (``verify.py``, with the other checks). The
+  engine a whole-model fallback hands over to is checked on its own first step
+  (``_engine.accumulate_into``).
 
 References: ghost clipping, Goodfellow (arXiv:1510.01799), Li et al. (arXiv:2110.05679);
 mixed ghost clipping and book-keeping, Bu et al. (arXiv:2205.10683, arXiv:2210.00038);
@@ -51,6 +54,7 @@ from torch import Tensor, nn
 
 from robustclip.per_sample._engine import (
     ParamLayout,
+    PathCheck,
     PerSampleEngine,
     WeightFn,
     acc_dtype,
@@ -58,10 +62,11 @@ from robustclip.per_sample._engine import (
     expand_weights,
     new_grad,
 )
+from robustclip.per_sample._hooks import views
 from robustclip.per_sample._hooks.capture import Call, EdgeKey, Recorder, Unit, plan_units, release
 from robustclip.per_sample._hooks.fallback import DROPOUT, Fallbacks, PerSampleFallbackWarning
 from robustclip.per_sample._hooks.norms import Gathered
-from robustclip.per_sample._hooks.plan import Plan, RuleJob, make_plan
+from robustclip.per_sample._hooks.plan import Plan, RuleJob, Site, make_plan
 from robustclip.per_sample._hooks.verify import Verifier, check_input_unchanged
 from robustclip.per_sample._hooks.walk import walk
 from robustclip.per_sample._loop import LoopEngine
@@ -88,12 +93,14 @@ class HookEngine(PerSampleEngine):
         layout: the clipper's parameter layout.
         max_chunk_elements: memory cap, in tensor elements, of the temporary per-sample tensors
             of one layer (chunks of samples) and of the torch.func fallbacks.
-        verify: compare sample 0's gradient with autograd's on the first step (one extra
-            backward pass, once).
+        verify: compare sample 0's gradient with autograd's on the first use of every path
+            (one extra backward pass on such steps; ``verify.py``).
+        verify_every: also re-run that check every ``verify_every`` steps (None: first uses only).
     """
 
     name = "hooks"
     writes_new_grads = True
+    checks_itself = True
 
     def __init__(
         self,
@@ -101,15 +108,17 @@ class HookEngine(PerSampleEngine):
         layout: ParamLayout,
         max_chunk_elements: int = 2**26,
         verify: bool = True,
+        verify_every: int | None = None,
     ) -> None:
         super().__init__(model, layout)
+        self.checks = PathCheck(verify, verify_every)
         self.max_chunk_elements = int(max_chunk_elements)
         # temporaries of a layer's chunk (unfolded patches, Grams) stay below this
         self.transient_elements = min(self.max_chunk_elements, 2**23)
         self._index = {id(p): i for i, p in enumerate(layout.params)}
         self.units: list[Unit] = plan_units(self.model, layout)
         self.recorder = Recorder(self.units, self._on_output_grad)
-        self.verifier = Verifier(layout, enabled=verify)
+        self.verifier = Verifier(layout, self.checks)
         self.fallbacks = Fallbacks(self.units, self.verifier, self.recorder.replaying)
         #: after a whole-model fallback: the engine that takes over
         self._delegate: PerSampleEngine | None = None
@@ -160,6 +169,7 @@ class HookEngine(PerSampleEngine):
         plan = make_plan(calls, walk(losses.grad_fn, calls, self._index), batch, self.layout)
         if plan.problems:
             return self._whole_model_fallback(plan.problems, losses, weight_fn, out)
+        self.verifier.begin(plan.paths())
         retain = self.fallbacks.prepare(plan.fallbacks)
         ref = self.verifier.reference(losses, self.recorder.replaying)
         # 2-3. the one backward pass, and every call's terms (streamed layers' norms too)
@@ -198,11 +208,10 @@ class HookEngine(PerSampleEngine):
             check_input_unchanged(job.call)
             g = _output_grad(job, gmap)
             if g is not None:
-                got.add(_rule_terms(job.call, g, batch, unbatched=job.consumers is not None))
+                got.add(_rule_terms(job.call, g, batch, unbatched=job.consumers is not None, batch_dim=job.batch_dim))
         for b in plan.bare:
-            g = gmap.get((b.node, 0))
-            if g is not None:
-                ps = broadcast.per_sample(b.factor, g, tuple(params[b.idx].shape))
+            ps = site_grad(b.site, gmap)
+            if ps is not None:
                 got.add({b.idx: DenseTerm(ps.to(acc_dtype(ps.dtype)))})
         for c in plan.fallbacks:
             gs = [_or_zeros(gmap.get(k), s, losses.device) for k, s in zip(c.keys, c.out_shapes)]
@@ -262,7 +271,7 @@ class HookEngine(PerSampleEngine):
             "robustclip: the hook engine cannot split this model's gradient by sample: "
             + "; ".join(problems[:4])
             + (". It falls back to torch.func over the whole model" if not random else ". It falls back to the reference loop (the model has dropout)")
-            + " (this step: the reference loop).",
+            + " (this step: the reference loop; the next step's engine is checked against autograd).",
             PerSampleFallbackWarning,
             stacklevel=5,
         )
@@ -271,33 +280,54 @@ class HookEngine(PerSampleEngine):
             self._delegate = LoopEngine(self.model, self.layout)
         else:
             self._delegate = VmapEngine(self.model, self.layout, max_chunk_elements=self.max_chunk_elements)
+        # its first use (the next step: it did not see this step's forward pass) is checked
+        # against autograd, and so is every verify_every-th step after it
+        self._delegate.checks = PathCheck(self.checks.enabled, self.checks.every)
         self._delegate.attach()
         return accumulate_into(LoopEngine(self.model, self.layout), losses, weight_fn, out)
+
+    def set_verify_every(self, every: int | None) -> None:
+        super().set_verify_every(every)
+        if self._delegate is not None:
+            self._delegate.set_verify_every(every)
 
 
 def _output_grad(job: RuleJob, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | None:
     """The gradient of a rule call's output, batch first: requested directly, or recovered per
-    sample at the consumers that broadcast an unbatched output."""
+    sample where an unbatched output is broadcast over the batch."""
     if job.consumers is None:
         return grads.get(job.call.keys[0])
-    shape = job.call.out_shapes[0]
     g: Tensor | None = None
-    for m, fac in job.consumers:
-        dy = grads[(m, 0)]
-        assert dy is not None, "a broadcasting consumer lies on the losses' graph"
-        part = broadcast.per_sample(fac, dy, shape)
-        g = part if g is None else g + part
+    for site in job.consumers:
+        part = site_grad(site, grads)
+        if part is not None:
+            g = part if g is None else g + part
     return g
 
 
-def _rule_terms(call: Call, grad_out: Tensor, batch: int, unbatched: bool) -> dict[int, Term]:
+def site_grad(site: Site, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | None:
+    """Per-sample gradient ``(B, *shape)`` of a tensor shared by every sample, from the gradient
+    of the node that broadcasts it, mapped back through the shape-only nodes before it."""
+    dy = grads.get((site.node, 0))
+    if dy is None:
+        return None
+    g = broadcast.per_sample(site.factor, dy, site.shape)
+    for node, in_shape, fac in reversed(site.views):
+        g = views.back(node, g, in_shape) if fac is None else broadcast.per_sample(fac, g, in_shape)
+    return g
+
+
+def _rule_terms(call: Call, grad_out: Tensor, batch: int, unbatched: bool, batch_dim: int = 0) -> dict[int, Term]:
     """A rule call's terms, by parameter index. An unbatched call's input is the same for every
-    sample: it is expanded over the batch, as its recovered output gradient is."""
+    sample: it is expanded over the batch, as its recovered output gradient is. A sequence-first
+    call's input and output gradient get their batch moved first."""
     unit = call.unit
     assert call.x is not None and unit.rule is not None
     x = call.x.detach()
     if unbatched:
         x = x.unsqueeze(0).expand(batch, *x.shape)
+    if batch_dim:
+        x, grad_out = x.movedim(batch_dim, 0), grad_out.movedim(batch_dim, 0)
     return {unit.params[name]: t for name, t in unit.rule.terms(unit.module, x, grad_out, unit.names).items()}
 
 

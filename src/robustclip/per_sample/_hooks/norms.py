@@ -44,6 +44,10 @@ class Gathered:
     sq: dict[int, Tensor] = field(default_factory=dict)
     #: per-sample gradients materialised and kept (``"keep"``), ``(B, *shape)``; they replace the terms
     kept: dict[int, Tensor] = field(default_factory=dict)
+    #: how each parameter's norms were taken (a strategy, or ``"precomputed"``: a fallback's
+    #: replay) and the predicted multiply-adds of its per-sample work against the plain
+    #: backward's weight gradient (:func:`cost`), for ``robustclip.explain``
+    how: dict[int, tuple[str, float, float]] = field(default_factory=dict)
 
     def add(self, terms: Mapping[int, Term]) -> None:
         """One more use of each parameter ``terms`` names (a call, a bare use)."""
@@ -52,7 +56,11 @@ class Gathered:
 
     def take_norms(self, idx: int, p: Tensor, batch: int, budget: int, force: str | None = None) -> None:
         """Take parameter ``idx``'s norms from its terms now; what the strategy keeps replaces them."""
-        sq, kept = sq_norms(self.terms[idx], batch, p, budget, force)
+        terms = self.terms[idx]
+        pre = len(terms) == 1 and terms[0].precomputed_sq is not None
+        how = "precomputed" if pre else strategy(terms, batch, p, force)
+        self.how[idx] = (how, *cost(terms, how))
+        sq, kept = sq_norms(terms, batch, p, budget, force)
         self.sq[idx] = sq
         if kept is not None:
             self.kept[idx] = kept
@@ -107,6 +115,31 @@ def choose(terms: Sequence[Term], keep_ok: bool) -> str:
             cv = a.n_v
             ghost += a.batch * a.K * a.T * b.T * (cu + cv + 1)
     return "ghost" if ghost < mat else "chunks"
+
+
+def cost(terms: Sequence[Term], how: str) -> tuple[float, float]:
+    """Predicted multiply-adds of one parameter's per-sample work under strategy ``how`` (its
+    norms and its clipped sum), and of the plain backward's gradient of that parameter: the
+    cost model's own counts, for ``robustclip.explain``. A fallback's replay (``precomputed``)
+    is counted as three products per sample (the module's forward, and its backward for the
+    input and for the parameter)."""
+    plain = sum(t.materialize_cost() for t in terms)
+    outer = [t for t in terms if isinstance(t, OuterTerm)]
+    if how == "precomputed":
+        return 3 * plain + plain, plain
+    if how == "index":
+        t = outer[0]
+        return float(t.batch * t.K * t.T * t.n_v) + plain, plain
+    if how == "ghost":
+        ghost = 0.0
+        for a in outer:
+            for b in outer:
+                cu = a.n_u if not (a.index or b.index) else 1
+                ghost += a.batch * a.K * a.T * b.T * (cu + a.n_v + 1)
+        return ghost + plain, plain
+    # keep: materialised once, the sum reads them; chunks: materialised again for the sum
+    per = plain + terms[0].batch * terms[0].numel
+    return (per if how == "keep" else 2 * per), plain
 
 
 def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:

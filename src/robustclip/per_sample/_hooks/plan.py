@@ -22,13 +22,14 @@ autograd, and changes nothing, so any objects with those attributes can stand in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from robustclip.per_sample._engine import ParamLayout
+from robustclip.per_sample._hooks import views as views_mod
 from robustclip.per_sample._hooks.capture import Call, EdgeKey, edge_key
 from robustclip.per_sample._hooks.walk import WalkResult
 from robustclip.per_sample.rules import broadcast
@@ -37,17 +38,39 @@ from robustclip.per_sample.rules import broadcast
 Node = Any
 
 
+#: a node on the way from a shared tensor to its broadcasting site: (node, its input's shape,
+#: its factor for an elementwise node, None for a shape-only one)
+View = tuple[Node, tuple[int, ...], "float | Tensor | None"]
+
+
+@dataclass(eq=False)
+class Site:
+    """Where a tensor shared by every sample is broadcast over the batch.
+
+    ``node`` broadcasts it (``rules/broadcast.py``), with ``factor``, as an operand of ``shape``;
+    ``views`` are the nodes between the tensor and there, in forward order (``views.py``): each
+    with the shape of its input and, for an elementwise node whose output has no batch
+    dimension either (a position bias masked by a causal mask), its factor."""
+
+    node: Node
+    factor: float | Tensor
+    shape: tuple[int, ...]
+    views: tuple[View, ...] = ()
+
+
 @dataclass(eq=False)
 class RuleJob:
     """A call of a layer with a rule."""
 
     call: Call
-    #: for an output without a batch dimension: the consumers that broadcast it over the batch,
-    #: each with its factor (``rules/broadcast.py``); the rule then sees the per-sample output
-    #: gradient recovered there. None for a batch-first output.
-    consumers: list[tuple[Node, float | Tensor]] | None = None
+    #: for an output without a batch dimension: where it is broadcast over the batch; the rule
+    #: then sees the per-sample output gradient recovered there. None for a batch-first output.
+    consumers: list[Site] | None = None
     #: processed inside the backward pass by the tensor hook on its output
     streamed: bool = False
+    #: the dimension of the batch in the call's input and output (1: a sequence-first
+    #: position-wise layer; processed after the pass, with the batch moved first)
+    batch_dim: int = 0
     #: what the pass requests so that it reaches this (first) layer: ``"output"``, or the
     #: parameter the rule declares as ``source_param``; None when a request below serves it
     requests: str | None = None
@@ -57,10 +80,17 @@ class RuleJob:
 class BareJob:
     """A parameter used directly in the forward pass, recovered at its broadcasting consumer."""
 
-    node: Node
-    factor: float | Tensor
+    site: Site
     idx: int
     name: str
+
+    @property
+    def node(self) -> Node:
+        return self.site.node
+
+    @property
+    def factor(self) -> float | Tensor:
+        return self.site.factor
 
 
 @dataclass(eq=False)
@@ -91,8 +121,10 @@ class Plan:
         for j in self.rules:
             unit = j.call.unit
             what = f"{unit.name} ({type(unit.module).__name__})"
-            if j.consumers is not None:
-                via = ", ".join(sorted({m.name() for m, _ in j.consumers}))
+            if j.batch_dim:
+                out.append((what, "rule, batch in dimension 1", "sequence-first layer"))
+            elif j.consumers is not None:
+                via = ", ".join(sorted({_via(x) for x in j.consumers}))
                 out.append((what, "rule, unbatched output", f"broadcast by {via}"))
             elif j.streamed:
                 out.append((what, "rule, in the backward pass", f"requests its {j.requests}" if j.requests else ""))
@@ -102,8 +134,13 @@ class Plan:
             reason = c.unit.reason
             out.append((f"{c.unit.name} ({type(c.unit.module).__name__})", "per-module fallback", reason))
         for b in self.bare:
-            out.append((b.name, "bare parameter", f"broadcast by {b.node.name()}"))
+            out.append((b.name, "bare parameter", f"broadcast by {_via(b.site)}"))
         return out
+
+    def paths(self) -> set[str]:
+        """The ways this step computes per-sample gradients, one string each: a step that
+        takes one for the first time is checked against autograd (``verify.py``)."""
+        return {" | ".join(r) for r in self.rows()}
 
     def __str__(self) -> str:
         head = f"hook engine plan: batch {self.batch}, {len(self.requests)} gradient(s) requested"
@@ -114,34 +151,49 @@ class Plan:
         return "\n".join(lines)
 
 
+def _via(site: Site) -> str:
+    return " <- ".join([site.node.name()] + [v[0].name() for v in reversed(site.views)])
+
+
 def make_plan(calls: list[Call], found: WalkResult, batch: int, layout: ParamLayout) -> Plan:
     """The jobs of one step. ``calls``: every call recorded, in forward order; ``found``: the
     walk of the losses' graph over them; ``batch``: the number of losses."""
     plan = Plan(batch)
     for c in found.reached:
         if c.unit.rule is not None:
-            _plan_rule_call(plan, c, found.consumers.get(c.keys[0], []))
+            _plan_rule_call(plan, c, found.consumers)
     for c in found.reached:
         if c.unit.rule is None:
-            _plan_fallback_call(plan, c)
+            _plan_fallback_call(plan, c, found.consumers)
     for node, pos, idx in found.bare:
-        _plan_bare(plan, node, pos, idx, tuple(layout.params[idx].shape), layout.names[idx])
+        _plan_bare(plan, node, pos, idx, tuple(layout.params[idx].shape), layout.names[idx], found.consumers)
     if not plan.problems:
         _plan_streaming(plan, calls)
     return plan
 
 
-def _plan_rule_call(plan: Plan, c: Call, consumers: list[tuple[Node, int]]) -> None:
+def _plan_rule_call(plan: Plan, c: Call, users: Users) -> None:
     shape, batch = c.out_shapes[0], plan.batch
-    if not unbatched(shape, consumers, batch):
+    consumers = users.get(c.keys[0], [])
+    if not unbatched(shape, consumers, batch, users):
         plan.requests[c.keys[0]] = c.out_edges[0]
         plan.rules.append(RuleJob(c))
-    elif consumers and all(broadcast.supported(m, shape, batch) for m, _ in consumers):
-        for m, _ in consumers:
-            plan.requests[(m, 0)] = GradientEdge(m, 0)
-        plan.rules.append(RuleJob(c, [(m, broadcast.factor(m, pos)) for m, pos in consumers]))
+        return
+    sites: list[Site] = []
+    bad: list[str] = []
+    for m, pos in consumers:
+        _sites(m, pos, shape, batch, users, (), sites, bad, [_BUDGET])
+    if consumers and not bad:
+        for x in sites:
+            plan.requests[(x.node, 0)] = GradientEdge(x.node, 0)
+        plan.rules.append(RuleJob(c, sites))
+    elif len(shape) >= 2 and shape[1] == batch and _positionwise(c):
+        # a sequence-first layer (batch_first=False): a position-wise layer sees its batch in
+        # dimension 1; the rule gets input and output gradient with the batch moved first
+        plan.requests[c.keys[0]] = c.out_edges[0]
+        plan.rules.append(RuleJob(c, batch_dim=1))
     else:
-        used = ", ".join(sorted({m.name() for m, _ in consumers})) or "nothing"
+        used = ", ".join(sorted(set(bad))) or "nothing"
         plan.problems.append(
             f"'{c.unit.name}' is called on an input without a batch dimension (output "
             f"shape {shape}, batch {batch}) and its output is used by {used}, which "
@@ -149,8 +201,86 @@ def _plan_rule_call(plan: Plan, c: Call, consumers: list[tuple[Node, int]]) -> N
         )
 
 
-def _plan_fallback_call(plan: Plan, c: Call) -> None:
+def _positionwise(c: Call) -> bool:
+    """Does the call's rule treat every position of its input alike, acting on the last
+    dimension only (so the batch may sit in any leading dimension)? Its input must then
+    have the batch in dimension 1 too."""
+    rule = c.unit.rule
+    x = c.x
+    return (
+        rule is not None
+        and issubclass(rule.module_type, POSITIONWISE)
+        and x is not None
+        and x.dim() >= 2
+        and x.shape[1] == c.out_shapes[0][1]
+    )
+
+
+#: layer types whose rules act on the last dimension alone (a Linear, a norm over the last
+#: dimension, an embedding lookup): the batch may sit in dimension 1 of their input and output
+POSITIONWISE: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
+
+
+#: edge key -> its consumers (the walk's ``consumers``)
+Users = dict[EdgeKey, list[tuple[Node, int]]]
+
+
+def _sites(
+    m: Node,
+    pos: int,
+    shape: tuple[int, ...],
+    batch: int,
+    users: Users,
+    views: tuple[View, ...],
+    sites: list[Site],
+    bad: list[str],
+    budget: list[int],
+) -> None:
+    """Where a tensor of ``shape`` without a batch dimension, consumed by ``m`` as input ``pos``,
+    is broadcast over the batch: at ``m`` itself, or past the nodes that carry it there without
+    a batch dimension: shape-only ones, and elementwise ones with another unbatched operand
+    (``views.py``). What cannot be followed is named in ``bad``; so is everything once
+    ``budget[0]`` nodes have been visited (a shared tensor reaches the batch within a few
+    nodes; a batched one may branch everywhere)."""
+    budget[0] -= 1
+    if broadcast.supported(m, shape, batch):
+        sites.append(Site(m, broadcast.factor(m, pos), shape, views))
+        return
+    out = broadcast.output_shape(m)
+    nxt = users.get((m, 0), [])
+    step: View | None = None
+    if out is not None and nxt and budget[0] > 0:
+        if m.name() in views_mod.SHAPE_ONLY:
+            step = (m, shape, None)
+        elif m.name() in broadcast.CONSUMERS and broadcast.broadcast_dims(shape, (batch, *out)) is not None:
+            step = (m, shape, broadcast.factor(m, pos))
+    if step is None or out is None:
+        bad.append(" <- ".join([m.name()] + [v[0].name() for v in reversed(views)]))
+        return
+    for n, p in nxt:
+        _sites(n, p, out, batch, users, (*views, step), sites, bad, budget)
+        if bad:
+            return
+
+
+#: nodes :func:`_sites` visits at most for one tensor
+_BUDGET = 64
+
+
+def _plan_fallback_call(plan: Plan, c: Call, users: Users) -> None:
     batch = plan.batch
+    # only the outputs the losses use are replayed and differentiated: a recurrent layer's
+    # final state (batch in dimension 1) returned beside its batch-first output is often unused
+    used = [k for k, key in enumerate(c.keys) if key in users]
+    if used and len(used) < len(c.keys):
+        c = replace(
+            c,
+            out_edges=[c.out_edges[k] for k in used],
+            out_shapes=[c.out_shapes[k] for k in used],
+            out_positions=[c.out_positions[k] for k in used],
+            out_values=[c.out_values[k] for k in used],
+            out_versions=[c.out_versions[k] for k in used],
+        )
     batched_in = any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch for t in c.input_leaves)
     if not batched_in or any(len(s) == 0 or s[0] != batch for s in c.out_shapes):
         plan.problems.append(
@@ -161,15 +291,19 @@ def _plan_fallback_call(plan: Plan, c: Call) -> None:
     plan.fallbacks.append(c)
 
 
-def _plan_bare(plan: Plan, node: Node, pos: int, idx: int, shape: tuple[int, ...], name: str) -> None:
-    if broadcast.supported(node, shape, plan.batch):
-        plan.requests[(node, 0)] = GradientEdge(node, 0)
-        plan.bare.append(BareJob(node, broadcast.factor(node, pos), idx, name))
-    else:
+def _plan_bare(plan: Plan, node: Node, pos: int, idx: int, shape: tuple[int, ...], name: str, users: Users) -> None:
+    sites: list[Site] = []
+    bad: list[str] = []
+    _sites(node, pos, shape, plan.batch, users, (), sites, bad, [_BUDGET])
+    if bad:
         plan.problems.append(
-            f"parameter '{name}' is used directly by {node.name()} (not through a "
-            "layer with a rule, nor a broadcasting add or multiply)"
+            f"parameter '{name}' is used directly by {', '.join(sorted(set(bad)))} (not through a "
+            "layer with a rule, nor a broadcasting add, multiply or expand)"
         )
+        return
+    for x in sites:
+        plan.requests[(x.node, 0)] = GradientEdge(x.node, 0)
+        plan.bare.append(BareJob(x, idx, name))
 
 
 def _plan_streaming(plan: Plan, calls: list[Call]) -> None:
@@ -185,7 +319,7 @@ def _plan_streaming(plan: Plan, calls: list[Call]) -> None:
     for b in plan.bare:
         uses[b.idx] = uses.get(b.idx, 0) + 1
     for j in plan.rules:
-        if j.consumers is None and all(uses[i] == 1 for i in j.call.unit.params.values()):
+        if j.consumers is None and j.batch_dim == 0 and all(uses[i] == 1 for i in j.call.unit.params.values()):
             j.streamed = True
             # autograd computes a streamed call's output gradient only if a requested gradient
             # lies below it; calls with none below (the first layer) are requested themselves
@@ -219,12 +353,30 @@ def _source_name(call: Call) -> str | None:
     return None if rule is None else rule.source_param(call.unit.module, call.unit.names)
 
 
-def unbatched(shape: tuple[int, ...], consumers: list[tuple[Node, int]], batch: int) -> bool:
-    """A layer output without a batch dimension is one its consumers broadcast over the batch."""
+def unbatched(shape: tuple[int, ...], consumers: list[tuple[Node, int]], batch: int, users: Users | None = None) -> bool:
+    """Does a layer output lack a batch dimension?
+
+    Yes if its first dimension is not the batch. If it is, the output is batched, unless every
+    use of it ends, past shape-only nodes (and elementwise ones with other unbatched operands),
+    at an operation that broadcasts it over the batch
+    (``rules/broadcast.py``): a position table of ``T == B`` rows, ``unsqueeze(0)``-ed and added
+    to ``(B, T, d)`` activations. A view, reshape, permute, split or concatenation that keeps
+    the batch in dimension 0 (the head split ``.view(B, T, H, d)`` after an attention
+    projection) is not broadcasting and says nothing against the batch: the output stays
+    batched, and the first-use check (``verify.py``) compares the result with autograd.
+    """
     if len(shape) == 0 or shape[0] != batch:
         return True
-    outs = [broadcast.output_shape(m) for m, _ in consumers]
-    return bool(outs) and all(o is not None and len(o) > len(shape) and o[0] == batch for o in outs)
+    if not consumers:
+        return False
+    sites: list[Site] = []
+    bad: list[str] = []
+    budget = [_BUDGET]
+    for m, pos in consumers:
+        _sites(m, pos, shape, batch, users or {}, (), sites, bad, budget)
+        if bad:
+            return False
+    return True
 
 
 class _Reach:

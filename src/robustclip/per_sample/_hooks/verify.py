@@ -1,10 +1,12 @@
 """The checks that keep the hook engine from training on a silently wrong gradient.
 
-* **Sample 0 against autograd** (:class:`Verifier`), on the engine's first step: sample 0's
-  gradient from the terms is compared, parameter by parameter, with
-  ``torch.autograd.grad(losses[0], params)`` (one extra backward pass). This catches what
-  shapes cannot: a model that keeps the batch in another dimension or mixes samples in its
-  forward pass. A mismatch raises, and the check stays due.
+* **Sample 0 against autograd** (:class:`Verifier`), on every step that takes a path for the
+  first time (the first step, a module that starts falling back, a layer called in a new way)
+  and every ``verify_every`` steps: sample 0's gradient from the terms is compared, parameter
+  by parameter, with ``torch.autograd.grad(losses[0], params)`` (one extra backward pass).
+  This catches what shapes cannot: a model that keeps the batch in another dimension or mixes
+  samples in its forward pass. A mismatch raises, and the check stays due. (A whole-model
+  fallback's engine is checked by ``_engine.accumulate_into`` on its first use.)
 * **A fallback unit's first replay** must reproduce the unit's recorded outputs
   (:func:`check_replay_output`); if it cannot (randomness, mixing of samples), the unit switches
   to graph mode (``fallback.py``). The units checked so far are kept here.
@@ -22,7 +24,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor
 
-from robustclip.per_sample._engine import ParamLayout, acc_dtype
+from robustclip.per_sample._engine import ParamLayout, PathCheck, acc_dtype
 from robustclip.per_sample._hooks.capture import Call
 from robustclip.per_sample.rules._terms import Term, sum_materialized
 
@@ -38,15 +40,24 @@ class Verifier:
 
     Args:
         layout: the clipper's parameter layout.
-        enabled: run the sample-0 check on the first step.
+        checks: the engine's :class:`PathCheck`: the sample-0 check runs on a step that takes
+            a path (a rule job, a fallback, a broadcast site; ``Plan.paths``) for the first
+            time, and every ``checks.every`` steps.
     """
 
-    def __init__(self, layout: ParamLayout, enabled: bool = True) -> None:
+    def __init__(self, layout: ParamLayout, checks: PathCheck) -> None:
         self.layout = layout
-        #: the sample-0 check runs on the next step
-        self.due = enabled
+        self.checks = checks
+        #: the sample-0 check runs on this step
+        self.due = False
+        self._paths: set[str] = set()
         #: fallback units (by id) whose replay has reproduced their recorded outputs
         self.replays_checked: set[int] = set()
+
+    def begin(self, paths: set[str]) -> None:
+        """A step that takes ``paths``: is the sample-0 check due?"""
+        self._paths = paths
+        self.due = self.checks.due(paths)
 
     def reference(self, losses: Tensor, muted: Callable[[], AbstractContextManager[None]]) -> list[Tensor] | None:
         """Autograd's gradient of sample 0, when the check is due; taken before the engine's
@@ -65,6 +76,7 @@ class Verifier:
             return
         check_sample(ref, terms, kept, self.layout.names)
         self.due = False
+        self.checks.passed(self._paths)
 
 
 def check_sample(ref: list[Tensor], terms: dict[int, list[Term]], kept: dict[int, Tensor], names: list[str]) -> None:

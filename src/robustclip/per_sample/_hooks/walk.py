@@ -3,8 +3,9 @@
 It answers, every step, the questions on which correctness depends:
 
 * which recorded calls the losses actually depend on (others are ignored);
-* which nodes consume each call's output (a layer output without a batch dimension gets its
-  per-sample gradient from its broadcasting consumer, ``rules/broadcast.py``);
+* which nodes consume each edge (a layer output without a batch dimension gets its per-sample
+  gradient from its broadcasting consumer, ``rules/broadcast.py``, possibly through shape-only
+  nodes, ``views.py``);
 * which trainable parameters are reached *other than* through a recorded call (bare
   parameters), and through which node.
 
@@ -27,7 +28,7 @@ from robustclip.per_sample.rules.broadcast import CASTS
 @dataclass
 class WalkResult:
     reached: list[Call] = field(default_factory=list)
-    #: output edge key -> [(consumer node, input position)]
+    #: edge key -> [(consumer node, input position)], for every edge of the walked graph
     consumers: dict[tuple[Any, int], list[tuple[Any, int]]] = field(default_factory=dict)
     #: (consumer node, input position, parameter index) for parameters used outside any call
     bare: list[tuple[Any, int, int]] = field(default_factory=list)
@@ -42,10 +43,8 @@ def _through_casts(node: Any) -> Any:
 def walk(root: Any, calls: list[Call], param_index: dict[int, int]) -> WalkResult:
     res = WalkResult()
     by_node: dict[Any, list[Call]] = {}
-    edge_keys: set[tuple[Any, int]] = set()
     for c in calls:
         for k in c.keys:
-            edge_keys.add(k)
             lst = by_node.setdefault(k[0], [])
             if c not in lst:
                 lst.append(c)
@@ -76,8 +75,11 @@ def walk(root: Any, calls: list[Call], param_index: dict[int, int]) -> WalkResul
         for pos, (nxt, nr) in enumerate(node.next_functions):
             if nxt is None:
                 continue
-            if (nxt, nr) in edge_keys:
-                res.consumers.setdefault((nxt, nr), []).append((node, pos))
+            # every edge's consumers, not only the recorded calls' outputs: an unbatched output
+            # may reach its broadcasting consumer through shape-only nodes (``views.py``)
+            users = res.consumers.setdefault((nxt, nr), [])
+            if (node, pos) not in users:
+                users.append((node, pos))
             leaf = _through_casts(nxt)
             var = getattr(leaf, "variable", None)
             if var is not None:

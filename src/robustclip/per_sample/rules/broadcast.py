@@ -9,7 +9,8 @@ of the parameter (or of the layer's output) alone no longer separates them.
 The per-sample gradient is recovered one step later, at the node that broadcasts: for
 ``y = a + alpha * b`` the gradient of ``b`` for sample ``i`` is ``alpha * dL/dy_i`` summed over
 the dimensions ``b`` was broadcast along; for ``y = a * b`` it is ``dL/dy_i * a_i``, likewise
-reduced. The engine asks autograd for ``dL/dy`` (the consumer's output gradient, batch first)
+reduced; for ``y = b.expand(B, ...)`` (a class token) it is ``dL/dy_i``; for
+``y = torch.where(m, b, fill)`` it is ``dL/dy_i * m_i``. The engine asks autograd for ``dL/dy`` (the consumer's output gradient, batch first)
 and this file turns it into ``(B, *shape)``. Any other consumer (a matmul with a bare weight,
 indexing a bare table) is not modelled, and the engine falls back for the whole model.
 """
@@ -47,6 +48,19 @@ def _sub(node, pos: int) -> float | Tensor:
 @_consumer("MulBackward0")
 def _mul(node, pos: int) -> float | Tensor:
     return (node._saved_other if pos == 0 else node._saved_self).detach()
+
+
+@_consumer("ExpandBackward0")
+def _expand(node, pos: int) -> float | Tensor:
+    # a class or register token expanded over the batch, ``cls.expand(B, -1, -1)``
+    return 1.0
+
+
+@_consumer("WhereBackward0")
+def _where(node, pos: int) -> float | Tensor:
+    # torch.where(mask, bias, fill): a position bias masked per sample (T5 under sdpa)
+    cond = node._saved_condition
+    return cond if pos == 0 else ~cond
 
 
 #: autograd nodes that only change the dtype: a bare fp32 parameter used under autocast
