@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustclip.per_sample import HookEngine, ParamLayout
-from robustclip.per_sample.rules import RULES, rule_for
+from robustclip.per_sample.rules import MATCHED, RULES, Rule, rule_for
 from robustclip.per_sample.rules._terms import gram
 from robustclip.per_sample.rules.conv import ConvTerm
 
@@ -244,11 +244,30 @@ def rms_norm_cases(draw: st.DrawFn) -> Case:
     return layer, torch.randn(batch, *mid, *shape), False
 
 
+# -- layer types of other libraries, recognised by name ---------------------------------------------
+
+
+@st.composite
+def hf_conv1d_cases(draw: st.DrawFn) -> Case:
+    from transformers.pytorch_utils import Conv1D
+
+    batch, d_in, d_out = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    layer = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        layer.bias.normal_()
+    if draw(st.booleans()):
+        layer.weight.requires_grad_(False)
+    elif draw(st.booleans()):
+        layer.bias.requires_grad_(False)
+    return layer, torch.randn(batch, *mid, d_in), False
+
+
 # -- every registered rule against the oracle ------------------------------------------------------
 
 #: one case per registered layer type: a strategy drawing (layer, batch input, whether to take
 #: the convolutions' matmul path). A rule registered without a case here fails the tests below.
-CASES: dict[type, st.SearchStrategy[Case]] = {
+CASES: dict[type | str, st.SearchStrategy[Case]] = {
     nn.Linear: linear_cases(),
     nn.Conv1d: conv_cases(1),
     nn.Conv2d: conv_cases(2),
@@ -256,23 +275,30 @@ CASES: dict[type, st.SearchStrategy[Case]] = {
     nn.LayerNorm: layer_norm_cases(),
     nn.GroupNorm: group_norm_cases(),
     nn.RMSNorm: rms_norm_cases(),
+    "Conv1D": hf_conv1d_cases(),
 }
+#: every registered rule: by type, and by name for those registered with a predicate
+ALL_RULES: dict[type | str, Rule] = {**RULES, **MATCHED}
 
 
 def test_every_registered_rule_has_a_case():
-    missing = [t.__name__ for t in RULES if t not in CASES]
+    missing = [r.name for t, r in ALL_RULES.items() if t not in CASES]
     assert not missing, f"registered rules without a test case: {missing}; add them to CASES"
-    assert set(CASES) <= set(RULES), "a case for a layer type that has no registered rule"
+    assert set(CASES) <= set(ALL_RULES), "a case for a layer type that has no registered rule"
 
 
 @SAME_PADDING_WARNING
-@pytest.mark.parametrize("module_type", list(RULES), ids=lambda t: t.__name__)
+@pytest.mark.parametrize("module_type", list(ALL_RULES), ids=lambda t: ALL_RULES[t].name)
 @SETTINGS
 @given(data=st.data())
 def test_rule_against_the_batch_of_one_oracle(module_type, data):
-    assert module_type in CASES, f"the rule of {module_type.__name__} has no test case: add one to CASES"
+    name = ALL_RULES[module_type].name
+    assert module_type in CASES, f"the rule of {name} has no test case: add one to CASES"
     layer, x, matmul_path = data.draw(CASES[module_type])
-    assert type(layer) is module_type
+    if isinstance(module_type, str):
+        assert rule_for(layer)[0] is MATCHED[module_type]
+    else:
+        assert type(layer) is module_type
     with conv_matmul_path() if matmul_path else contextlib.nullcontext():
         check_rule(layer, x)
 
@@ -297,7 +323,7 @@ def test_rule_authors_get_terms_and_the_supported_layers_from_the_registry():
     engine.detach()
     message = str(record[0].message)
     listed = message.split("Supported layers: ")[1].rstrip(".").split(", ")
-    assert sorted(listed) == sorted(t.__name__ for t in RULES)
+    assert sorted(listed) == sorted(r.name for r in ALL_RULES.values())
 
 
 def test_rule_for_refuses_what_it_does_not_model():

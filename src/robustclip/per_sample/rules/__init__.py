@@ -29,6 +29,11 @@ importing it at the bottom of this file, and adding a case to the table ``CASES`
 ``tests/test_layer_rules.py``, which tests every registered rule against the batch-of-one
 oracle (a registered type without a case fails the tests).
 
+A layer type robustclip cannot import (a class of another library, such as Hugging Face's
+``Conv1D``) is registered by name with :func:`register_match` and a predicate that recognises
+its modules by their class name, module path and attributes; its case in ``CASES`` is keyed by
+that name.
+
 A rule also declares its own special cases, as keywords of :func:`register`:
 
 * ``unsupported(module)``: why this particular module is not covered (an option the rule does
@@ -71,13 +76,23 @@ def _output_itself(module: nn.Module, names: frozenset[str]) -> str | None:
 class Rule:
     """A layer type's rule and the special cases it declares (see the module docstring)."""
 
-    module_type: type
+    #: the registered type, or the name of a rule registered by :func:`register_match`
+    module_type: type | str
     terms: TermsFn
     unsupported: UnsupportedFn = _covered
     source_param: SourceFn = _output_itself
+    #: predicate of a rule registered by :func:`register_match`
+    matches: Callable[[nn.Module], bool] | None = None
+
+    @property
+    def name(self) -> str:
+        t = self.module_type
+        return t if isinstance(t, str) else t.__name__
 
 
 RULES: dict[type, Rule] = {}
+#: rules of layer types recognised without importing them, by name
+MATCHED: dict[str, Rule] = {}
 
 
 def register(
@@ -101,8 +116,37 @@ def register(
     return deco
 
 
+def register_match(
+    name: str,
+    matches: Callable[[nn.Module], bool],
+    unsupported: Callable[[nn.Module], str | None] | None = None,
+    *,
+    source_param: Callable[[nn.Module, frozenset[str]], str | None] | None = None,
+) -> Callable[[F], F]:
+    """Decorator: register ``fn`` as the rule, named ``name``, of the modules ``matches(module)``
+    accepts: layer types of other libraries, recognised without importing them. ``matches``
+    must also refuse subclasses that change the forward pass."""
+
+    def deco(fn: F) -> F:
+        MATCHED[name] = Rule(
+            name,
+            fn,
+            cast(UnsupportedFn, unsupported or _covered),
+            cast(SourceFn, source_param or _output_itself),
+            matches,
+        )
+        return fn
+
+    return deco
+
+
 def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
     """The rule covering ``module``, or ``(None, reason)``."""
+    for rule in MATCHED.values():
+        assert rule.matches is not None
+        if rule.matches(module):
+            why = rule.unsupported(module)
+            return (None, why) if why else (rule, "")
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is None:
@@ -118,7 +162,7 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
 
 def supported_layers() -> str:
     """The layer types that have a rule, for messages: ``"Conv1d, Conv2d, ..."``."""
-    return ", ".join(t.__name__ for t in RULES)
+    return ", ".join([t.__name__ for t in RULES] + list(MATCHED))
 
 
 # the rules, one file per layer type (importing registers them)
@@ -127,12 +171,14 @@ from robustclip.per_sample.rules import (  # noqa: E402
     conv,
     embedding,
     group_norm,
+    hf_conv1d,
     layer_norm,
     linear,
     rms_norm,
 )
 
 __all__ = [
+    "MATCHED",
     "RULES",
     "DenseTerm",
     "OuterTerm",
@@ -142,9 +188,11 @@ __all__ = [
     "conv",
     "embedding",
     "group_norm",
+    "hf_conv1d",
     "layer_norm",
     "linear",
     "register",
+    "register_match",
     "rms_norm",
     "rule_for",
     "supported_layers",

@@ -1,0 +1,129 @@
+"""The layer rules end to end: ``rc.Clipper(..., rc.per_sample_clip(c))`` on small models built
+around each rule, against a float64 loop over samples (a batch of one each) at every one of
+three optimizer steps.
+
+The hook engine warns when a module falls back to torch.func, and the tests run with warnings
+as errors, so each model here passes only through its rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import robustclip as rc
+from robustclip.per_sample.rules import rule_for
+
+STEPS = 3
+
+
+def _losses(out: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return (torch.tanh(out) * r).flatten(1).sum(1)
+
+
+def _loop_clipped_mean(model: nn.Module, x: torch.Tensor, r: torch.Tensor, c: float) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        loss = _losses(model(x[i : i + 1]), r[i : i + 1]).sum()
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in gs))
+        scale = min(1.0, c / norm) if norm > 0 else 1.0
+        for t, g in zip(total, gs):
+            t.add_(g, alpha=scale)
+    return [t / x.shape[0] for t in total]
+
+
+def check_three_steps(model: nn.Module, x: torch.Tensor, covered: list[nn.Module]) -> None:
+    """Three steps of per-sample clipping through the hook engine equal the loop's, step by step."""
+    for m in covered:
+        rule, why = rule_for(m)
+        assert rule is not None, f"{type(m).__name__} takes no rule: {why}"
+    torch.manual_seed(0)
+    model = model.double()
+    if x.is_floating_point():
+        x = x.double()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        r = torch.randn_like(model(x))
+        norms = []
+        for i in range(x.shape[0]):
+            params = [p for p in ref.parameters() if p.requires_grad]
+            with torch.enable_grad():
+                gs = torch.autograd.grad(_losses(ref(x[i : i + 1]), r[i : i + 1]).sum(), params, allow_unused=True)
+            norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in gs if g is not None)))
+    c = sorted(norms)[len(norms) // 2]  # about half the samples are clipped
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.05)
+    clipper = rc.Clipper(model, opt, rc.per_sample_clip(c))
+    for step in range(STEPS):
+        clipper.backward(_losses(model(x), r))
+        expected = _loop_clipped_mean(ref, x, r, c)
+        clipper.step()
+        got = [p.grad for p in model.parameters() if p.requires_grad]
+        for g, e in zip(got, expected):
+            assert g is not None
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12, msg=lambda m: f"step {step}: {m}")
+        for p, e in zip([p for p in ref.parameters() if p.requires_grad], expected):
+            p.grad = e
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+# -- Hugging Face Conv1D ------------------------------------------------------------------------------
+
+
+class ConvOneDMLP(nn.Module):
+    """GPT-2's MLP: two ``Conv1D`` with a nonlinearity between them."""
+
+    def __init__(self, d: int = 5, hidden: int = 7) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.fc = Conv1D(hidden, d)
+        self.proj = Conv1D(d, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.fc(x)))
+
+
+@pytest.mark.parametrize("mid", [(), (3,)], ids=["2d", "3d"])
+def test_hf_conv1d_end_to_end(mid):
+    torch.manual_seed(1)
+    model = ConvOneDMLP()
+    with torch.no_grad():
+        model.fc.bias.normal_()
+    check_three_steps(model, torch.randn(5, *mid, 5), [model.fc, model.proj])
+
+
+def test_hf_conv1d_recognised_by_name_without_importing_transformers():
+    from transformers.pytorch_utils import Conv1D
+
+    from robustclip.per_sample.rules.hf_conv1d import is_hf_conv1d
+
+    assert is_hf_conv1d(Conv1D(3, 2))
+
+    class Conv1D_(nn.Module):  # noqa: N801 - a look-alike from elsewhere: not recognised
+        def __init__(self) -> None:
+            super().__init__()
+            self.nf = 3
+            self.weight = nn.Parameter(torch.zeros(2, 3))
+
+    Conv1D_.__name__ = "Conv1D"
+    assert not is_hf_conv1d(Conv1D_())
+
+    class Doubled(Conv1D):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    class Renamed(Conv1D):
+        pass
+
+    assert not is_hf_conv1d(Doubled(3, 2)) and rule_for(Doubled(3, 2))[0] is None
+    assert is_hf_conv1d(Renamed(3, 2))
