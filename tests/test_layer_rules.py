@@ -263,6 +263,47 @@ def hf_conv1d_cases(draw: st.DrawFn) -> Case:
     return layer, torch.randn(batch, *mid, d_in), False
 
 
+class OnePlusScaleNorm(nn.Module):
+    """Gemma's RMS norm: the scale is ``1 + weight`` (not zero at zero)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class ShiftScaleNorm(nn.Module):
+    """A hand-written LayerNorm with a shift and a scale, in the opposite registration order."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.randn(c))
+        self.gamma = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - x.mean(-1, keepdim=True)
+        return self.gamma * xc / (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() + self.beta
+
+
+@st.composite
+def affine_norm_cases(draw: st.DrawFn) -> Case:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    batch, c = draw(st.integers(1, 4)), draw(st.integers(2, 6))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    kind = draw(st.sampled_from([LlamaRMSNorm, T5LayerNorm, OnePlusScaleNorm, ShiftScaleNorm]))
+    layer = kind(c)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    if kind is ShiftScaleNorm and draw(st.booleans()):
+        draw(st.sampled_from([layer.beta, layer.gamma])).requires_grad_(False)
+    return layer, torch.randn(batch, *mid, c), False
+
+
 # -- every registered rule against the oracle ------------------------------------------------------
 
 #: one case per registered layer type: a strategy drawing (layer, batch input, whether to take
@@ -276,6 +317,7 @@ CASES: dict[type | str, st.SearchStrategy[Case]] = {
     nn.GroupNorm: group_norm_cases(),
     nn.RMSNorm: rms_norm_cases(),
     "Conv1D": hf_conv1d_cases(),
+    "elementwise-affine norm": affine_norm_cases(),
 }
 #: every registered rule: by type, and by name for those registered with a predicate
 ALL_RULES: dict[type | str, Rule] = {**RULES, **MATCHED}

@@ -127,3 +127,92 @@ def test_hf_conv1d_recognised_by_name_without_importing_transformers():
 
     assert not is_hf_conv1d(Doubled(3, 2)) and rule_for(Doubled(3, 2))[0] is None
     assert is_hf_conv1d(Renamed(3, 2))
+
+
+# -- normalisation layers that are not torch's own ----------------------------------------------------
+
+
+class NormedMLP(nn.Module):
+    def __init__(self, norm: nn.Module, d: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, d)
+        self.norm = norm
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.inp(x)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_hf_rms_norms_end_to_end(kind):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(2)
+    norm = (LlamaRMSNorm if kind == "llama" else T5LayerNorm)(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    model = NormedMLP(norm)
+    check_three_steps(model, torch.randn(5, 3, 4), [model.inp, model.norm, model.out])
+
+
+class ChannelMixingNorm(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True) * self.weight.flip(0)
+
+
+class PooledStatsNorm(nn.Module):
+    """Normalises with statistics over the batch, without keeping running statistics."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(0, keepdim=True)) * self.weight
+
+
+class ChannelsFirstNorm(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=1, keepdim=True) * self.weight[:, None]
+
+
+class QuadraticNorm(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight**2
+
+
+@pytest.mark.parametrize(
+    ("cls", "why"),
+    [
+        (ChannelMixingNorm, "not affine and elementwise"),
+        (PooledStatsNorm, "depends on the other samples"),
+        (ChannelsFirstNorm, "not affine and elementwise"),
+        (QuadraticNorm, "not affine and elementwise"),
+    ],
+)
+def test_norms_of_another_form_take_the_fallback_with_the_reason(cls, why):
+    """Modules that look like norms but are not elementwise-affine in their parameters, or mix
+    the samples, are refused by the rule's check, and the per-module fallback is right for them
+    (against the loop, three steps)."""
+    layer = cls(6)
+    rule, reason = rule_for(layer)
+    assert rule is None and why in reason
+    torch.manual_seed(3)
+    model = NormedMLP(layer)
+    if cls is PooledStatsNorm:
+        return  # no per-sample gradient exists: the batch-of-one loop is not its oracle
+    with pytest.warns(UserWarning, match=cls.__name__):
+        check_three_steps(model, torch.randn(5, 3, 4), [model.inp, model.out])

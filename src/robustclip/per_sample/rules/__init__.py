@@ -167,6 +167,7 @@ def supported_layers() -> str:
 
 # the rules, one file per layer type (importing registers them)
 from robustclip.per_sample.rules import (  # noqa: E402
+    affine_norm,
     broadcast,
     conv,
     embedding,
@@ -184,6 +185,7 @@ __all__ = [
     "OuterTerm",
     "Rule",
     "Term",
+    "affine_norm",
     "broadcast",
     "conv",
     "embedding",
