@@ -199,7 +199,7 @@ class QuadraticNorm(nn.Module):
     [
         (ChannelMixingNorm, "not affine and elementwise"),
         (PooledStatsNorm, "depends on the other samples"),
-        (ChannelsFirstNorm, "not affine and elementwise"),
+        (ChannelsFirstNorm, "does not run as an elementwise-affine norm on a (B, T, 6) input"),
         (QuadraticNorm, "not affine and elementwise"),
     ],
 )
@@ -215,4 +215,5 @@ def test_norms_of_another_form_take_the_fallback_with_the_reason(cls, why):
     if cls is PooledStatsNorm:
         return  # no per-sample gradient exists: the batch-of-one loop is not its oracle
     with pytest.warns(UserWarning, match=cls.__name__):
-        check_three_steps(model, torch.randn(5, 3, 4), [model.inp, model.out])
+        # (channels first: the normalised dimension, 6, is dimension 1)
+        check_three_steps(model, torch.randn(5, 6, 4), [model.inp, model.out])
