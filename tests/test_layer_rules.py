@@ -304,6 +304,73 @@ def affine_norm_cases(draw: st.DrawFn) -> Case:
     return layer, torch.randn(batch, *mid, c), False
 
 
+# -- attention --------------------------------------------------------------------------------------
+
+
+class AttentionCall(nn.Module):
+    """Calls its ``nn.MultiheadAttention`` (``rule_target``) on a batch-first input ``x``:
+    self-attention on ``x``, or cross-attention of its first ``split`` positions to the rest
+    (keys and values through fixed maps to ``kdim``/``vdim``), with masks that depend on each
+    sample alone."""
+
+    def __init__(self, mha: nn.MultiheadAttention, split: int | None, mask: str, need_weights: bool) -> None:
+        super().__init__()
+        self.rule_target = mha
+        self.split, self.mask, self.need_weights = split, mask, need_weights
+        e = mha.embed_dim
+        self.register_buffer("to_k", torch.randn(mha.kdim, e))
+        self.register_buffer("to_v", torch.randn(mha.vdim, e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mha = self.rule_target
+        q = kv = x
+        if self.split is not None:
+            q, kv = x[:, : self.split], x[:, self.split :]
+        k, v = kv @ self.to_k.t(), kv @ self.to_v.t()
+        if self.split is None and mha.kdim == mha.embed_dim and mha.vdim == mha.embed_dim:
+            k = v = kv
+        length, src = q.shape[1], k.shape[1]
+        kw: dict = {}
+        if self.mask in ("padding", "both"):
+            pad = kv[..., 0] > 0.5
+            pad[:, 0] = False  # every query sees at least one key
+            kw["key_padding_mask"] = pad
+        if self.mask in ("causal", "both"):
+            kw["attn_mask"] = torch.ones(length, src, dtype=torch.bool, device=x.device).triu(1)
+            kw["attn_mask"][:, 0] = False
+        if self.mask == "additive":
+            kw["attn_mask"] = torch.linspace(-1, 1, length * src, dtype=x.dtype).reshape(length, src)
+        if not mha.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        out, _ = mha(q, k, v, need_weights=self.need_weights, **kw)
+        return out if mha.batch_first else out.transpose(0, 1)
+
+
+@st.composite
+def attention_cases(draw: st.DrawFn) -> Case:
+    heads = draw(st.sampled_from([1, 2]))
+    e = heads * draw(st.integers(1, 3))
+    cross = draw(st.booleans())
+    kdim = vdim = None
+    if cross and draw(st.booleans()):
+        kdim, vdim = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    mha = nn.MultiheadAttention(
+        e, heads, bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()), kdim=kdim, vdim=vdim, batch_first=draw(st.booleans()),
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_()
+    if draw(st.booleans()):
+        draw(st.sampled_from([p for p in mha.parameters()])).requires_grad_(False)
+    length = draw(st.integers(1, 4))
+    split = length if cross else None
+    total = length + (draw(st.integers(1, 4)) if cross else 0)
+    mask = draw(st.sampled_from(["none", "padding", "causal", "both", "additive"]))
+    layer = AttentionCall(mha, split, mask, draw(st.booleans()))
+    return layer, torch.randn(draw(st.integers(1, 3)), total, e), False
+
+
 # -- every registered rule against the oracle ------------------------------------------------------
 
 #: one case per registered layer type: a strategy drawing (layer, batch input, whether to take
@@ -318,6 +385,7 @@ CASES: dict[type | str, st.SearchStrategy[Case]] = {
     nn.RMSNorm: rms_norm_cases(),
     "Conv1D": hf_conv1d_cases(),
     "elementwise-affine norm": affine_norm_cases(),
+    nn.MultiheadAttention: attention_cases(),
 }
 #: every registered rule: by type, and by name for those registered with a predicate
 ALL_RULES: dict[type | str, Rule] = {**RULES, **MATCHED}
@@ -337,10 +405,11 @@ def test_rule_against_the_batch_of_one_oracle(module_type, data):
     name = ALL_RULES[module_type].name
     assert module_type in CASES, f"the rule of {name} has no test case: add one to CASES"
     layer, x, matmul_path = data.draw(CASES[module_type])
+    target = getattr(layer, "rule_target", layer)  # a layer called by a wrapper
     if isinstance(module_type, str):
-        assert rule_for(layer)[0] is MATCHED[module_type]
+        assert rule_for(target)[0] is MATCHED[module_type]
     else:
-        assert type(layer) is module_type
+        assert type(target) is module_type
     with conv_matmul_path() if matmul_path else contextlib.nullcontext():
         check_rule(layer, x)
 

@@ -217,3 +217,74 @@ def test_norms_of_another_form_take_the_fallback_with_the_reason(cls, why):
     with pytest.warns(UserWarning, match=cls.__name__):
         # (channels first: the normalised dimension, 6, is dimension 1)
         check_three_steps(model, torch.randn(5, 6, 4), [model.inp, model.out])
+
+
+# -- attention --------------------------------------------------------------------------------------
+
+
+class TinyEncoder(nn.Module):
+    """A 2-layer ``nn.TransformerEncoder`` on batch-first inputs, with a padding mask that
+    depends on each sample alone."""
+
+    def __init__(self, batch_first: bool, dropout: float = 0.0, d: int = 8) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(3, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=dropout, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = x[..., 0] > 0.8
+        pad[:, 0] = False
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.enc(h, src_key_padding_mask=pad)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h)
+
+
+def test_transformer_encoder_end_to_end():
+    torch.manual_seed(4)
+    model = TinyEncoder(True)
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    check_three_steps(model, torch.randn(5, 4, 3), attn)
+
+
+class SequenceFirstAttention(nn.Module):
+    """Self-attention of a sequence-first ``nn.MultiheadAttention`` (``batch_first=False``)
+    between batch-first layers, causal, with a padding mask."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.attn = nn.MultiheadAttention(d, 2)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = x[..., 0] > 0.8
+        pad[:, 0] = False
+        h = self.inp(x).transpose(0, 1)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        h, _ = self.attn(h, h, h, key_padding_mask=pad, attn_mask=causal)
+        return self.head(h.transpose(0, 1))
+
+
+def test_sequence_first_attention_end_to_end():
+    torch.manual_seed(5)
+    model = SequenceFirstAttention()
+    check_three_steps(model, torch.randn(5, 4, 3), [model.attn, model.inp, model.head])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch.func over attention
+def test_attention_with_dropout_takes_a_correct_fallback():
+    """Attention dropout is not modelled: the layer falls back (with the reason), and the
+    fallback is right (evaluation mode: no dropout applied, three steps against the loop)."""
+    model = TinyEncoder(True, dropout=0.1).eval()
+    attn = model.enc.layers[0].self_attn
+    rule, why = rule_for(attn)
+    assert rule is None and "dropout" in why
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        check_three_steps(model, torch.randn(5, 4, 3), [model.inp, model.head])

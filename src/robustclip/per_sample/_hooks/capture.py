@@ -139,6 +139,11 @@ def plan_units(model: nn.Module, layout: ParamLayout) -> list[Unit]:
                 }
                 units.append(Unit(mod, name or "<root>", None, sub, why))
                 return
+            if rule is not None and isinstance(mod, FUSED_CONTAINERS):
+                # a fused container's rule covers its children's parameters too
+                sub = {n: index[id(p)] for n, p in mod.named_parameters(remove_duplicate=False) if id(p) in index}
+                units.append(Unit(mod, name or "<root>", rule, sub))
+                return
             if rule is not None:
                 units.append(Unit(mod, name or "<root>", rule, direct))
         for child_name, child in mod.named_children():
@@ -205,10 +210,20 @@ class Recorder:
         return torch.is_grad_enabled() and not self._mute and not self._fallback_depth
 
     def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        assert unit.rule is not None
+        full = unit.rule.full_call
+        if full and isinstance(output, tuple) and output:
+            output = output[0]  # (attention output, attention weights)
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
             return
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        call = Call(unit, [get_gradient_edge(output)], [tuple(output.shape)], input_keys([x]), x=x, x_version=x._version)
+        shape = list(output.shape)
+        bd = unit.rule.out_batch_dim(module) if shape else 0
+        shape.insert(0, shape.pop(bd))  # the batch first, as the plan expects
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)] if full else [x]
+        call = Call(unit, [get_gradient_edge(output)], [tuple(shape)], input_keys(ins), x=x, x_version=x._version)
+        if full:
+            call.args, call.kwargs = args, kwargs
         self._record(call)
         output.register_hook(partial(self.on_output_grad, call))
 

@@ -41,7 +41,13 @@ A rule also declares its own special cases, as keywords of :func:`register`:
 * ``source_param(module, names)``: the name of a trainable parameter whose gradient, requested
   in place of the layer's output, makes autograd compute the output gradient more cheaply
   (the engine requests one gradient below the first layers so that the backward pass reaches
-  them; see ``_hooks/plan.py``), or None for the output itself.
+  them; see ``_hooks/plan.py``), or None for the output itself;
+* ``full_call=True``: the rule needs the whole call (a layer with several inputs and options,
+  such as attention): its ``terms`` function also gets ``call=(args, kwargs)``, the arguments
+  the layer was called with; ``x`` is the first. A tuple output is differentiated through its
+  first tensor;
+* ``out_batch_dim(module)``: the dimension of the output that holds the batch, when not 0
+  (sequence-first layers); the output gradient the rule gets is as the layer returned it.
 """
 
 from __future__ import annotations
@@ -50,17 +56,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
-from torch import Tensor, nn
+from torch import nn
 
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
 
 M = TypeVar("M", bound=nn.Module)
-#: terms(module, x, grad_out, names) -> {parameter name: Term} for the trainable ``names``
-TermsFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Term]]
+#: terms(module, x, grad_out, names[, call]) -> {parameter name: Term} for the trainable ``names``
+TermsFn = Callable[..., dict[str, Term]]
 #: unsupported(module) -> why this module is not covered, or None
 UnsupportedFn = Callable[[nn.Module], str | None]
 #: source_param(module, names) -> the parameter to request for the output's gradient, or None
 SourceFn = Callable[[nn.Module, frozenset[str]], str | None]
+#: out_batch_dim(module) -> the dimension of the output that holds the batch
+BatchDimFn = Callable[[nn.Module], int]
 F = TypeVar("F", bound=Callable[..., dict[str, Term]])
 
 
@@ -70,6 +78,10 @@ def _covered(module: nn.Module) -> str | None:
 
 def _output_itself(module: nn.Module, names: frozenset[str]) -> str | None:
     return None
+
+
+def _batch_first(module: nn.Module) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,9 @@ class Rule:
     source_param: SourceFn = _output_itself
     #: predicate of a rule registered by :func:`register_match`
     matches: Callable[[nn.Module], bool] | None = None
+    #: the terms function also gets ``call=(args, kwargs)``
+    full_call: bool = False
+    out_batch_dim: BatchDimFn = _batch_first
 
     @property
     def name(self) -> str:
@@ -100,6 +115,8 @@ def register(
     unsupported: Callable[[M], str | None] | None = None,
     *,
     source_param: Callable[[M, frozenset[str]], str | None] | None = None,
+    full_call: bool = False,
+    out_batch_dim: Callable[[M], int] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the rule of ``module_type`` (exact type and subclasses that
     keep its ``forward``), with its declared special cases."""
@@ -110,6 +127,8 @@ def register(
             fn,
             cast(UnsupportedFn, unsupported or _covered),
             cast(SourceFn, source_param or _output_itself),
+            full_call=full_call,
+            out_batch_dim=cast(BatchDimFn, out_batch_dim or _batch_first),
         )
         return fn
 
@@ -168,6 +187,7 @@ def supported_layers() -> str:
 # the rules, one file per layer type (importing registers them)
 from robustclip.per_sample.rules import (  # noqa: E402
     affine_norm,
+    attention,
     broadcast,
     conv,
     embedding,
@@ -186,6 +206,7 @@ __all__ = [
     "Rule",
     "Term",
     "affine_norm",
+    "attention",
     "broadcast",
     "conv",
     "embedding",
