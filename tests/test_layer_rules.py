@@ -145,7 +145,7 @@ def conv_cases(draw: st.DrawFn, nd: int) -> Case:
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
     mode = draw(st.sampled_from(["zeros", "reflect", "circular", "same"]))
     stride = (1,) * nd if mode == "same" else tuple(draw(st.integers(1, 2)) for _ in range(nd))
-    size = tuple(draw(st.integers(4, 7)) for _ in range(nd))
+    size = tuple(draw(st.integers(4, 7 if nd < 3 else 5)) for _ in range(nd))
     if mode == "same":
         padding: object = "same"
         padding_mode = "zeros"
@@ -158,7 +158,7 @@ def conv_cases(draw: st.DrawFn, nd: int) -> Case:
         pad = 2 * padding[i] if padding != "same" else dilation[i] * (k[i] - 1)
         if size[i] + pad < dilation[i] * (k[i] - 1) + 1:
             size = size[:i] + (dilation[i] * (k[i] - 1) + 1,) + size[i + 1 :]
-    cls = nn.Conv1d if nd == 1 else nn.Conv2d
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
     layer = cls(
         c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
         bias=draw(st.booleans()), padding_mode=padding_mode,
@@ -167,15 +167,37 @@ def conv_cases(draw: st.DrawFn, nd: int) -> Case:
     return layer, torch.randn(batch, c_in, *size), draw(st.booleans())
 
 
+@st.composite
+def conv_transpose_cases(draw: st.DrawFn, nd: int) -> Case:
+    groups = draw(st.sampled_from([1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    out_pad = tuple(draw(st.integers(0, s - 1)) for s in stride)
+    size = tuple(draw(st.integers(2, 5 if nd < 3 else 3)) for _ in range(nd))
+    # the output must not be empty: (size - 1) stride - 2 padding + dilation (k - 1) + out_pad + 1
+    padding = tuple(
+        min(p, ((n - 1) * s + d * (kk - 1) + op) // 2) for p, n, s, d, kk, op in zip(padding, size, stride, dilation, k, out_pad)
+    )
+    cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
+    layer = cls(
+        c_in, c_out, k, stride=stride, padding=padding, output_padding=out_pad, groups=groups,
+        bias=draw(st.booleans()), dilation=dilation,
+    )  # fmt: skip
+    return layer, torch.randn(draw(st.integers(1, 3)), c_in, *size), draw(st.booleans())
+
+
 SAME_PADDING_WARNING = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
 @SAME_PADDING_WARNING
 @SETTINGS
-@given(case=st.one_of(conv_cases(1), conv_cases(2)))
+@given(case=st.one_of(conv_cases(1), conv_cases(2), conv_cases(3)))
 def test_conv_patch_gram_without_unfolding(case):
     """The pixel-Gram shortcut (its separable sum over taps) equals the Gram of the unfolded
-    patches, for 1-D and 2-D convolutions."""
+    patches, for 1-D, 2-D and 3-D convolutions."""
     layer, x, _ = case
     layer = layer.double()
     x = x.double()
@@ -230,6 +252,24 @@ def group_norm_cases(draw: st.DrawFn) -> Case:
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
+    return layer, torch.randn(batch, c, *spatial), False
+
+
+@st.composite
+def instance_norm_cases(draw: st.DrawFn, nd: int) -> Case:
+    batch, c = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    spatial = [draw(st.integers(1, 4)) for _ in range(nd)]
+    spatial[0] = max(spatial[0], 2)  # more than one value per channel
+    track = draw(st.booleans())
+    layer = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[nd - 1](c, affine=True, track_running_stats=track)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    if track and draw(st.booleans()):
+        with torch.no_grad():
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2.0)
+        layer.eval()  # normalised by the running statistics
     return layer, torch.randn(batch, c, *spatial), False
 
 
@@ -379,10 +419,17 @@ CASES: dict[type | str, st.SearchStrategy[Case]] = {
     nn.Linear: linear_cases(),
     nn.Conv1d: conv_cases(1),
     nn.Conv2d: conv_cases(2),
+    nn.Conv3d: conv_cases(3),
+    nn.ConvTranspose1d: conv_transpose_cases(1),
+    nn.ConvTranspose2d: conv_transpose_cases(2),
+    nn.ConvTranspose3d: conv_transpose_cases(3),
     nn.Embedding: embedding_cases(),
     nn.LayerNorm: layer_norm_cases(),
     nn.GroupNorm: group_norm_cases(),
     nn.RMSNorm: rms_norm_cases(),
+    nn.InstanceNorm1d: instance_norm_cases(1),
+    nn.InstanceNorm2d: instance_norm_cases(2),
+    nn.InstanceNorm3d: instance_norm_cases(3),
     "Conv1D": hf_conv1d_cases(),
     "elementwise-affine norm": affine_norm_cases(),
     nn.MultiheadAttention: attention_cases(),

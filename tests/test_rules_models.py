@@ -288,3 +288,36 @@ def test_attention_with_dropout_takes_a_correct_fallback():
     assert rule is None and "dropout" in why
     with pytest.warns(UserWarning, match="MultiheadAttention"):
         check_three_steps(model, torch.randn(5, 4, 3), [model.inp, model.head])
+
+
+# -- convolutions and instance normalisation ------------------------------------------------------------
+
+
+class VolumeNet(nn.Module):
+    """Conv3d and InstanceNorm3d, then ConvTranspose2d and InstanceNorm2d on the pooled planes,
+    then ConvTranspose1d and InstanceNorm1d on the pooled rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 3, 2, padding=1)
+        self.n3 = nn.InstanceNorm3d(3, affine=True)
+        self.t2 = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, groups=1)
+        self.n2 = nn.InstanceNorm2d(2, affine=True)
+        self.t1 = nn.ConvTranspose1d(2, 4, 2, stride=2, groups=2)
+        self.n1 = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.n3(self.c3(x)))  # (B, 3, 4, 4, 4)
+        h = torch.tanh(self.n2(self.t2(h.mean(2))))  # (B, 2, 8, 8)
+        return self.n1(self.t1(h.mean(2)))  # (B, 4, 16)
+
+
+def test_conv3d_conv_transpose_and_instance_norm_end_to_end():
+    torch.manual_seed(6)
+    model = VolumeNet()
+    with torch.no_grad():
+        for m in (model.n3, model.n2, model.n1):
+            m.weight.normal_()
+            m.bias.normal_()
+    covered = [model.c3, model.n3, model.t2, model.n2, model.t1, model.n1]
+    check_three_steps(model, torch.randn(4, 2, 3, 3, 3), covered)
