@@ -224,6 +224,43 @@ def embedding_cases(draw: st.DrawFn) -> Case:
     return layer, idx, False
 
 
+class BagCall(nn.Module):
+    """Calls its ``nn.EmbeddingBag`` (``rule_target``) on ``(B, L)`` indices: as 2-D bags, or
+    flattened with offsets after dropping the entries equal to 1 (bags of unequal lengths,
+    maybe empty), with per-sample weights read from a fixed table when asked."""
+
+    def __init__(self, bag: nn.EmbeddingBag, with_offsets: bool, weighted: bool) -> None:
+        super().__init__()
+        self.rule_target = bag
+        self.with_offsets, self.weighted = with_offsets, weighted
+        self.register_buffer("table", torch.randn(bag.num_embeddings))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        bag = self.rule_target
+        if not self.with_offsets:
+            return bag(idx, per_sample_weights=self.table[idx] if self.weighted else None)
+        keep = idx != 1
+        flat = idx[keep]
+        lengths = keep.sum(1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        if not bag.include_last_offset:
+            offsets = offsets[:-1]
+        return bag(flat, offsets, per_sample_weights=self.table[flat] if self.weighted else None)
+
+
+@st.composite
+def embedding_bag_cases(draw: st.DrawFn) -> Case:
+    batch, length, vocab, dim = (draw(st.integers(lo, hi)) for lo, hi in ((1, 4), (1, 6), (3, 7), (1, 4)))
+    mode = draw(st.sampled_from(["sum", "mean"]))
+    weighted = mode == "sum" and draw(st.booleans())
+    layer = nn.EmbeddingBag(
+        vocab, dim, mode=mode, padding_idx=draw(st.sampled_from([None, 0, 2])),
+        include_last_offset=draw(st.booleans()),
+    )  # fmt: skip
+    idx = torch.randint(0, vocab, (batch, length))
+    return BagCall(layer, draw(st.booleans()), weighted), idx, False
+
+
 # -- normalisation layers ---------------------------------------------------------------------------
 
 
@@ -424,6 +461,7 @@ CASES: dict[type | str, st.SearchStrategy[Case]] = {
     nn.ConvTranspose2d: conv_transpose_cases(2),
     nn.ConvTranspose3d: conv_transpose_cases(3),
     nn.Embedding: embedding_cases(),
+    nn.EmbeddingBag: embedding_bag_cases(),
     nn.LayerNorm: layer_norm_cases(),
     nn.GroupNorm: group_norm_cases(),
     nn.RMSNorm: rms_norm_cases(),
@@ -498,6 +536,8 @@ def test_rule_for_refuses_what_it_does_not_model():
     assert rule_for(nn.Embedding(3, 2, scale_grad_by_freq=True))[0] is None
     assert rule_for(nn.Embedding(3, 2, sparse=True))[0] is None
     assert rule_for(nn.BatchNorm1d(3))[0] is None
+    assert "max" in rule_for(nn.EmbeddingBag(3, 2, mode="max"))[1]
+    assert "scale_grad_by_freq" in rule_for(nn.EmbeddingBag(3, 2, scale_grad_by_freq=True))[1]
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])

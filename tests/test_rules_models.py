@@ -321,3 +321,32 @@ def test_conv3d_conv_transpose_and_instance_norm_end_to_end():
             m.bias.normal_()
     covered = [model.c3, model.n3, model.t2, model.n2, model.t1, model.n1]
     check_three_steps(model, torch.randn(4, 2, 3, 3, 3), covered)
+
+
+# -- EmbeddingBag -------------------------------------------------------------------------------------
+
+
+class BagClassifier(nn.Module):
+    """A bag-of-words classifier: variable-length bags cut by offsets (entries equal to 1
+    dropped), mean of the embeddings, then a Linear layer."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(9, 4, mode=mode, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        keep = idx != 1
+        lengths = keep.sum(1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
+        return self.head(self.bag(idx[keep], offsets))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_end_to_end(mode):
+    torch.manual_seed(7)
+    model = BagClassifier(mode)
+    idx = torch.randint(0, 9, (5, 6))
+    idx[1, 0] = 3  # a repeated index within a bag
+    idx[1, 1] = 3
+    check_three_steps(model, idx, [model.bag, model.head])
