@@ -448,6 +448,53 @@ def attention_cases(draw: st.DrawFn) -> Case:
     return layer, torch.randn(draw(st.integers(1, 3)), total, e), False
 
 
+# -- recurrent layers ---------------------------------------------------------------------------------
+
+
+class RecurrentCall(nn.Module):
+    """Calls its recurrent layer (``rule_target``) on a batch-first ``x``; the losses read the
+    output sequence, the final states, or both; the initial state, when given, depends on each
+    sample alone."""
+
+    def __init__(self, rnn: nn.RNNBase, reads: str, with_h0: bool) -> None:
+        super().__init__()
+        self.rule_target = rnn
+        self.reads, self.with_h0 = reads, with_h0
+        n = rnn.num_layers * (2 if rnn.bidirectional else 1)
+        self.register_buffer("h0_scale", torch.randn(n, 1, rnn.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rnn = self.rule_target
+        seq = x if rnn.batch_first else x.transpose(0, 1)
+        hx = None
+        if self.with_h0:
+            h0 = torch.tanh(x[:, 0].sum(-1)).reshape(1, -1, 1) * self.h0_scale
+            hx = (h0, 0.5 * h0) if isinstance(rnn, nn.LSTM) else h0
+        out, hidden = rnn(seq, hx)
+        out = out if rnn.batch_first else out.transpose(0, 1)
+        states = list(hidden) if isinstance(hidden, tuple) else [hidden]
+        parts = [s.transpose(0, 1).flatten(1) for s in states]
+        if self.reads == "output":
+            return out.flatten(1)
+        if self.reads == "h_n":  # a classifier on the final states
+            return parts[0]
+        return torch.cat([out.flatten(1), *parts], 1)
+
+
+@st.composite
+def recurrent_cases(draw: st.DrawFn, cls: type) -> Case:
+    batch, length, d_in, hid = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kw: dict = {"nonlinearity": draw(st.sampled_from(["tanh", "relu"]))} if cls is nn.RNN else {}
+    rnn = cls(
+        d_in, hid, num_layers=draw(st.integers(1, 2)), bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()), bidirectional=draw(st.booleans()), **kw,
+    )  # fmt: skip
+    if draw(st.booleans()):
+        draw(st.sampled_from(list(rnn.parameters()))).requires_grad_(False)
+    layer = RecurrentCall(rnn, draw(st.sampled_from(["output", "h_n", "both"])), draw(st.booleans()))
+    return layer, torch.randn(batch, length, d_in), False
+
+
 # -- every registered rule against the oracle ------------------------------------------------------
 
 #: one case per registered layer type: a strategy drawing (layer, batch input, whether to take
@@ -471,6 +518,9 @@ CASES: dict[type | str, st.SearchStrategy[Case]] = {
     "Conv1D": hf_conv1d_cases(),
     "elementwise-affine norm": affine_norm_cases(),
     nn.MultiheadAttention: attention_cases(),
+    nn.RNN: recurrent_cases(nn.RNN),
+    nn.LSTM: recurrent_cases(nn.LSTM),
+    nn.GRU: recurrent_cases(nn.GRU),
 }
 #: every registered rule: by type, and by name for those registered with a predicate
 ALL_RULES: dict[type | str, Rule] = {**RULES, **MATCHED}

@@ -350,3 +350,67 @@ def test_embedding_bag_end_to_end(mode):
     idx[1, 0] = 3  # a repeated index within a bag
     idx[1, 1] = 3
     check_three_steps(model, idx, [model.bag, model.head])
+
+
+# -- recurrent layers -------------------------------------------------------------------------------
+
+
+class RecurrentClassifier(nn.Module):
+    """Embedding, a recurrent layer, and a head on the last layer's final hidden state(s) (the
+    usual classifier) or on the mean of the output sequence."""
+
+    def __init__(self, cls: type, layers: int, bidirectional: bool, batch_first: bool, head_on: str) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.rnn = cls(4, 5, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.dirs = 2 if bidirectional else 1
+        self.head = nn.Linear(5 * self.dirs, 3)
+        self.head_on = head_on
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        if not self.rnn.batch_first:
+            h = h.transpose(0, 1)
+        out, hidden = self.rnn(h)
+        if self.head_on == "mean":
+            return self.head(out.mean(1 if self.rnn.batch_first else 0))
+        h_n = hidden[0] if isinstance(hidden, tuple) else hidden
+        last = h_n[-self.dirs :].transpose(0, 1).reshape(idx.shape[0], -1)
+        return self.head(last)
+
+
+@pytest.mark.parametrize(
+    ("cls", "layers", "bidirectional", "batch_first", "head_on"),
+    [
+        (nn.LSTM, 1, False, True, "h_n"),
+        (nn.GRU, 1, False, True, "h_n"),
+        (nn.RNN, 1, False, False, "mean"),
+        (nn.LSTM, 2, True, True, "h_n"),
+        (nn.LSTM, 2, True, False, "mean"),
+        (nn.GRU, 2, True, False, "h_n"),
+    ],
+)
+def test_recurrent_classifiers_end_to_end(cls, layers, bidirectional, batch_first, head_on):
+    torch.manual_seed(8)
+    model = RecurrentClassifier(cls, layers, bidirectional, batch_first, head_on)
+    check_three_steps(model, torch.randint(0, 11, (5, 4)), [model.emb, model.rnn, model.head])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,
+    reason="known: a recurrent layer without a rule makes the whole model fall back (its final "
+    "states are not batch first), and the whole-model vmap fallback fails on torch's recurrent "
+    "layers at step 2; the recurrent rule avoids both",
+)
+def test_recurrent_layer_with_dropout_between_layers_takes_a_correct_fallback():
+    """Dropout between layers is not modelled: the layer falls back, with the reason, and the
+    fallback must be right (evaluation mode, three steps against the loop)."""
+    model = RecurrentClassifier(nn.GRU, 2, False, True, "h_n")
+    model.rnn.dropout = 0.3
+    model.eval()
+    rule, why = rule_for(model.rnn)
+    assert rule is None and "dropout" in why
+    check_three_steps(model, torch.randint(0, 11, (5, 4)), [model.emb, model.head])

@@ -209,13 +209,21 @@ class Recorder:
         # calls inside a fallback unit belong to its replay, not to the step
         return torch.is_grad_enabled() and not self._mute and not self._fallback_depth
 
-    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         assert unit.rule is not None
-        full = unit.rule.full_call
-        if full and isinstance(output, tuple) and output:
+        full, replaced = unit.rule.full_call, None
+        if unit.rule.repack is not None and self._recording():
+            # several outputs the losses may use (a recurrent layer's sequence and final
+            # states): the rule packs them into one batch-first tensor, and the module returns
+            # views of it, so that one output gradient holds them all
+            packed = unit.rule.repack(module, output)
+            if packed is None:
+                return None
+            output, replaced = packed
+        elif full and isinstance(output, tuple) and output:
             output = output[0]  # (attention output, attention weights)
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
-            return
+            return None
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
         shape = list(output.shape)
         bd = unit.rule.out_batch_dim(module) if shape else 0
@@ -226,6 +234,7 @@ class Recorder:
             call.args, call.kwargs = args, kwargs
         self._record(call)
         output.register_hook(partial(self.on_output_grad, call))
+        return replaced
 
     def _record(self, call: Call) -> None:
         # Calls (and through them their forward pass's graph) are held until the next

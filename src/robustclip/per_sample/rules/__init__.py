@@ -47,16 +47,20 @@ A rule also declares its own special cases, as keywords of :func:`register`:
   the layer was called with; ``x`` is the first. A tuple output is differentiated through its
   first tensor;
 * ``out_batch_dim(module)``: the dimension of the output that holds the batch, when not 0
-  (sequence-first layers); the output gradient the rule gets is as the layer returned it.
+  (sequence-first layers); the output gradient the rule gets is as the layer returned it;
+* ``repack(module, output)``: for layers with several outputs the losses may use: returns
+  ``(packed, new_output)``, a batch-first tensor computed from all the outputs and a
+  replacement output made of views of it (values unchanged), or None to leave the call
+  unrecorded; the rule then gets the gradient of ``packed``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
 
@@ -69,6 +73,8 @@ UnsupportedFn = Callable[[nn.Module], str | None]
 SourceFn = Callable[[nn.Module, frozenset[str]], str | None]
 #: out_batch_dim(module) -> the dimension of the output that holds the batch
 BatchDimFn = Callable[[nn.Module], int]
+#: repack(module, output) -> (one batch-first tensor of all outputs, the output made of its views)
+RepackFn = Callable[[nn.Module, Any], tuple[Tensor, Any] | None]
 F = TypeVar("F", bound=Callable[..., dict[str, Term]])
 
 
@@ -98,6 +104,7 @@ class Rule:
     #: the terms function also gets ``call=(args, kwargs)``
     full_call: bool = False
     out_batch_dim: BatchDimFn = _batch_first
+    repack: RepackFn | None = None
 
     @property
     def name(self) -> str:
@@ -117,6 +124,7 @@ def register(
     source_param: Callable[[M, frozenset[str]], str | None] | None = None,
     full_call: bool = False,
     out_batch_dim: Callable[[M], int] | None = None,
+    repack: Callable[[M, Any], tuple[Tensor, Any] | None] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the rule of ``module_type`` (exact type and subclasses that
     keep its ``forward``), with its declared special cases."""
@@ -129,6 +137,7 @@ def register(
             cast(SourceFn, source_param or _output_itself),
             full_call=full_call,
             out_batch_dim=cast(BatchDimFn, out_batch_dim or _batch_first),
+            repack=cast(RepackFn | None, repack),
         )
         return fn
 
@@ -198,6 +207,7 @@ from robustclip.per_sample.rules import (  # noqa: E402
     instance_norm,
     layer_norm,
     linear,
+    recurrent,
     rms_norm,
 )
 
@@ -220,6 +230,7 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "linear",
+    "recurrent",
     "register",
     "register_match",
     "rms_norm",
