@@ -414,3 +414,26 @@ def test_recurrent_layer_with_dropout_between_layers_takes_a_correct_fallback():
     rule, why = rule_for(model.rnn)
     assert rule is None and "dropout" in why
     check_three_steps(model, torch.randint(0, 11, (5, 4)), [model.emb, model.head])
+
+
+# -- layers refused --------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
+def test_embedding_scaled_by_batch_frequency_is_refused_not_trained():
+    """``scale_grad_by_freq=True`` scales by index counts over the whole batch: no rule, and the
+    first-step check raises instead of training on a gradient that is not per sample."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 3, scale_grad_by_freq=True)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(idx)).mean(1)
+
+    model = Model()
+    assert "scale_grad_by_freq" in rule_for(model.emb)[1]
+    with pytest.raises(ValueError, match="disagrees with autograd for emb.weight"):
+        check_three_steps(model, torch.tensor([[1, 1, 2], [1, 3, 3], [4, 1, 5]]), [model.head])
