@@ -437,3 +437,62 @@ def test_embedding_scaled_by_batch_frequency_is_refused_not_trained():
     assert "scale_grad_by_freq" in rule_for(model.emb)[1]
     with pytest.raises(ValueError, match="disagrees with autograd for emb.weight"):
         check_three_steps(model, torch.tensor([[1, 1, 2], [1, 3, 3], [4, 1, 5]]), [model.head])
+
+
+# -- bf16 autocast ----------------------------------------------------------------------------------------
+
+
+def _bf16_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(9)
+    return {
+        "conv1d": (ConvOneDMLP(), torch.randn(5, 3, 5)),
+        "llama_norm": (NormedMLP(LlamaRMSNorm(6)), torch.randn(5, 3, 4)),
+        "encoder": (TinyEncoder(True), torch.randn(5, 4, 3)),
+        "sequence_first_attention": (SequenceFirstAttention(), torch.randn(5, 4, 3)),
+        "conv3d_transpose_instance_norm": (VolumeNet(), torch.randn(4, 2, 3, 3, 3)),
+        "embedding_bag": (BagClassifier("mean"), torch.randint(0, 9, (5, 6))),
+        "lstm": (RecurrentClassifier(nn.LSTM, 2, True, False, "h_n"), torch.randint(0, 11, (5, 4))),
+        "gru": (RecurrentClassifier(nn.GRU, 1, False, True, "mean"), torch.randint(0, 11, (5, 4))),
+    }
+
+
+def _bf16_clipped(model: nn.Module, x: torch.Tensor, r: torch.Tensor, c: float, engine: str) -> torch.Tensor:
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clipper = rc.Clipper(model, torch.optim.SGD(params, lr=0.0), rc.per_sample_clip(c, engine=engine))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    clipper.backward(_losses(out.float(), r))
+    clipper.step()
+    return torch.cat([p.grad.double().flatten() for p in params if p.grad is not None])
+
+
+@pytest.mark.parametrize("name", list(_bf16_models()))
+def test_rules_under_bf16_autocast(name):
+    """Under bf16 autocast the clipped gradient's error against the float64 loop is no larger
+    than twice the larger of the plain bf16 mean gradient's error (against its float64 value)
+    and the reference loop's own error under bf16 autocast."""
+    model, x = _bf16_models()[name]
+    ref = copy.deepcopy(model).double()
+    xd = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        r = torch.randn_like(model(x).float())
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for i in range(x.shape[0]):
+        gs = torch.autograd.grad(_losses(ref(xd[i : i + 1]), r[i : i + 1].double()).sum(), list(ref.parameters()))
+        norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in gs)))
+    c = sorted(norms)[len(norms) // 2]
+    expected = torch.cat([g.flatten() for g in _loop_clipped_mean(ref, xd, r.double(), c)])
+    mean_ref = torch.autograd.grad(_losses(ref(xd), r.double()).mean(), list(ref.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    mean_bf16 = torch.autograd.grad(_losses(out.float(), r).mean(), params)
+    flat = lambda gs: torch.cat([g.double().flatten() for g in gs])  # noqa: E731
+    plain_err = float((flat(mean_bf16) - flat(mean_ref)).norm() / flat(mean_ref).norm())
+    loop_err = float((_bf16_clipped(model, x, r, c, "loop") - expected).norm() / expected.norm())
+    err = float((_bf16_clipped(model, x, r, c, "hooks") - expected).norm() / expected.norm())
+    bound = 2 * max(plain_err, loop_err)
+    assert err <= bound, f"bf16 clipped gradient error {err:.2e}; plain bf16 {plain_err:.2e}, loop bf16 {loop_err:.2e}"

@@ -170,11 +170,11 @@ def register_match(
 
 def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
     """The rule covering ``module``, or ``(None, reason)``."""
-    for rule in MATCHED.values():
-        assert rule.matches is not None
-        if rule.matches(module):
-            why = rule.unsupported(module)
-            return (None, why) if why else (rule, "")
+    for matched in MATCHED.values():
+        assert matched.matches is not None
+        if matched.matches(module):
+            why = matched.unsupported(module)
+            return (None, why) if why else (matched, "")
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is None:

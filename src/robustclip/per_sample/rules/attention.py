@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
 from robustclip.per_sample.rules._util import sum_positions
 
@@ -65,7 +66,10 @@ def attention_terms(
     bound = _SIGNATURE.bind(module, *call[0], **call[1])
     bound.apply_defaults()
     a = bound.arguments
-    query, key, value = (a[n].detach() for n in ("query", "key", "value"))
+    # recomputed in the parameters' precision (float32 at least): under autocast the layer ran
+    # in bf16/fp16, and the terms need only its gradients to that precision
+    cd = torch.promote_types(acc_dtype(a["query"].dtype), module.out_proj.weight.dtype)
+    query, key, value = (a[n].detach().to(cd) for n in ("query", "key", "value"))
     if query.dim() != 3:
         raise RuntimeError(
             "robustclip: nn.MultiheadAttention was called on an unbatched (2-D) query; per-sample "
@@ -76,13 +80,16 @@ def attention_terms(
         query, key, value, grad_out = (t.transpose(0, 1) for t in (query, key, value, grad_out))
     n, length, src = query.shape[0], query.shape[1], key.shape[1]
     if m._qkv_same_embed_dim:
-        w_q, w_k, w_v = m.in_proj_weight.detach().chunk(3)
+        w_q, w_k, w_v = m.in_proj_weight.detach().to(cd).chunk(3)
     else:
-        w_q, w_k, w_v = (w.detach() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+        w_q, w_k, w_v = (w.detach().to(cd) for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
     b_q = b_k = b_v = None
     if m.in_proj_bias is not None:
-        b_q, b_k, b_v = m.in_proj_bias.detach().chunk(3)
-    key_padding_mask, attn_mask = a["key_padding_mask"], a["attn_mask"]
+        b_q, b_k, b_v = m.in_proj_bias.detach().to(cd).chunk(3)
+    key_padding_mask, attn_mask = (
+        mk.to(cd) if isinstance(mk, Tensor) and mk.is_floating_point() else mk
+        for mk in (a["key_padding_mask"], a["attn_mask"])
+    )
     with torch.enable_grad():
         q = F.linear(query, w_q, b_q).detach().requires_grad_()
         k = F.linear(key, w_k, b_k).detach().requires_grad_()
@@ -90,8 +97,8 @@ def attention_terms(
         leaves = [q, k, v]
         k_all, v_all = k, v
         if m.bias_k is not None and m.bias_v is not None:
-            bk = m.bias_k.detach().reshape(1, 1, e).expand(n, 1, e).clone().requires_grad_()
-            bv = m.bias_v.detach().reshape(1, 1, e).expand(n, 1, e).clone().requires_grad_()
+            bk = m.bias_k.detach().to(cd).reshape(1, 1, e).expand(n, 1, e).clone().requires_grad_()
+            bv = m.bias_v.detach().to(cd).reshape(1, 1, e).expand(n, 1, e).clone().requires_grad_()
             leaves += [bk, bv]
             k_all, v_all = torch.cat([k, bk], 1), torch.cat([v, bv], 1)
             # as the layer does when it appends bias_k and bias_v: one more key, never masked
@@ -107,8 +114,8 @@ def attention_terms(
             use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
             is_causal=bool(a["is_causal"]),
         )  # fmt: skip
-        g_o = torch.matmul(grad_out, m.out_proj.weight.detach().to(grad_out.dtype))
-        grads = torch.autograd.grad(o, leaves, g_o.transpose(0, 1).to(o.dtype))
+        g_o = torch.matmul(grad_out.to(cd), m.out_proj.weight.detach().to(cd))
+        grads = torch.autograd.grad(o, leaves, g_o.transpose(0, 1))
     o = o.detach().transpose(0, 1)  # (N, L, E): the output projection's input
     dq, dk, dv = grads[:3]
     terms: dict[str, Term] = {}

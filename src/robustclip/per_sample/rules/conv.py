@@ -39,7 +39,7 @@ IM2COL_CHUNK_ELEMENTS = 2**18
 class ConvTerm(OuterTerm):
     """The weight term of a convolution; its ``v`` factor (patches) is built on demand."""
 
-    def __init__(self, module: nn.Conv1d | nn.Conv2d, x: Tensor, grad_out: Tensor) -> None:
+    def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, grad_out: Tensor) -> None:
         self.module = module
         self.nd = x.dim() - 2
         self.pads = list(module._reversed_padding_repeated_twice)

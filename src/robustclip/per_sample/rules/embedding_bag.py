@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import OuterTerm, Term, register
 
 _SIGNATURE = inspect.signature(nn.EmbeddingBag.forward)
@@ -83,5 +84,7 @@ def embedding_bag_terms(
     weights = a.get("per_sample_weights")
     idx, c = bags(module, a["input"], a.get("offsets"), None if weights is None else weights.detach())
     b, d = grad_out.shape
-    g = c.to(grad_out.dtype).unsqueeze(-1) * grad_out.unsqueeze(1)  # (B, L, d)
+    # in float32 at least: 1 / count in bf16 would add rounding the plain backward does not have
+    dt = acc_dtype(grad_out.dtype)
+    g = c.to(dt).unsqueeze(-1) * grad_out.to(dt).unsqueeze(1)  # (B, L, d)
     return {"weight": OuterTerm(idx.reshape(b, 1, -1), g.reshape(b, 1, -1, d), module.num_embeddings, module.weight.shape, grad_out.dtype)}

@@ -43,12 +43,14 @@ def _bias_source(module: nn.Module, names: frozenset[str]) -> str | None:
 @register_match("Conv1D", is_hf_conv1d, source_param=_bias_source)
 def hf_conv1d_terms(module: nn.Module, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     b = grad_out.shape[0]
-    n_in, n_out = module.weight.shape
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    n_in, n_out = weight.shape
     g = grad_out.reshape(b, 1, -1, n_out)
     terms: dict[str, Term] = {}
     if "weight" in names:
         a = x.reshape(b, 1, -1, n_in)
-        terms["weight"] = OuterTerm(a, g, n_in, module.weight.shape, grad_out.dtype)
+        terms["weight"] = OuterTerm(a, g, n_in, weight.shape, grad_out.dtype)
     if "bias" in names:
         terms["bias"] = DenseTerm(sum_positions(g.reshape(b, -1, n_out)))
     return terms

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
 from robustclip.per_sample.rules._util import sum_positions
 
@@ -90,7 +91,9 @@ def recurrent_terms(
 ) -> dict[str, Term]:
     m = module
     a = inspect.signature(type(m).forward).bind(m, *call[0], **call[1]).arguments
-    inp = a["input"].detach()
+    # recomputed in the parameters' precision (float32 at least), as for attention
+    cd = torch.promote_types(acc_dtype(a["input"].dtype), m.weight_ih_l0.dtype)
+    inp = a["input"].detach().to(cd)
     if not m.batch_first:
         inp = inp.transpose(0, 1)
     b, t_len = inp.shape[:2]
@@ -101,9 +104,9 @@ def recurrent_terms(
     if hx is None:
         h0, c0 = zeros, zeros
     elif lstm:
-        h0, c0 = hx[0].detach(), hx[1].detach()
+        h0, c0 = hx[0].detach().to(cd), hx[1].detach().to(cd)
     else:
-        h0, c0 = hx.detach(), zeros
+        h0, c0 = hx.detach().to(cd), zeros
     n_states = 2 if lstm else 1
     sizes = [t_len * dirs * hid] + [layers * dirs * hid] * n_states
     g_parts = grad_out.split(sizes, 1)
@@ -119,9 +122,10 @@ def recurrent_terms(
             outs = []
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih, w_hh = getattr(m, "weight_ih" + sfx).detach(), getattr(m, "weight_hh" + sfx).detach()
-                b_ih = getattr(m, "bias_ih" + sfx).detach() if m.bias else None
-                b_hh = getattr(m, "bias_hh" + sfx).detach() if m.bias else None
+                w_ih = getattr(m, "weight_ih" + sfx).detach().to(cd)
+                w_hh = getattr(m, "weight_hh" + sfx).detach().to(cd)
+                b_ih = getattr(m, "bias_ih" + sfx).detach().to(cd) if m.bias else None
+                b_hh = getattr(m, "bias_hh" + sfx).detach().to(cd) if m.bias else None
                 gi = F.linear(layer_in, w_ih, b_ih)
                 h: Tensor = h0[layer * dirs + d]
                 c: Tensor | None = c0[layer * dirs + d]
