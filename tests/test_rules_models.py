@@ -496,3 +496,57 @@ def test_rules_under_bf16_autocast(name):
     err = float((_bf16_clipped(model, x, r, c, "hooks") - expected).norm() / expected.norm())
     bound = 2 * max(plain_err, loop_err)
     assert err <= bound, f"bf16 clipped gradient error {err:.2e}; plain bf16 {plain_err:.2e}, loop bf16 {loop_err:.2e}"
+
+
+# -- what the rules leave to the fallbacks ----------------------------------------------------------------
+
+
+class AttentionWeightsUsed(nn.Module):
+    """The losses use the attention weights the layer returns, not only its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        out, weights = self.attn(h, h, h)
+        return out.flatten(1) + weights.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_attention_weights_in_the_losses_are_not_missed():
+    """The rule differentiates through the attention output only; when the losses also use the
+    returned weights, the layer's parameters are reached outside it, and the whole model falls
+    back with a warning (right at every step) instead of missing that part of the gradient."""
+    torch.manual_seed(10)
+    model = AttentionWeightsUsed()
+    with pytest.warns(UserWarning, match="cannot split this model's gradient by sample"):
+        check_three_steps(model, torch.randn(5, 3, 3), [model.attn])
+
+
+class PackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = (x[..., 0] > -0.5).sum(1).clamp_min(1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.rnn(packed)
+        return self.head(h_n[-1])
+
+
+@pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,
+    reason="known: packed sequences make the whole model fall back, and from step 2 the "
+    "whole-model vmap fallback cannot pack per sample (data-dependent lengths)",
+)
+def test_packed_sequences_take_a_correct_fallback():
+    torch.manual_seed(11)
+    check_three_steps(PackedLSTM(), torch.randn(5, 4, 3), [])
