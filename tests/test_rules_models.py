@@ -253,6 +253,30 @@ def test_transformer_encoder_end_to_end():
     check_three_steps(model, torch.randn(5, 4, 3), attn)
 
 
+class TinyTransformer(nn.Module):
+    """``nn.Transformer`` (encoder and decoder: self-, causal and cross-attention), batch first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.tr = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        src, tgt = h[:, :3], h[:, 3:]
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=h.dtype)
+        return self.head(self.tr(src, tgt, tgt_mask=mask, tgt_is_causal=True))
+
+
+def test_transformer_encoder_decoder_end_to_end():
+    torch.manual_seed(12)
+    model = TinyTransformer()
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attn) == 3
+    check_three_steps(model, torch.randn(5, 6, 3), attn)
+
+
 class SequenceFirstAttention(nn.Module):
     """Self-attention of a sequence-first ``nn.MultiheadAttention`` (``batch_first=False``)
     between batch-first layers, causal, with a padding mask."""
