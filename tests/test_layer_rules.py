@@ -555,6 +555,18 @@ def test_rule_against_the_batch_of_one_oracle(module_type, data):
 def test_registry_covers_the_issue_layers():
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
         assert cls in RULES
+    for cls in (
+        nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+        nn.InstanceNorm3d, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU,
+    ):  # fmt: skip
+        assert cls in RULES
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+    from transformers.pytorch_utils import Conv1D
+
+    for layer in (Conv1D(3, 2), LlamaRMSNorm(4), T5LayerNorm(4)):
+        rule, why = rule_for(layer)
+        assert rule is not None and rule.name in MATCHED, why
 
 
 def test_rule_authors_get_terms_and_the_supported_layers_from_the_registry():

@@ -92,7 +92,9 @@ def recurrent_terms(
     m = module
     a = inspect.signature(type(m).forward).bind(m, *call[0], **call[1]).arguments
     # recomputed in the parameters' precision (float32 at least), as for attention
-    cd = torch.promote_types(acc_dtype(a["input"].dtype), m.weight_ih_l0.dtype)
+    w0 = m.weight_ih_l0
+    assert isinstance(w0, Tensor)
+    cd = torch.promote_types(acc_dtype(a["input"].dtype), w0.dtype)
     inp = a["input"].detach().to(cd)
     if not m.batch_first:
         inp = inp.transpose(0, 1)
