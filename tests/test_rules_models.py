@@ -574,3 +574,22 @@ class PackedLSTM(nn.Module):
 def test_packed_sequences_take_a_correct_fallback():
     torch.manual_seed(11)
     check_three_steps(PackedLSTM(), torch.randn(5, 4, 3), [])
+
+
+class MaxBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(9, 4, mode="max")
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bag(idx))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_embedding_bag_max_takes_a_correct_module_fallback():
+    torch.manual_seed(13)
+    model = MaxBag()
+    assert "max" in rule_for(model.bag)[1]
+    with pytest.warns(UserWarning, match="EmbeddingBag"):
+        check_three_steps(model, torch.randint(0, 9, (5, 6)), [model.head])
