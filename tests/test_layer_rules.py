@@ -423,6 +423,19 @@ class AttentionCall(nn.Module):
         return out if mha.batch_first else out.transpose(0, 1)
 
 
+@pytest.mark.parametrize("frozen", ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_attention_with_frozen_parameters(frozen, bias):
+    """The rule covers ``out_proj`` (whose own forward never runs) also when every parameter of
+    the attention module itself is frozen."""
+    if not bias and "bias" in frozen:
+        pytest.skip("no bias to freeze")
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, bias=bias, batch_first=True)
+    mha.get_parameter(frozen).requires_grad_(False)
+    check_rule(AttentionCall(mha, None, "padding", False), torch.randn(3, 3, 4))
+
+
 @st.composite
 def attention_cases(draw: st.DrawFn) -> Case:
     heads = draw(st.sampled_from([1, 2]))

@@ -126,6 +126,8 @@ def plan_units(model: nn.Module, layout: ParamLayout) -> list[Unit]:
             return
         seen.add(id(mod))
         direct = {n: index[id(p)] for n, p in mod.named_parameters(recurse=False) if id(p) in index}
+        if isinstance(mod, FUSED_CONTAINERS):  # its own parameters may all be frozen
+            direct = {n: index[id(p)] for n, p in mod.named_parameters(remove_duplicate=False) if id(p) in index}
         if direct:
             rule, why = rule_for(mod)
             container = any(
@@ -141,8 +143,7 @@ def plan_units(model: nn.Module, layout: ParamLayout) -> list[Unit]:
                 return
             if rule is not None and isinstance(mod, FUSED_CONTAINERS):
                 # a fused container's rule covers its children's parameters too
-                sub = {n: index[id(p)] for n, p in mod.named_parameters(remove_duplicate=False) if id(p) in index}
-                units.append(Unit(mod, name or "<root>", rule, sub))
+                units.append(Unit(mod, name or "<root>", rule, direct))
                 return
             if rule is not None:
                 units.append(Unit(mod, name or "<root>", rule, direct))
