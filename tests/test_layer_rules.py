@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustclip.per_sample import HookEngine, ParamLayout
-from robustclip.per_sample.rules import RULES, rule_for
+from robustclip.per_sample.rules import MATCHED, RULES, Rule, rule_for
 from robustclip.per_sample.rules._terms import gram
 from robustclip.per_sample.rules.conv import ConvTerm
 
@@ -145,7 +145,7 @@ def conv_cases(draw: st.DrawFn, nd: int) -> Case:
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
     mode = draw(st.sampled_from(["zeros", "reflect", "circular", "same"]))
     stride = (1,) * nd if mode == "same" else tuple(draw(st.integers(1, 2)) for _ in range(nd))
-    size = tuple(draw(st.integers(4, 7)) for _ in range(nd))
+    size = tuple(draw(st.integers(4, 7 if nd < 3 else 5)) for _ in range(nd))
     if mode == "same":
         padding: object = "same"
         padding_mode = "zeros"
@@ -158,7 +158,7 @@ def conv_cases(draw: st.DrawFn, nd: int) -> Case:
         pad = 2 * padding[i] if padding != "same" else dilation[i] * (k[i] - 1)
         if size[i] + pad < dilation[i] * (k[i] - 1) + 1:
             size = size[:i] + (dilation[i] * (k[i] - 1) + 1,) + size[i + 1 :]
-    cls = nn.Conv1d if nd == 1 else nn.Conv2d
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
     layer = cls(
         c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
         bias=draw(st.booleans()), padding_mode=padding_mode,
@@ -167,15 +167,37 @@ def conv_cases(draw: st.DrawFn, nd: int) -> Case:
     return layer, torch.randn(batch, c_in, *size), draw(st.booleans())
 
 
+@st.composite
+def conv_transpose_cases(draw: st.DrawFn, nd: int) -> Case:
+    groups = draw(st.sampled_from([1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    out_pad = tuple(draw(st.integers(0, s - 1)) for s in stride)
+    size = tuple(draw(st.integers(2, 5 if nd < 3 else 3)) for _ in range(nd))
+    # the output must not be empty: (size - 1) stride - 2 padding + dilation (k - 1) + out_pad + 1
+    padding = tuple(
+        min(p, ((n - 1) * s + d * (kk - 1) + op) // 2) for p, n, s, d, kk, op in zip(padding, size, stride, dilation, k, out_pad)
+    )
+    cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
+    layer = cls(
+        c_in, c_out, k, stride=stride, padding=padding, output_padding=out_pad, groups=groups,
+        bias=draw(st.booleans()), dilation=dilation,
+    )  # fmt: skip
+    return layer, torch.randn(draw(st.integers(1, 3)), c_in, *size), draw(st.booleans())
+
+
 SAME_PADDING_WARNING = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
 @SAME_PADDING_WARNING
 @SETTINGS
-@given(case=st.one_of(conv_cases(1), conv_cases(2)))
+@given(case=st.one_of(conv_cases(1), conv_cases(2), conv_cases(3)))
 def test_conv_patch_gram_without_unfolding(case):
     """The pixel-Gram shortcut (its separable sum over taps) equals the Gram of the unfolded
-    patches, for 1-D and 2-D convolutions."""
+    patches, for 1-D, 2-D and 3-D convolutions."""
     layer, x, _ = case
     layer = layer.double()
     x = x.double()
@@ -200,6 +222,43 @@ def embedding_cases(draw: st.DrawFn) -> Case:
     else:
         idx = torch.randint(0, vocab, (batch, length))
     return layer, idx, False
+
+
+class BagCall(nn.Module):
+    """Calls its ``nn.EmbeddingBag`` (``rule_target``) on ``(B, L)`` indices: as 2-D bags, or
+    flattened with offsets after dropping the entries equal to 1 (bags of unequal lengths,
+    maybe empty), with per-sample weights read from a fixed table when asked."""
+
+    def __init__(self, bag: nn.EmbeddingBag, with_offsets: bool, weighted: bool) -> None:
+        super().__init__()
+        self.rule_target = bag
+        self.with_offsets, self.weighted = with_offsets, weighted
+        self.register_buffer("table", torch.randn(bag.num_embeddings))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        bag = self.rule_target
+        if not self.with_offsets:
+            return bag(idx, per_sample_weights=self.table[idx] if self.weighted else None)
+        keep = idx != 1
+        flat = idx[keep]
+        lengths = keep.sum(1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        if not bag.include_last_offset:
+            offsets = offsets[:-1]
+        return bag(flat, offsets, per_sample_weights=self.table[flat] if self.weighted else None)
+
+
+@st.composite
+def embedding_bag_cases(draw: st.DrawFn) -> Case:
+    batch, length, vocab, dim = (draw(st.integers(lo, hi)) for lo, hi in ((1, 4), (1, 6), (3, 7), (1, 4)))
+    mode = draw(st.sampled_from(["sum", "mean"]))
+    weighted = mode == "sum" and draw(st.booleans())
+    layer = nn.EmbeddingBag(
+        vocab, dim, mode=mode, padding_idx=draw(st.sampled_from([None, 0, 2])),
+        include_last_offset=draw(st.booleans()),
+    )  # fmt: skip
+    idx = torch.randint(0, vocab, (batch, length))
+    return BagCall(layer, draw(st.booleans()), weighted), idx, False
 
 
 # -- normalisation layers ---------------------------------------------------------------------------
@@ -234,6 +293,24 @@ def group_norm_cases(draw: st.DrawFn) -> Case:
 
 
 @st.composite
+def instance_norm_cases(draw: st.DrawFn, nd: int) -> Case:
+    batch, c = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    spatial = [draw(st.integers(1, 4)) for _ in range(nd)]
+    spatial[0] = max(spatial[0], 2)  # more than one value per channel
+    track = draw(st.booleans())
+    layer = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[nd - 1](c, affine=True, track_running_stats=track)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    if track and draw(st.booleans()):
+        with torch.no_grad():
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2.0)
+        layer.eval()  # normalised by the running statistics
+    return layer, torch.randn(batch, c, *spatial), False
+
+
+@st.composite
 def rms_norm_cases(draw: st.DrawFn) -> Case:
     batch = draw(st.integers(1, 4))
     mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
@@ -244,35 +321,244 @@ def rms_norm_cases(draw: st.DrawFn) -> Case:
     return layer, torch.randn(batch, *mid, *shape), False
 
 
+# -- layer types of other libraries, recognised by name ---------------------------------------------
+
+
+@st.composite
+def hf_conv1d_cases(draw: st.DrawFn) -> Case:
+    from transformers.pytorch_utils import Conv1D
+
+    batch, d_in, d_out = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    layer = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        layer.bias.normal_()
+    if draw(st.booleans()):
+        layer.weight.requires_grad_(False)
+    elif draw(st.booleans()):
+        layer.bias.requires_grad_(False)
+    return layer, torch.randn(batch, *mid, d_in), False
+
+
+class OnePlusScaleNorm(nn.Module):
+    """Gemma's RMS norm: the scale is ``1 + weight`` (not zero at zero)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class ShiftScaleNorm(nn.Module):
+    """A hand-written LayerNorm with a shift and a scale, in the opposite registration order."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.randn(c))
+        self.gamma = nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - x.mean(-1, keepdim=True)
+        return self.gamma * xc / (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() + self.beta
+
+
+@st.composite
+def affine_norm_cases(draw: st.DrawFn) -> Case:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    batch, c = draw(st.integers(1, 4)), draw(st.integers(2, 6))
+    mid = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    kind = draw(st.sampled_from([LlamaRMSNorm, T5LayerNorm, OnePlusScaleNorm, ShiftScaleNorm]))
+    layer = kind(c)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    if kind is ShiftScaleNorm and draw(st.booleans()):
+        draw(st.sampled_from([layer.beta, layer.gamma])).requires_grad_(False)
+    return layer, torch.randn(batch, *mid, c), False
+
+
+# -- attention --------------------------------------------------------------------------------------
+
+
+class AttentionCall(nn.Module):
+    """Calls its ``nn.MultiheadAttention`` (``rule_target``) on a batch-first input ``x``:
+    self-attention on ``x``, or cross-attention of its first ``split`` positions to the rest
+    (keys and values through fixed maps to ``kdim``/``vdim``), with masks that depend on each
+    sample alone."""
+
+    def __init__(self, mha: nn.MultiheadAttention, split: int | None, mask: str, need_weights: bool) -> None:
+        super().__init__()
+        self.rule_target = mha
+        self.split, self.mask, self.need_weights = split, mask, need_weights
+        e = mha.embed_dim
+        self.register_buffer("to_k", torch.randn(mha.kdim, e))
+        self.register_buffer("to_v", torch.randn(mha.vdim, e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mha = self.rule_target
+        q = kv = x
+        if self.split is not None:
+            q, kv = x[:, : self.split], x[:, self.split :]
+        k, v = kv @ self.to_k.t(), kv @ self.to_v.t()
+        if self.split is None and mha.kdim == mha.embed_dim and mha.vdim == mha.embed_dim:
+            k = v = kv
+        length, src = q.shape[1], k.shape[1]
+        kw: dict = {}
+        if self.mask in ("padding", "both"):
+            pad = kv[..., 0] > 0.5
+            pad[:, 0] = False  # every query sees at least one key
+            kw["key_padding_mask"] = pad
+        if self.mask in ("causal", "both"):
+            kw["attn_mask"] = torch.ones(length, src, dtype=torch.bool, device=x.device).triu(1)
+            kw["attn_mask"][:, 0] = False
+        if self.mask == "additive":
+            kw["attn_mask"] = torch.linspace(-1, 1, length * src, dtype=x.dtype).reshape(length, src)
+        if not mha.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        out, _ = mha(q, k, v, need_weights=self.need_weights, **kw)
+        return out if mha.batch_first else out.transpose(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("frozen", "bias"),
+    [(n, True) for n in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+    + [("in_proj_weight", False), ("out_proj.weight", False)],
+)
+def test_attention_with_frozen_parameters(frozen, bias):
+    """The rule covers ``out_proj`` (whose own forward never runs) also when every parameter of
+    the attention module itself is frozen."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, bias=bias, batch_first=True)
+    mha.get_parameter(frozen).requires_grad_(False)
+    check_rule(AttentionCall(mha, None, "padding", False), torch.randn(3, 3, 4))
+
+
+@st.composite
+def attention_cases(draw: st.DrawFn) -> Case:
+    heads = draw(st.sampled_from([1, 2]))
+    e = heads * draw(st.integers(1, 3))
+    cross = draw(st.booleans())
+    kdim = vdim = None
+    if cross and draw(st.booleans()):
+        kdim, vdim = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    mha = nn.MultiheadAttention(
+        e, heads, bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()), kdim=kdim, vdim=vdim, batch_first=draw(st.booleans()),
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_()
+    if draw(st.booleans()):
+        draw(st.sampled_from([p for p in mha.parameters()])).requires_grad_(False)
+    length = draw(st.integers(1, 4))
+    split = length if cross else None
+    total = length + (draw(st.integers(1, 4)) if cross else 0)
+    mask = draw(st.sampled_from(["none", "padding", "causal", "both", "additive"]))
+    layer = AttentionCall(mha, split, mask, draw(st.booleans()))
+    return layer, torch.randn(draw(st.integers(1, 3)), total, e), False
+
+
+# -- recurrent layers ---------------------------------------------------------------------------------
+
+
+class RecurrentCall(nn.Module):
+    """Calls its recurrent layer (``rule_target``) on a batch-first ``x``; the losses read the
+    output sequence, the final states, or both; the initial state, when given, depends on each
+    sample alone."""
+
+    def __init__(self, rnn: nn.RNNBase, reads: str, with_h0: bool) -> None:
+        super().__init__()
+        self.rule_target = rnn
+        self.reads, self.with_h0 = reads, with_h0
+        n = rnn.num_layers * (2 if rnn.bidirectional else 1)
+        self.register_buffer("h0_scale", torch.randn(n, 1, rnn.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rnn = self.rule_target
+        seq = x if rnn.batch_first else x.transpose(0, 1)
+        hx = None
+        if self.with_h0:
+            h0 = torch.tanh(x[:, 0].sum(-1)).reshape(1, -1, 1) * self.h0_scale
+            hx = (h0, 0.5 * h0) if isinstance(rnn, nn.LSTM) else h0
+        out, hidden = rnn(seq, hx)
+        out = out if rnn.batch_first else out.transpose(0, 1)
+        states = list(hidden) if isinstance(hidden, tuple) else [hidden]
+        parts = [s.transpose(0, 1).flatten(1) for s in states]
+        if self.reads == "output":
+            return out.flatten(1)
+        if self.reads == "h_n":  # a classifier on the final states
+            return parts[0]
+        return torch.cat([out.flatten(1), *parts], 1)
+
+
+@st.composite
+def recurrent_cases(draw: st.DrawFn, cls: type) -> Case:
+    batch, length, d_in, hid = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    kw: dict = {"nonlinearity": draw(st.sampled_from(["tanh", "relu"]))} if cls is nn.RNN else {}
+    rnn = cls(
+        d_in, hid, num_layers=draw(st.integers(1, 2)), bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()), bidirectional=draw(st.booleans()), **kw,
+    )  # fmt: skip
+    if draw(st.booleans()):
+        draw(st.sampled_from(list(rnn.parameters()))).requires_grad_(False)
+    layer = RecurrentCall(rnn, draw(st.sampled_from(["output", "h_n", "both"])), draw(st.booleans()))
+    return layer, torch.randn(batch, length, d_in), False
+
+
 # -- every registered rule against the oracle ------------------------------------------------------
 
 #: one case per registered layer type: a strategy drawing (layer, batch input, whether to take
 #: the convolutions' matmul path). A rule registered without a case here fails the tests below.
-CASES: dict[type, st.SearchStrategy[Case]] = {
+CASES: dict[type | str, st.SearchStrategy[Case]] = {
     nn.Linear: linear_cases(),
     nn.Conv1d: conv_cases(1),
     nn.Conv2d: conv_cases(2),
+    nn.Conv3d: conv_cases(3),
+    nn.ConvTranspose1d: conv_transpose_cases(1),
+    nn.ConvTranspose2d: conv_transpose_cases(2),
+    nn.ConvTranspose3d: conv_transpose_cases(3),
     nn.Embedding: embedding_cases(),
+    nn.EmbeddingBag: embedding_bag_cases(),
     nn.LayerNorm: layer_norm_cases(),
     nn.GroupNorm: group_norm_cases(),
     nn.RMSNorm: rms_norm_cases(),
+    nn.InstanceNorm1d: instance_norm_cases(1),
+    nn.InstanceNorm2d: instance_norm_cases(2),
+    nn.InstanceNorm3d: instance_norm_cases(3),
+    "Conv1D": hf_conv1d_cases(),
+    "elementwise-affine norm": affine_norm_cases(),
+    nn.MultiheadAttention: attention_cases(),
+    nn.RNN: recurrent_cases(nn.RNN),
+    nn.LSTM: recurrent_cases(nn.LSTM),
+    nn.GRU: recurrent_cases(nn.GRU),
 }
+#: every registered rule: by type, and by name for those registered with a predicate
+ALL_RULES: dict[type | str, Rule] = {**RULES, **MATCHED}
 
 
 def test_every_registered_rule_has_a_case():
-    missing = [t.__name__ for t in RULES if t not in CASES]
+    missing = [r.name for t, r in ALL_RULES.items() if t not in CASES]
     assert not missing, f"registered rules without a test case: {missing}; add them to CASES"
-    assert set(CASES) <= set(RULES), "a case for a layer type that has no registered rule"
+    assert set(CASES) <= set(ALL_RULES), "a case for a layer type that has no registered rule"
 
 
 @SAME_PADDING_WARNING
-@pytest.mark.parametrize("module_type", list(RULES), ids=lambda t: t.__name__)
+@pytest.mark.parametrize("module_type", list(ALL_RULES), ids=lambda t: ALL_RULES[t].name)
 @SETTINGS
 @given(data=st.data())
 def test_rule_against_the_batch_of_one_oracle(module_type, data):
-    assert module_type in CASES, f"the rule of {module_type.__name__} has no test case: add one to CASES"
+    name = ALL_RULES[module_type].name
+    assert module_type in CASES, f"the rule of {name} has no test case: add one to CASES"
     layer, x, matmul_path = data.draw(CASES[module_type])
-    assert type(layer) is module_type
+    target = getattr(layer, "rule_target", layer)  # a layer called by a wrapper
+    if isinstance(module_type, str):
+        assert rule_for(target)[0] is MATCHED[module_type]
+    else:
+        assert type(target) is module_type
     with conv_matmul_path() if matmul_path else contextlib.nullcontext():
         check_rule(layer, x)
 
@@ -283,6 +569,18 @@ def test_rule_against_the_batch_of_one_oracle(module_type, data):
 def test_registry_covers_the_issue_layers():
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
         assert cls in RULES
+    for cls in (
+        nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+        nn.InstanceNorm3d, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU,
+    ):  # fmt: skip
+        assert cls in RULES
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+    from transformers.pytorch_utils import Conv1D
+
+    for layer in (Conv1D(3, 2), LlamaRMSNorm(4), T5LayerNorm(4)):
+        rule, why = rule_for(layer)
+        assert rule is not None and rule.name in MATCHED, why
 
 
 def test_rule_authors_get_terms_and_the_supported_layers_from_the_registry():
@@ -297,7 +595,7 @@ def test_rule_authors_get_terms_and_the_supported_layers_from_the_registry():
     engine.detach()
     message = str(record[0].message)
     listed = message.split("Supported layers: ")[1].rstrip(".").split(", ")
-    assert sorted(listed) == sorted(t.__name__ for t in RULES)
+    assert sorted(listed) == sorted(r.name for r in ALL_RULES.values())
 
 
 def test_rule_for_refuses_what_it_does_not_model():
@@ -314,6 +612,8 @@ def test_rule_for_refuses_what_it_does_not_model():
     assert rule_for(nn.Embedding(3, 2, scale_grad_by_freq=True))[0] is None
     assert rule_for(nn.Embedding(3, 2, sparse=True))[0] is None
     assert rule_for(nn.BatchNorm1d(3))[0] is None
+    assert "max" in rule_for(nn.EmbeddingBag(3, 2, mode="max"))[1]
+    assert "scale_grad_by_freq" in rule_for(nn.EmbeddingBag(3, 2, scale_grad_by_freq=True))[1]
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])

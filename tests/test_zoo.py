@@ -27,16 +27,8 @@ RTOL = 1e-5
 HF = {"gpt2", "gpt2_padded", "bert_padded", "llama_tied", "llama_untied", "vit", "t5_labels", "t5_decoder_ids"}
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
-_WHOLE = "the hook engine makes the whole model fall back to torch.func"
-#: (model, engine) -> why it fails today, for every method
-XFAIL: dict[tuple[str, str], str] = {
-    ("torch_encoder_bf0", "auto"): f"{_WHOLE} (nn.MultiheadAttention with the batch in dimension 1)",
-    ("gru", "auto"): f"{_WHOLE} (nn.GRU has no rule and its fallback sees the batch in dimension 1)",
-    ("bilstm2_tagger", "auto"): (
-        "the hook engine's per-module replay of a 2-layer bidirectional nn.LSTM raises a shape "
-        "error (size 16 against 8)"
-    ),
-}
+#: (model, engine) -> why it fails, for every method (none: every zoo model passes on every engine)
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _cases(methods: list[str], engines: list[str], xfail: dict[tuple[str, str], str]) -> list:

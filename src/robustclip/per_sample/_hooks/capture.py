@@ -126,6 +126,8 @@ def plan_units(model: nn.Module, layout: ParamLayout) -> list[Unit]:
             return
         seen.add(id(mod))
         direct = {n: index[id(p)] for n, p in mod.named_parameters(recurse=False) if id(p) in index}
+        if isinstance(mod, FUSED_CONTAINERS):  # its own parameters may all be frozen
+            direct = {n: index[id(p)] for n, p in mod.named_parameters(remove_duplicate=False) if id(p) in index}
         if direct:
             rule, why = rule_for(mod)
             container = any(
@@ -138,6 +140,10 @@ def plan_units(model: nn.Module, layout: ParamLayout) -> list[Unit]:
                     if id(p) in index
                 }
                 units.append(Unit(mod, name or "<root>", None, sub, why))
+                return
+            if rule is not None and isinstance(mod, FUSED_CONTAINERS):
+                # a fused container's rule covers its children's parameters too
+                units.append(Unit(mod, name or "<root>", rule, direct))
                 return
             if rule is not None:
                 units.append(Unit(mod, name or "<root>", rule, direct))
@@ -204,13 +210,32 @@ class Recorder:
         # calls inside a fallback unit belong to its replay, not to the step
         return torch.is_grad_enabled() and not self._mute and not self._fallback_depth
 
-    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _rule_hook(self, unit: Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        assert unit.rule is not None
+        full, replaced = unit.rule.full_call, None
+        if unit.rule.repack is not None and self._recording():
+            # several outputs the losses may use (a recurrent layer's sequence and final
+            # states): the rule packs them into one batch-first tensor, and the module returns
+            # views of it, so that one output gradient holds them all
+            packed = unit.rule.repack(module, output)
+            if packed is None:
+                return None
+            output, replaced = packed
+        elif full and isinstance(output, tuple) and output:
+            output = output[0]  # (attention output, attention weights)
         if not self._recording() or not isinstance(output, Tensor) or output.grad_fn is None:
-            return
+            return None
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        call = Call(unit, [get_gradient_edge(output)], [tuple(output.shape)], input_keys([x]), x=x, x_version=x._version)
+        shape = list(output.shape)
+        bd = unit.rule.out_batch_dim(module) if shape else 0
+        shape.insert(0, shape.pop(bd))  # the batch first, as the plan expects
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)] if full else [x]
+        call = Call(unit, [get_gradient_edge(output)], [tuple(shape)], input_keys(ins), x=x, x_version=x._version)
+        if full:
+            call.args, call.kwargs = args, kwargs
         self._record(call)
         output.register_hook(partial(self.on_output_grad, call))
+        return replaced
 
     def _record(self, call: Call) -> None:
         # Calls (and through them their forward pass's graph) are held until the next

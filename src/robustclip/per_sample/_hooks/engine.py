@@ -328,7 +328,9 @@ def _rule_terms(call: Call, grad_out: Tensor, batch: int, unbatched: bool, batch
         x = x.unsqueeze(0).expand(batch, *x.shape)
     if batch_dim:
         x, grad_out = x.movedim(batch_dim, 0), grad_out.movedim(batch_dim, 0)
-    return {unit.params[name]: t for name, t in unit.rule.terms(unit.module, x, grad_out, unit.names).items()}
+    extra = {"call": (call.args, call.kwargs)} if unit.rule.full_call else {}
+    terms = unit.rule.terms(unit.module, x, grad_out, unit.names, **extra)
+    return {unit.params[name]: t for name, t in terms.items()}
 
 
 def _or_zeros(g: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor:

@@ -29,6 +29,11 @@ importing it at the bottom of this file, and adding a case to the table ``CASES`
 ``tests/test_layer_rules.py``, which tests every registered rule against the batch-of-one
 oracle (a registered type without a case fails the tests).
 
+A layer type robustclip cannot import (a class of another library, such as Hugging Face's
+``Conv1D``) is registered by name with :func:`register_match` and a predicate that recognises
+its modules by their class name, module path and attributes; its case in ``CASES`` is keyed by
+that name.
+
 A rule also declares its own special cases, as keywords of :func:`register`:
 
 * ``unsupported(module)``: why this particular module is not covered (an option the rule does
@@ -36,26 +41,40 @@ A rule also declares its own special cases, as keywords of :func:`register`:
 * ``source_param(module, names)``: the name of a trainable parameter whose gradient, requested
   in place of the layer's output, makes autograd compute the output gradient more cheaply
   (the engine requests one gradient below the first layers so that the backward pass reaches
-  them; see ``_hooks/plan.py``), or None for the output itself.
+  them; see ``_hooks/plan.py``), or None for the output itself;
+* ``full_call=True``: the rule needs the whole call (a layer with several inputs and options,
+  such as attention): its ``terms`` function also gets ``call=(args, kwargs)``, the arguments
+  the layer was called with; ``x`` is the first. A tuple output is differentiated through its
+  first tensor;
+* ``out_batch_dim(module)``: the dimension of the output that holds the batch, when not 0
+  (sequence-first layers); the output gradient the rule gets is as the layer returned it;
+* ``repack(module, output)``: for layers with several outputs the losses may use: returns
+  ``(packed, new_output)``, a batch-first tensor computed from all the outputs and a
+  replacement output made of views of it (values unchanged), or None to leave the call
+  unrecorded; the rule then gets the gradient of ``packed``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from torch import Tensor, nn
 
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term
 
 M = TypeVar("M", bound=nn.Module)
-#: terms(module, x, grad_out, names) -> {parameter name: Term} for the trainable ``names``
-TermsFn = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Term]]
+#: terms(module, x, grad_out, names[, call]) -> {parameter name: Term} for the trainable ``names``
+TermsFn = Callable[..., dict[str, Term]]
 #: unsupported(module) -> why this module is not covered, or None
 UnsupportedFn = Callable[[nn.Module], str | None]
 #: source_param(module, names) -> the parameter to request for the output's gradient, or None
 SourceFn = Callable[[nn.Module, frozenset[str]], str | None]
+#: out_batch_dim(module) -> the dimension of the output that holds the batch
+BatchDimFn = Callable[[nn.Module], int]
+#: repack(module, output) -> (one batch-first tensor of all outputs, the output made of its views)
+RepackFn = Callable[[nn.Module, Any], tuple[Tensor, Any] | None]
 F = TypeVar("F", bound=Callable[..., dict[str, Term]])
 
 
@@ -67,17 +86,35 @@ def _output_itself(module: nn.Module, names: frozenset[str]) -> str | None:
     return None
 
 
+def _batch_first(module: nn.Module) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Rule:
     """A layer type's rule and the special cases it declares (see the module docstring)."""
 
-    module_type: type
+    #: the registered type, or the name of a rule registered by :func:`register_match`
+    module_type: type | str
     terms: TermsFn
     unsupported: UnsupportedFn = _covered
     source_param: SourceFn = _output_itself
+    #: predicate of a rule registered by :func:`register_match`
+    matches: Callable[[nn.Module], bool] | None = None
+    #: the terms function also gets ``call=(args, kwargs)``
+    full_call: bool = False
+    out_batch_dim: BatchDimFn = _batch_first
+    repack: RepackFn | None = None
+
+    @property
+    def name(self) -> str:
+        t = self.module_type
+        return t if isinstance(t, str) else t.__name__
 
 
 RULES: dict[type, Rule] = {}
+#: rules of layer types recognised without importing them, by name
+MATCHED: dict[str, Rule] = {}
 
 
 def register(
@@ -85,6 +122,9 @@ def register(
     unsupported: Callable[[M], str | None] | None = None,
     *,
     source_param: Callable[[M, frozenset[str]], str | None] | None = None,
+    full_call: bool = False,
+    out_batch_dim: Callable[[M], int] | None = None,
+    repack: Callable[[M, Any], tuple[Tensor, Any] | None] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the rule of ``module_type`` (exact type and subclasses that
     keep its ``forward``), with its declared special cases."""
@@ -95,6 +135,33 @@ def register(
             fn,
             cast(UnsupportedFn, unsupported or _covered),
             cast(SourceFn, source_param or _output_itself),
+            full_call=full_call,
+            out_batch_dim=cast(BatchDimFn, out_batch_dim or _batch_first),
+            repack=cast(RepackFn | None, repack),
+        )
+        return fn
+
+    return deco
+
+
+def register_match(
+    name: str,
+    matches: Callable[[nn.Module], bool],
+    unsupported: Callable[[nn.Module], str | None] | None = None,
+    *,
+    source_param: Callable[[nn.Module, frozenset[str]], str | None] | None = None,
+) -> Callable[[F], F]:
+    """Decorator: register ``fn`` as the rule, named ``name``, of the modules ``matches(module)``
+    accepts: layer types of other libraries, recognised without importing them. ``matches``
+    must also refuse subclasses that change the forward pass."""
+
+    def deco(fn: F) -> F:
+        MATCHED[name] = Rule(
+            name,
+            fn,
+            cast(UnsupportedFn, unsupported or _covered),
+            cast(SourceFn, source_param or _output_itself),
+            matches,
         )
         return fn
 
@@ -103,6 +170,11 @@ def register(
 
 def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
     """The rule covering ``module``, or ``(None, reason)``."""
+    for matched in MATCHED.values():
+        assert matched.matches is not None
+        if matched.matches(module):
+            why = matched.unsupported(module)
+            return (None, why) if why else (matched, "")
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is None:
@@ -118,33 +190,49 @@ def rule_for(module: nn.Module) -> tuple[Rule | None, str]:
 
 def supported_layers() -> str:
     """The layer types that have a rule, for messages: ``"Conv1d, Conv2d, ..."``."""
-    return ", ".join(t.__name__ for t in RULES)
+    return ", ".join([t.__name__ for t in RULES] + list(MATCHED))
 
 
 # the rules, one file per layer type (importing registers them)
 from robustclip.per_sample.rules import (  # noqa: E402
+    affine_norm,
+    attention,
     broadcast,
     conv,
+    conv_transpose,
     embedding,
+    embedding_bag,
     group_norm,
+    hf_conv1d,
+    instance_norm,
     layer_norm,
     linear,
+    recurrent,
     rms_norm,
 )
 
 __all__ = [
+    "MATCHED",
     "RULES",
     "DenseTerm",
     "OuterTerm",
     "Rule",
     "Term",
+    "affine_norm",
+    "attention",
     "broadcast",
     "conv",
+    "conv_transpose",
     "embedding",
+    "embedding_bag",
     "group_norm",
+    "hf_conv1d",
+    "instance_norm",
     "layer_norm",
     "linear",
+    "recurrent",
     "register",
+    "register_match",
     "rms_norm",
     "rule_for",
     "supported_layers",

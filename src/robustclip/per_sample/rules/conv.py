@@ -1,5 +1,5 @@
-"""``nn.Conv1d`` and ``nn.Conv2d``: any stride, padding (also ``"same"`` and non-zero modes),
-dilation and groups.
+"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``: any stride, padding (also ``"same"`` and
+non-zero modes), dilation and groups; and the transposed convolutions (``rules/conv_transpose.py``).
 
 Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output positions of
 ``G_{i,k,t} (x) patch_{i,k,t}`` where ``patch`` is the input window seen by position ``t``
@@ -39,7 +39,7 @@ IM2COL_CHUNK_ELEMENTS = 2**18
 class ConvTerm(OuterTerm):
     """The weight term of a convolution; its ``v`` factor (patches) is built on demand."""
 
-    def __init__(self, module: nn.Conv1d | nn.Conv2d, x: Tensor, grad_out: Tensor) -> None:
+    def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, grad_out: Tensor) -> None:
         self.module = module
         self.nd = x.dim() - 2
         self.pads = list(module._reversed_padding_repeated_twice)
@@ -229,9 +229,10 @@ class ConvTerm(OuterTerm):
         out.add_(self.weighted(w).to(out.dtype))
 
 
+@register(nn.Conv3d)
 @register(nn.Conv2d)
 @register(nn.Conv1d)
-def conv_terms(module: nn.Conv1d | nn.Conv2d, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def conv_terms(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
     terms: dict[str, Term] = {}
     if "weight" in names:
         terms["weight"] = ConvTerm(module, x, grad_out)
