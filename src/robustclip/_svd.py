@@ -48,7 +48,7 @@ class Decomposition(NamedTuple):
 
 
 def _orthonormal(y: Tensor) -> Tensor:
-    q: Tensor = torch.linalg.qr(y).Q  # torch types the named result's fields as Any
+    q: Tensor = torch.linalg.qr(y).Q  # torch.linalg's functions return Any
     return q
 
 

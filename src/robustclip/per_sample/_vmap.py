@@ -156,7 +156,7 @@ class VmapEngine(PerSampleEngine):
                 ol = pytree.tree_leaves(o)
                 return [ol[i] for i in diff_idx]
 
-            # without has_aux, vjp returns (outputs, pullback)
+            # vjp is typed to return a triple too, which only has_aux=True gives
             primal, pullback = cast(tuple[list[Tensor], Callable[..., Any]], vjp(f, train_vals))
             (g,) = pullback([c.unsqueeze(0) for c in cots])
             return g, [p.squeeze(0) for p in primal]
