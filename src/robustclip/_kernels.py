@@ -130,7 +130,7 @@ def _onednn_available() -> bool:
         torch.ops.mkldnn._linear_pointwise  # noqa: B018 - resolving the op is the check
     except (AttributeError, RuntimeError):
         return False
-    return torch.backends.mkldnn.is_available()
+    return bool(torch.backends.mkldnn.is_available())
 
 
 #: whether this build of PyTorch has oneDNN's linear kernel (its fp32 path); the routing also
@@ -140,14 +140,16 @@ ONEDNN_MATMUL = _onednn_available()
 
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
     # oneDNN's linear computes X @ W^T and accepts strided operands
-    return torch.ops.mkldnn._linear_pointwise(a, b.mT, None, "none", [], "")
+    out: Tensor = torch.ops.mkldnn._linear_pointwise(a, b.mT, None, "none", [], "")
+    return out
 
 
 def _routable(a: Tensor, b: Tensor) -> bool:
     return (
         backends.autotune
         and ONEDNN_MATMUL
-        and torch.backends.mkldnn.enabled
+        # a bool at run time; typed as the descriptor that serves it
+        and bool(torch.backends.mkldnn.enabled)
         and a.device.type == "cpu"
         and a.dtype == b.dtype
         and a.dtype in (torch.float32, torch.bfloat16)

@@ -51,7 +51,7 @@ def _safe_low(dtype: torch.dtype) -> float:
     """The smallest sum of squares, in ``dtype``, that lost nothing that matters to underflow:
     each lost square is below ``tiny``, so ``n`` of them are a relative ``n * sqrt(tiny)``
     of a sum >= ``sqrt(tiny)`` (1e-19 for float32, 1e-154 for float64)."""
-    return float(torch.finfo(dtype).tiny) ** 0.5
+    return math.sqrt(torch.finfo(dtype).tiny)
 
 
 def _real(t: Tensor) -> Tensor:
@@ -74,7 +74,8 @@ def _scaled_norm(t: Tensor, acc: torch.dtype) -> Tensor:
     half = torch.div(e, 2, rounding_mode="floor")
     one = torch.ones((), dtype=acc, device=t.device)
     s1, s2 = torch.ldexp(one, -half), torch.ldexp(one, half - e)
-    return torch.linalg.vector_norm(x * s1 * s2) / s1 / s2
+    norm: Tensor = torch.linalg.vector_norm(x * s1 * s2)  # torch.linalg's functions return Any
+    return norm / s1 / s2
 
 
 def combine_norms(norms: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:

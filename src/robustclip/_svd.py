@@ -48,7 +48,8 @@ class Decomposition(NamedTuple):
 
 
 def _orthonormal(y: Tensor) -> Tensor:
-    return torch.linalg.qr(y).Q
+    q: Tensor = torch.linalg.qr(y).Q  # torch.linalg's functions return Any
+    return q
 
 
 def _finite_rows(sketch: Tensor) -> tuple[Tensor, Tensor]:

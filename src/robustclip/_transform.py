@@ -93,15 +93,14 @@ def state_to_plain(state: Any) -> Any:
 
 def state_from_plain(template: Any, data: Any) -> Any:
     if isinstance(template, tuple) and hasattr(template, "_asdict"):
-        if not isinstance(data, dict) or set(data) != set(template._fields):
+        fields = template._asdict()  # a NamedTuple's fields, in order, with their values
+        if not isinstance(data, dict) or set(data) != set(fields):
             raise ValueError(
                 f"state_dict does not match {type(template).__name__}: expected keys "
-                f"{sorted(template._fields)}, got {sorted(data) if isinstance(data, dict) else type(data).__name__}. "
+                f"{sorted(fields)}, got {sorted(data) if isinstance(data, dict) else type(data).__name__}. "
                 "Was it saved with a different chain of transforms?"
             )
-        return type(template)(
-            **{k: state_from_plain(getattr(template, k), data[k]) for k in template._fields}
-        )
+        return type(template)(**{k: state_from_plain(v, data[k]) for k, v in fields.items()})
     if isinstance(template, (tuple, list)):
         if not isinstance(data, (tuple, list)) or len(data) != len(template):
             raise ValueError(

@@ -24,7 +24,7 @@ None of these import ``transformers``: they work on tensors and read a model's c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -223,9 +223,10 @@ def _unwrap(model: Any) -> Any:
 def _logits(outputs: Any) -> Tensor:
     if isinstance(outputs, Tensor):
         return outputs
+    # a model's output is an untyped container: what sits where the logits go is taken for them
     if isinstance(outputs, dict) or hasattr(outputs, "keys"):
         if "logits" in outputs:
-            return outputs["logits"]
+            return cast(Tensor, outputs["logits"])
         raise ValueError(
             f"the model's output has no 'logits' (keys: {', '.join(map(str, outputs.keys()))}); "
             "compute one loss per sample yourself."
@@ -233,6 +234,6 @@ def _logits(outputs: Any) -> Tensor:
     if isinstance(outputs, (tuple, list)) and outputs:
         # (loss, logits, ...) when the model was given labels, (logits, ...) otherwise
         if isinstance(outputs[0], Tensor) and outputs[0].dim() == 0 and len(outputs) > 1:
-            return outputs[1]
-        return outputs[0]
+            return cast(Tensor, outputs[1])
+        return cast(Tensor, outputs[0])
     raise TypeError(f"cannot find logits in a model output of type {type(outputs).__name__}.")

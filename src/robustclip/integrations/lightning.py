@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -185,7 +185,15 @@ def _will_log(trainer: Any) -> bool:
     return True if should is None else bool(should)
 
 
-class RobustClipModule:
+if TYPE_CHECKING:
+    # the mixin is always listed before a LightningModule: type-check it as one, so that its
+    # calls on super() and its overrides are checked
+    _ModuleBase = pl.LightningModule
+else:
+    _ModuleBase = object
+
+
+class RobustClipModule(_ModuleBase):
     """LightningModule mixin (list it first): the gradient comes from ``clipper.backward``.
 
     Define ``configure_robustclip(self)`` to return the method (any robustclip method), and let
@@ -206,8 +214,10 @@ class RobustClipModule:
     def configure_robustclip_callback(self) -> RobustClipCallback:
         return RobustClipCallback(self.configure_robustclip())
 
-    def configure_callbacks(self) -> Any:
-        callbacks = list(super().configure_callbacks() or [])  # type: ignore[misc]
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Lightning lets a module return one callback or a sequence of them
+        theirs = super().configure_callbacks()
+        callbacks = [theirs] if isinstance(theirs, pl.Callback) else list(theirs or [])
         self._rc_callback = self.configure_robustclip_callback()
         return [*callbacks, self._rc_callback]
 
@@ -226,8 +236,8 @@ class RobustClipModule:
                 self._rc_losses = loss if isinstance(loss, Tensor) else None
                 return out
 
-            training_step._robustclip_keeps_losses = True  # type: ignore[attr-defined]
-            cls.training_step = training_step  # type: ignore[attr-defined]
+            training_step._robustclip_keeps_losses = True  # type: ignore[attr-defined]  # a mark on a function
+            cls.training_step = training_step  # type: ignore[method-assign]  # wraps the subclass's own
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         losses = self._rc_losses

@@ -42,7 +42,7 @@ import os
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -66,8 +66,15 @@ CLIPPER_STATE = "robustclip_clipper.pt"
 #: ``per_sample_loss(outputs, inputs) -> (B,)``: one loss per sample of a micro-batch
 PerSampleLoss = Callable[[Any, dict[str, Any]], Tensor]
 
+if TYPE_CHECKING:
+    # the mixin is always listed before a Trainer: type-check it as one, so that its calls on
+    # super() and on the Trainer's own methods are checked
+    _TrainerBase = transformers.Trainer
+else:
+    _TrainerBase = object
 
-class RobustClipMixin:
+
+class RobustClipMixin(_TrainerBase):
     """Adds a robustclip method to a ``transformers.Trainer`` (sub)class; list it first.
 
     Keyword arguments (besides the Trainer's own):
@@ -81,10 +88,9 @@ class RobustClipMixin:
             (``check_finite``, ``allow_unused``).
     """
 
-    args: Any
-    state: Any
+    #: the Trainer's accelerate-prepared optimizer: the mixin checks for its overflow flag and
+    #: replaces its ``step``, neither of which a plain ``torch.optim.Optimizer`` has
     optimizer: Any
-    accelerator: Any
 
     def __init__(
         self,
@@ -188,7 +194,7 @@ class RobustClipMixin:
         # the mark stays (the call still goes through to it), and a bound method lets a
         # scheduler built later wrap this step in turn
         if hasattr(original, "_wrapped_by_lr_sched"):
-            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # torch's own mark on a function
         opt.step = types.MethodType(step, opt)
 
     # -- the Trainer's hooks ------------------------------------------------------------------------
@@ -197,12 +203,12 @@ class RobustClipMixin:
     ) -> Tensor:
         clipper = self._rc_setup(model)
         if not self._rc_own_backward:
-            return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+            return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
-        with self.compute_loss_context_manager():  # type: ignore[attr-defined]
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
             losses = self.compute_per_sample_losses(model, inputs)
         clipper.backward(losses)
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -254,17 +260,17 @@ class RobustClipMixin:
         # training logs carry "loss"; evaluation and the final summary do not
         if self._rc_readings is not None and "loss" in logs:
             logs = {**logs, **self._rc_readings.flush()}
-        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+        super().log(logs, *args, **kwargs)
 
 
     # -- checkpoints: the clipper's state (adaptive radii, transform states, counters) -------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.clipper is not None and self.args.should_save:
             torch.save(self.clipper.state_dict(), os.path.join(output_dir, CLIPPER_STATE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, CLIPPER_STATE) if checkpoint else None
         if path is not None and os.path.isfile(path):
             # applied when the clipper is built for this run, at its first training step

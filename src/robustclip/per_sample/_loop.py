@@ -11,25 +11,28 @@ import torch
 from torch import Tensor
 
 from robustclip.per_sample._engine import PerSampleEngine, WeightFn, acc_dtype, expand_weights
+from robustclip.per_sample._grads import fill_missing
 
 
 class LoopEngine(PerSampleEngine):
     name = "loop"
 
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         params = self.layout.params
+        # this engine only adds: accumulate_into has zero-filled the missing entries already
+        dst = fill_missing(out, params)
         norms = []
         for i in range(losses.shape[0]):
-            grads = torch.autograd.grad(
+            found = torch.autograd.grad(
                 losses[i], params, retain_graph=True, allow_unused=True
             )
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
             # float64 squares: float32 ones overflow above norm 1.8e19 and underflow below 1e-19
             wide = torch.float64 if losses.device.type != "mps" else torch.float32
             sq = [g.detach().to(wide).pow(2).sum().reshape(1) for g in grads]
             gsq = self.group_sq_norms(sq)  # (G, 1)
             w = weight_fn(gsq)
-            for o, g, wp in zip(out, grads, expand_weights(w, self.layout.group_of)):
+            for o, g, wp in zip(dst, grads, expand_weights(w, self.layout.group_of)):
                 o.add_(g * wp[0].to(g.dtype))
             norms.append(gsq.sqrt().to(acc_dtype(grads[0].dtype)))
         return torch.cat(norms, dim=1)

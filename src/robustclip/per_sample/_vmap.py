@@ -16,7 +16,8 @@ mixing of samples, dropout and any other per-call randomness.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,12 @@ from robustclip.per_sample._engine import (
     acc_dtype,
     expand_weights,
 )
+from robustclip.per_sample._grads import fill_missing
 from robustclip.per_sample._graph import check_losses_reach_only, output_cotangents
+
+#: one chunk's per-sample gradients (one tensor per parameter) and recomputed outputs, each with
+#: the chunk's samples as first dimension
+_Chunk = tuple[Sequence[Tensor], Sequence[Tensor]]
 
 
 class VmapEngine(PerSampleEngine):
@@ -42,7 +48,7 @@ class VmapEngine(PerSampleEngine):
         super().__init__(model, layout)
         self.max_chunk_elements = int(max_chunk_elements)
         self._handles: list[Any] = []
-        self._inputs: tuple[tuple, dict] | None = None
+        self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._output: Any = None
         self._autocast: tuple[str, bool, torch.dtype] | None = None
         self._verified = False
@@ -64,19 +70,19 @@ class VmapEngine(PerSampleEngine):
         self._handles.clear()
         self._inputs = self._output = None
 
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():
             return  # evaluation passes are not training steps
         self._inputs = (args, kwargs)
         dev = next((t.device.type for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), "cpu")
         self._autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
 
-    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if torch.is_grad_enabled():
             self._output = output
 
     # -- the engine ---------------------------------------------------------------------------
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor]) -> Tensor:
+    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
         if self._inputs is None or self._output is None:
             raise RuntimeError(
                 "the vmap engine saw no forward pass of the model since the last backward(). "
@@ -132,8 +138,10 @@ class VmapEngine(PerSampleEngine):
         buffers = dict(model.named_buffers())
         dev, ac_on, ac_dtype = self._autocast or ("cpu", False, torch.bfloat16)
 
-        def per_sample(train_vals: tuple, xs: list, cots: list) -> tuple:
-            def f(vals: tuple) -> list:
+        def per_sample(
+            train_vals: tuple[Tensor, ...], xs: list[Tensor], cots: list[Tensor]
+        ) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+            def f(vals: tuple[Tensor, ...]) -> list[Tensor]:
                 mapping = dict(const)
                 for p, v in zip(lay.params, vals):
                     for n in name_of_param[id(p)]:
@@ -148,11 +156,12 @@ class VmapEngine(PerSampleEngine):
                 ol = pytree.tree_leaves(o)
                 return [ol[i] for i in diff_idx]
 
-            primal, pullback = vjp(f, train_vals)
+            # vjp is typed to return a triple too, which only has_aux=True gives
+            primal, pullback = cast(tuple[list[Tensor], Callable[..., Any]], vjp(f, train_vals))
             (g,) = pullback([c.unsqueeze(0) for c in cots])
             return g, [p.squeeze(0) for p in primal]
 
-        def one_sample(xs: list, cots: list) -> tuple:
+        def one_sample(xs: list[Tensor], cots: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
             # plain autograd on a batch of one: no batching rules, no torch.func transforms
             leaves = list(in_leaves)
             for i, x in zip(batched, xs):
@@ -172,6 +181,8 @@ class VmapEngine(PerSampleEngine):
         total = sum(p.numel() for p in lay.params)
         chunk = max(1, min(batch, self.max_chunk_elements // max(total, 1)))
         train_vals = tuple(p.detach() for p in lay.params)
+        # this engine only adds: accumulate_into has zero-filled the missing entries already
+        dst = fill_missing(out, lay.params)
         norms = []
         for start in range(0, batch, chunk):
             sl = slice(start, min(start + chunk, batch))
@@ -186,7 +197,7 @@ class VmapEngine(PerSampleEngine):
             sq = [g.detach().flatten(1).to(acc_dtype(g.dtype)).pow(2).sum(1) for g in grads]
             gsq = self.group_sq_norms(sq)
             w = weight_fn(gsq)
-            for o, g, wp in zip(out, grads, expand_weights(w, lay.group_of)):
+            for o, g, wp in zip(dst, grads, expand_weights(w, lay.group_of)):
                 o.add_(torch.tensordot(wp.to(g.dtype), g, dims=1))
             norms.append(gsq.sqrt())
             del grads, primal
@@ -195,7 +206,14 @@ class VmapEngine(PerSampleEngine):
         return torch.cat(norms, dim=1)
 
 
-    def _chunk(self, batched_fn: Any, one_fn: Any, train_vals: tuple, xs: list, cs: list) -> tuple:
+    def _chunk(
+        self,
+        batched_fn: Callable[[tuple[Tensor, ...], list[Tensor], list[Tensor]], _Chunk],
+        one_fn: Callable[[list[Tensor], list[Tensor]], _Chunk],
+        train_vals: tuple[Tensor, ...],
+        xs: list[Tensor],
+        cs: list[Tensor],
+    ) -> _Chunk:
         """Per-sample gradients and recomputed outputs of one chunk: vmapped, or one sample at
         a time where torch.func cannot run the model's forward and backward passes."""
         if not self._sequential:
