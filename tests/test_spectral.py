@@ -539,7 +539,7 @@ def test_select_by_predicate_and_by_name():
         selected_names(model, select=["0.bias"], clip_vectors=None)
     with pytest.raises(ValueError, match="matches no parameter"):
         selected_names(model, head="classifier")
-    with pytest.raises(ValueError, match="clip_vectors='vectors'"):
+    with pytest.raises(TypeError, match="clip_vectors='vectors'"):
         spectral_clip(1.0, clip_vectors="vectors")
     with pytest.raises(TypeError, match="one string"):
         spectral_clip(1.0, select="0.weight")

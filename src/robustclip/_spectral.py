@@ -180,10 +180,10 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         # None leaves them alone
         self.vector_threshold: Threshold | None
         if isinstance(clip_vectors, str):
-            if clip_vectors not in _VECTOR_MODES:
-                raise ValueError(
+            if clip_vectors not in _VECTOR_MODES:  # the one string it takes; else a number
+                raise TypeError(
                     f"clip_vectors={clip_vectors!r}: pass 'tau' (1-D parameters clipped as (n, 1) "
-                    "matrices at tau, the default), a radius or threshold, or None (left alone)."
+                    "matrices at tau, the default), a number or threshold, or None (left alone)."
                 )
             self.vector_threshold = self.threshold
         else:
