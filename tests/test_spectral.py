@@ -395,47 +395,152 @@ def test_bf16_and_float64_gradients():
 # -- selection ------------------------------------------------------------------------------------
 
 
-def selected_names(model, **kw):
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
+def owners(model):
+    """The module owning each parameter, as the Clipper's layout finds it (first owner wins)."""
     owner = {}
     for mod in model.modules():
         for p in mod.parameters(recurse=False):
             owner.setdefault(id(p), mod)
-    flags = spectral_clip(1.0, **kw).selected(params, names, [owner[id(p)] for p in params])
+    return [owner[id(p)] for p in model.parameters()]
+
+
+def selected_names(model, **kw):
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    flags = spectral_clip(1.0, **kw).selected(params, names, owners(model))
     return [n for n, f in zip(names, flags) if f]
 
 
-def test_default_selection_on_a_gpt_skips_embeddings_and_the_head():
-    model = CharGPT(vocab=20, block_size=8, d=16, layers=2, heads=2)
+# A transcription of the selection in the authors' clipping.py (katcinskiy/spectral-clipping,
+# arXiv:2605.11838): a parameter is clipped unless its name holds one of these fragments while
+# not holding "LayerNorm"; every clipped gradient is read as reshape(shape[0], -1).
+OFFICIAL_SKIP_FRAGMENTS = (
+    "word_embeddings", "position_embeddings", "token_type_embeddings", "embed_tokens", "lm_head", "wpe", "wte",
+)
+
+
+def official_selection(names):
+    return [n for n in names if "LayerNorm" in n or not any(f in n for f in OFFICIAL_SKIP_FRAGMENTS)]
+
+
+def hf_model(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind.startswith("gpt2"):
+        cfg = tf.GPT2Config(
+            vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=1, eos_token_id=1, tie_word_embeddings=kind == "gpt2",
+        )
+        return tf.GPT2LMHeadModel(cfg)
+    if kind.startswith("bert"):
+        cfg = tf.BertConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=3, pad_token_id=0,
+        )
+        return tf.BertForSequenceClassification(cfg) if kind == "bert-cls" else tf.BertForMaskedLM(cfg)
+    cfg = tf.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=1, pad_token_id=0,
+    )
+    return tf.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "bert-cls", "bert-mlm", "llama"])
+def test_default_selection_is_the_official_rule_on_hugging_face_models(kind):
+    model = hf_model(kind)
+    names = [n for n, _ in model.named_parameters()]
     got = selected_names(model)
-    assert got == [
+    assert got == official_selection(names)
+    # what the rule means on these models
+    skipped = set(names) - set(got)
+    assert skipped and all(("embed" in n or "wte" in n or "wpe" in n or "lm_head" in n) for n in skipped)
+    assert any(p.dim() == 1 for n, p in model.named_parameters() if n in got)  # biases, norm gains
+    if kind == "gpt2-untied" or kind == "llama":
+        assert "lm_head.weight" in names and "lm_head.weight" not in got
+        assert "lm_head.weight" in selected_names(model, head=None)  # head=None clips it
+    if kind.startswith("bert"):
+        assert "bert.embeddings.LayerNorm.weight" in got  # an embedding block's norm is clipped
+    if kind == "bert-cls":
+        assert {"classifier.weight", "classifier.bias"} <= set(got)  # the classifier head is clipped
+        assert "classifier.weight" not in selected_names(model, head="last")
+
+
+def test_official_rule_sees_through_wrapper_prefixes():
+    # DDP, torch.compile and FSDP1 prefix the names; the fragments still match (substrings)
+    names = ["module._orig_mod.transformer.wte.weight", "_fsdp_wrapped_module.lm_head.weight",
+             "module.h.0.mlp.c_fc.weight", "module.model.embed_tokens.weight", "module.model.norm.weight"]
+    params = [torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(3, 6), torch.zeros(4, 3), torch.zeros(3)]
+    flags = spectral_clip(1.0).selected(params, names, [None] * len(names))
+    assert [n for n, f in zip(names, flags) if f] == official_selection(names)
+    assert official_selection(names) == ["module.h.0.mlp.c_fc.weight", "module.model.norm.weight"]
+
+
+def test_default_selection_also_skips_embedding_modules_and_clips_a_gpt_head_not_named_lm_head():
+    model = CharGPT(vocab=20, block_size=8, d=16, layers=2, heads=2)
+    names = [n for n, _ in model.named_parameters()]
+    got = selected_names(model)
+    # robustclip's module check leaves out the nn.Embedding weights "tok" and "pos", which the
+    # authors' name rule would clip; everything else is clipped, the head ("head", not
+    # "lm_head") and the 1-D parameters too
+    assert set(official_selection(names)) - set(got) == {"tok.weight", "pos.weight"}
+    assert got == [n for n in names if n not in ("tok.weight", "pos.weight")]
+    assert "head.weight" in got and "blocks.0.ln1.weight" in got
+    # a tied head is the embedding's weight: listed once, as "tok.weight", and skipped with it
+    tied = CharGPT(vocab=20, block_size=8, d=16, layers=2, heads=2, tied=True)
+    assert selected_names(tied) == [n for n in got if n != "head.weight"]
+    # the head can be named, or taken as the last Linear
+    assert selected_names(model, head="head") == selected_names(model, head="last") == [n for n in got if n != "head.weight"]
+    with pytest.raises(ValueError, match="head='last'.*LayerNorm"):
+        selected_names(tied, head="last")  # the last parameter is ln_f's
+    # robustclip's former default: matrices only, the last Linear skipped
+    assert selected_names(model, head="last", clip_vectors=None) == [
         f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "fc", "out")
     ]
-    # a tied head is the embedding's weight: skipped as an embedding, and no Linear is
-    # mistaken for the head
-    tied = CharGPT(vocab=20, block_size=8, d=16, layers=2, heads=2, tied=True)
-    assert selected_names(tied) == got
-    # the head can be named, or kept
-    assert "head.weight" in selected_names(model, head=None)
-    assert selected_names(model, head="head") == got
 
 
-def test_default_selection_on_a_cnn_reshapes_convs_and_skips_the_classifier():
-    got = selected_names(SmallCNN(channels=(4, 8), hidden=16, num_classes=5, image_size=8))
-    assert got == ["features.0.weight", "features.3.weight", "fc1.weight"]
+def test_default_selection_clips_a_classifier_head():
+    assert selected_names(MLP([4, 6, 3])) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    cnn = SmallCNN(channels=(4, 8), hidden=16, num_classes=5, image_size=8)
+    assert selected_names(cnn) == [n for n, _ in cnn.named_parameters()]  # convs as (out, in*k*k)
+    assert selected_names(cnn, clip_vectors=None) == ["features.0.weight", "features.3.weight", "fc1.weight", "fc2.weight"]
+    assert selected_names(cnn, head="last", clip_vectors=None) == ["features.0.weight", "features.3.weight", "fc1.weight"]
+
+
+def test_head_is_found_by_name_not_by_tensor_identity():
+    # under FSDP2 the tensors a transform sees are not the modules' attributes (those are
+    # swapped for unsharded views): the head must still be found
+    model = MLP([4, 6, 3])
+    names = [n for n, _ in model.named_parameters()]
+    views = [p.detach().clone() for p in model.parameters()]
+    assert not any(v is p for v, p in zip(views, model.parameters()))
+    flags = spectral_clip(1.0, head="last").selected(views, names, owners(model))
+    assert flags == [True, True, False, False]  # "2.weight" and "2.bias", module "2"
+    flags = spectral_clip(1.0, head="2").selected(views, names, owners(model))
+    assert flags == [True, True, False, False]
+    # "auto": a language-model head by its name, with or without a wrapper's prefix
+    names = ["module.body.weight", "module.body.bias", "module.lm_head.weight", "module.lm_head.bias"]
+    lin = nn.Linear(3, 5)
+    params = [torch.zeros(4, 3), torch.zeros(4), torch.zeros(5, 3), torch.zeros(5)]
+    flags = spectral_clip(1.0).selected(params, names, [None, None, lin, lin])
+    assert flags == [True, True, False, False]
+    assert spectral_clip(1.0, head=None).selected(params, names, [None, None, lin, lin]) == [True] * 4
 
 
 def test_select_by_predicate_and_by_name():
     model = MLP([4, 6, 3])
     assert selected_names(model, select=["2.weight"]) == ["2.weight"]
+    assert selected_names(model, select=["0.bias"]) == ["0.bias"]  # clipped as a (6, 1) matrix
     assert selected_names(model, select=lambda n, p, m: n.startswith("0.") and p.dim() == 2) == ["0.weight"]
     with pytest.raises(ValueError, match="unknown parameters"):
         selected_names(model, select=["nope.weight"])
-    with pytest.raises(ValueError, match="clip_vectors"):
-        selected_names(model, select=["0.bias"])
+    with pytest.raises(ValueError, match="clip_vectors=None"):
+        selected_names(model, select=["0.bias"], clip_vectors=None)
     with pytest.raises(ValueError, match="matches no parameter"):
         selected_names(model, head="classifier")
+    with pytest.raises(TypeError, match="clip_vectors='vectors'"):
+        spectral_clip(1.0, clip_vectors="vectors")
     with pytest.raises(TypeError, match="one string"):
         spectral_clip(1.0, select="0.weight")
 
@@ -469,9 +574,69 @@ def test_clip_vectors_norm_clips_1d_parameters():
         assert float(state.sigma_before[i]) == pytest.approx(float(grads[i].norm()), rel=1e-6)
     for i in (0, 2):
         torch.testing.assert_close(out[i].double(), oracle_clip(grads[i], 1.0), rtol=1e-4, atol=1e-5)
-    # without clip_vectors they are untouched and read NaN (not applicable)
-    out, state = apply(spectral_clip(1.0, rank=None, head=None), grads, names, mods)
+    # with clip_vectors=None they are untouched and read NaN (not applicable)
+    out, state = apply(spectral_clip(1.0, rank=None, clip_vectors=None), grads, names, mods)
     assert torch.equal(out[1], grads[1]) and bool(state.sigma_before[1].isnan())
+    assert torch.equal(out[3], grads[3]) and float(state.clipped_fraction) == 1.0  # the two matrices
+
+
+def oracle_vector_clip(g: torch.Tensor, tau: float) -> torch.Tensor:
+    """The spectral clip of a 1-D (or 0-D) gradient read as an (n, 1) matrix, by a full SVD."""
+    return oracle_clip(g.reshape(-1), tau).reshape(g.shape)
+
+
+@pytest.mark.parametrize("rank", MODES, indirect=True)
+def test_vectors_are_clipped_as_n_by_1_matrices_at_tau_by_default(rank):
+    gen = torch.Generator().manual_seed(0)
+    mat = torch.randn(30, 20, generator=gen)
+    vecs = [
+        torch.randn(7, generator=gen) * 3,  # norm about 8: clipped
+        torch.randn(40, generator=gen) * 0.01,  # norm about 0.06: left alone
+        torch.tensor(-2.5),  # a 0-D parameter: a 1 x 1 matrix
+        torch.randn(40, generator=gen, dtype=torch.float64) * 2,
+    ]
+    tau = f32(0.5)
+    out, state = apply(spectral_clip(tau, rank=rank), [mat, *vecs])
+    for o, g in zip(out[1:], vecs):
+        assert o.shape == g.shape and o.dtype == g.dtype
+        ref = oracle_vector_clip(g, tau)
+        torch.testing.assert_close(o.double(), ref, rtol=1e-6, atol=1e-7)
+        # the same as norm clipping at tau
+        torch.testing.assert_close(o.double(), g.double() * min(1.0, tau / float(g.double().norm())), rtol=1e-6, atol=1e-7)
+    assert torch.equal(out[2], vecs[1])  # below tau: bit for bit unchanged
+    norms = [float(g.double().norm()) for g in vecs]
+    assert state.sigma_before[1:].tolist() == pytest.approx(norms, rel=1e-6)
+    assert state.sigma_after[1:].tolist() == pytest.approx([min(n, tau) for n in norms], rel=1e-6)
+    assert state.threshold.tolist() == pytest.approx([tau] * 5)
+    assert state.clipped.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert float(state.clipped_fraction) == pytest.approx(4 / 5)  # vectors count as selected
+
+
+def official_ema_thresholds(values, coef=0.9):
+    """The authors' SpectralClipperEMA for one parameter: tau_0 = the first value, then the
+    bias-corrected EMA of the previous values (a transcription, per parameter)."""
+    ema, taus = 0.0, []
+    for t, v in enumerate(values):
+        taus.append(v if t == 0 else max(ema / (1.0 - coef**t), 0.0))
+        ema = coef * ema + (1.0 - coef) * v
+    return taus
+
+
+def test_vectors_follow_their_own_ema_of_their_norms_over_steps():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(5,), (12,), (4, 6)]
+    steps = [[torch.randn(s, generator=gen) * (1 + 4 * (t % 2)) for s in shapes] for t in range(5)]
+    transform = spectral_clip(th.EMA(0.9), rank=None)
+    state = None
+    for t, grads in enumerate(steps):
+        out, state = apply(transform, grads, state=state)
+        for i, g in enumerate(grads):
+            sig = [sigma1(steps[k][i].reshape(shapes[i][0], -1)) for k in range(t + 1)]
+            tau = official_ema_thresholds(sig)[t]
+            ref = oracle_vector_clip(g, tau) if g.dim() < 2 else oracle_clip(g, tau)
+            torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-6)
+        if t % 2:  # a step five times larger than the one before: every parameter is clipped
+            assert state.clipped.tolist() == [1.0, 1.0, 1.0]
 
 
 # -- in the Clipper ---------------------------------------------------------------------------------
@@ -501,13 +666,14 @@ def test_composes_after_per_sample_clipping_in_the_clipper():
         for a, g in zip(acc, gs):
             a += min(1.0, c / n) * g.double()
     mean = [a / 6 for a in acc]
-    expect = [oracle_clip(g, tau) if j in (0, 2) else g for j, g in enumerate(mean)]  # head: 4.weight
+    # every parameter, the classifier head and the biases (as (n, 1) matrices) included
+    expect = [oracle_clip(g, tau) for g in mean]
     with torch.no_grad():
         for p, q, g in zip(model.parameters(), params, expect):
             torch.testing.assert_close(p.double(), q.double() - g, rtol=1e-5, atol=1e-6)
     r = info.transforms["spectral_clip"]
-    flags = [float(sigma1(mean[j]) > tau) if j in (0, 2) else 0.0 for j in range(6)]
-    assert r["clipped"].tolist() == flags and sum(flags) >= 1
+    flags = [float(sigma1(g) > tau) for g in mean]
+    assert r["clipped"].tolist() == flags and flags[4] == 1.0  # the head (4.weight) is clipped
 
 
 def gpt_run(steps, method_factory, resume_at=None):
@@ -565,7 +731,7 @@ def test_readings_in_step_info_and_state_dict_loads_weights_only():
     r = infos[-1].transforms["spectral_clip"]
     assert set(r) == {"sigma_before", "sigma_after", "threshold", "clipped", "nonfinite", "clipped_fraction"}
     sel = ~r["sigma_before"].isnan()
-    assert int(sel.sum()) == 4  # qkv, proj, fc, out of the single block
+    assert int(sel.sum()) == 15  # all but the two embeddings: 5 matrices (the head too), 10 vectors
     assert bool((r["sigma_after"][sel] <= r["sigma_before"][sel] * (1 + 1e-6)).all())
     as_dict = infos[-1].as_dict()
     assert isinstance(as_dict["transforms"]["spectral_clip"]["clipped_fraction"], float)
@@ -591,3 +757,47 @@ def test_randomized_mode_on_huge_but_finite_gradients(kernel, no_linalg_on_nonfi
 def test_empty_batch_of_matrices():
     out, before, _ = clip_singular_values(torch.randn(0, 64, 128), 1.0, rank=4)
     assert out.shape == (0, 64, 128) and before.shape == (0,)
+
+
+def official_clip_step(model, rule, history):
+    """The authors' clip loop, transcribed: every parameter of :func:`official_selection`, its
+    gradient read as reshape(shape[0], -1), U min(S, tau) V^T by a full SVD (float64 here);
+    ``rule`` is "constant" (tau = 0.05) or "ema" (their EMA, 0.9, per parameter)."""
+    names = [n for n, _ in model.named_parameters()]
+    chosen = set(official_selection(names))
+    for name, p in model.named_parameters():
+        if name not in chosen:
+            continue
+        g = p.grad.double().reshape(p.grad.shape[0], -1)
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        history.setdefault(name, []).append(float(s[0]))
+        tau = 0.05 if rule == "constant" else official_ema_thresholds(history[name])[-1]
+        p.grad = ((u * s.clamp(max=tau)) @ vh).reshape(p.shape).to(p.dtype)
+
+
+@pytest.mark.parametrize("rank", MODES, indirect=True)
+@pytest.mark.parametrize("rule", ["constant", "ema"])
+def test_clipper_step_on_a_gpt2_equals_the_official_clip_loop_at_every_step(rule, rank):
+    from robustclip.losses import causal_lm
+
+    model, ref = hf_model("gpt2-untied"), hf_model("gpt2-untied")  # same seed: same weights
+    tau = th.Constant(0.05) if rule == "constant" else th.EMA(0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    clipper = rc.Clipper(model, opt, spectral_clip(tau, rank=rank))
+    gen = torch.Generator().manual_seed(7)
+    history: dict = {}
+    for step in range(4):
+        ids = torch.randint(2, 32, (4, 10), generator=gen)
+        clipper.backward(causal_lm(model(input_ids=ids).logits, ids))
+        info = clipper.step()
+        ref_opt.zero_grad()
+        causal_lm(ref(input_ids=ids).logits, ids).mean().backward()
+        official_clip_step(ref, rule, history)
+        ref_opt.step()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=name, s=step: f"step {s}, {n}: {m}")
+        clipped = info.transforms["spectral_clip"]["clipped"]
+        if rule == "constant" or step:
+            assert float(clipped.sum()) > 0  # the rule did clip, vectors and matrices alike
+    clipper.close()

@@ -375,15 +375,13 @@ def oracle_step(method, model, params, batches, slots, clipped):
         return out
     if method == "spectral":
         out = []
-        # default selection: >= 2-D weights except the output head (the last Linear)
+        # default selection (the paper's rule): every parameter of the MLP, the head too, and
+        # the biases as (n, 1) matrices
         for j, gi in enumerate(g):
-            if gi.dim() < 2 or j == len(g) - 2:
-                out.append(gi)
-                continue
-            u, s, vh = np.linalg.svd(gi.numpy(), full_matrices=False)
+            u, s, vh = np.linalg.svd(gi.reshape(gi.shape[0], -1).numpy(), full_matrices=False)
             r = slots[j].value()
             clipped.append(s[0] > r)
-            out.append(torch.from_numpy((u * np.minimum(s, r)) @ vh))
+            out.append(torch.from_numpy((u * np.minimum(s, r)) @ vh).reshape(gi.shape))
             slots[j].observe([s[0]])
         return out
     raise AssertionError(method)

@@ -10,8 +10,12 @@ transpose), keeps one threshold per layer, and records the readings.
 
 Clipping only shrinks the singular values above ``tau`` and keeps every singular direction;
 with ``tau`` below all of them the result is ``tau U V^T``, the orthogonalized direction Muon
-steps along. A row vector's only singular value is its norm, so norm clipping is spectral
-clipping of a ``1 x n`` matrix; 1-D parameters can be norm-clipped the same way.
+steps along. A vector's only singular value is its norm, so norm clipping is spectral clipping
+of an ``n x 1`` matrix: the selected 1-D parameters are clipped so, at ``tau`` by default, as in
+the authors' code, and without a decomposition.
+
+The default selection follows the authors' public code (katcinskiy/spectral-clipping): every
+parameter except the input embeddings and the language-model head, told by their names.
 
 Every clip is written as ``G + correction``, so a layer that is not clipped is left bit-for-bit
 unchanged, and no decision is taken on the host. (On CUDA, torch.linalg's SVD, QR and eigh
@@ -57,17 +61,58 @@ class _Group:
 @dataclass(frozen=True)
 class _Plan:
     groups: tuple[_Group, ...]
-    vectors: tuple[int, ...]  # 1-D (or 0-D) parameters to norm-clip
+    vectors: tuple[int, ...]  # selected 1-D (or 0-D) parameters, norm-clipped
     vector_index: Tensor | None
-    selected: tuple[str, ...]  # names of the spectrally clipped parameters
+    selected: tuple[str, ...]  # names of the clipped parameters, matrices and vectors
+
+
+#: name fragments of the input embeddings that the authors' code (arXiv:2605.11838) leaves
+#: out, as they appear in Hugging Face and nanoGPT parameter names; a name holding one is
+#: skipped unless it also holds "LayerNorm" (an embedding block's norm is clipped)
+EMBEDDING_NAMES = (
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embed_tokens",
+    "wpe",
+    "wte",
+)
+#: the name fragment of a language-model head, which the authors' code leaves out as well
+LM_HEAD_NAME = "lm_head"
+
+#: the accepted values of ``clip_vectors`` besides a radius
+_VECTOR_MODES = ("tau",)
 
 
 def _is_embedding(module: nn.Module | None) -> bool:
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 
+def _named_like(name: str, fragments: Sequence[str]) -> bool:
+    # substrings, as in the authors' rule: wrappers' prefixes ("module.", "_orig_mod.") and
+    # suffixes (".weight", ".bias") do not hide a match
+    return "LayerNorm" not in name and any(f in name for f in fragments)
+
+
+def is_embedding_name(name: str) -> bool:
+    """Whether the spectral paper's rule (arXiv:2605.11838) skips ``name`` as an input embedding:
+    it holds one of :data:`EMBEDDING_NAMES` and not ``"LayerNorm"``."""
+    return _named_like(name, EMBEDDING_NAMES)
+
+
+def is_lm_head_name(name: str) -> bool:
+    """Whether the spectral paper's rule skips ``name`` as a language-model head: it holds
+    ``"lm_head"`` and not ``"LayerNorm"``."""
+    return _named_like(name, (LM_HEAD_NAME,))
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in patterns)
+
+
+def _owner_name(name: str) -> str:
+    """The module part of a parameter name (``"blocks.0.fc"`` of ``"blocks.0.fc.weight"``)."""
+    return name.rpartition(".")[0]
 
 
 # -- the transform ---------------------------------------------------------------------------------
@@ -81,7 +126,7 @@ class SpectralClipState(NamedTuple):
     threshold: Tensor  # (P,) reading: tau used at this step
     clipped: Tensor  # (P,) reading: 1.0 where tau was below the top singular value
     nonfinite: Tensor  # (P,) reading: 1.0 where the gradient was not finite (left untouched)
-    clipped_fraction: Tensor  # reading: share of the clipped matrices among those selected
+    clipped_fraction: Tensor  # reading: share of the selected parameters that were clipped
 
 
 class SpectralClip(GradientTransform[SpectralClipState]):
@@ -98,7 +143,7 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         niter: int = 2,
         select: Selector | Iterable[str] | None = None,
         head: str | Iterable[str] | None = "auto",
-        clip_vectors: float | Threshold | None = None,
+        clip_vectors: float | Threshold | str | None = "tau",
         seed: int = 0,
     ) -> None:
         self.threshold = as_threshold(tau, "tau")
@@ -122,37 +167,71 @@ class SpectralClip(GradientTransform[SpectralClipState]):
             self.select = tuple(select)
             if not all(isinstance(s, str) for s in self.select):
                 raise TypeError("select must be a predicate or a list of parameter names (str).")
-        if head is None or head == "auto":
+        if head is None or head in ("auto", "last"):
             self.head: str | tuple[str, ...] | None = head
         elif isinstance(head, str):
             self.head = (head,)
         else:
             self.head = tuple(head)
             if not all(isinstance(s, str) for s in self.head):
-                raise TypeError('head must be "auto", None, or module/parameter names (str).')
-        self.vector_threshold = None if clip_vectors is None else as_threshold(clip_vectors, "clip_vectors")
+                raise TypeError('head must be "auto", "last", None, or module/parameter names (str).')
+        # 1-D parameters: "tau" clips them as (n, 1) matrices at tau, as the authors' code does
+        # (their one singular value is their norm); a radius norm-clips them at that radius;
+        # None leaves them alone
+        self.vector_threshold: Threshold | None
+        if isinstance(clip_vectors, str):
+            if clip_vectors not in _VECTOR_MODES:  # the one string it takes; else a number
+                raise TypeError(
+                    f"clip_vectors={clip_vectors!r}: pass 'tau' (1-D parameters clipped as (n, 1) "
+                    "matrices at tau, the default), a number or threshold, or None (left alone)."
+                )
+            self.vector_threshold = self.threshold
+        else:
+            self.vector_threshold = None if clip_vectors is None else as_threshold(clip_vectors, "clip_vectors")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
         self.seed = seed
         self._plans: dict[Any, _Plan] = {}
 
     # -- selection ---------------------------------------------------------------------------------
-    def _auto_head(self, params: Sequence[Tensor], modules: Sequence[nn.Module | None]) -> int | None:
-        # The output head is the Linear that owns the last parameter (models register their
-        # head last). A head tied to the embedding is owned by the embedding, so nothing
-        # is taken for a head then, which is right: the embedding rule already skips it.
-        if modules and isinstance(modules[-1], nn.Linear):
-            head_mod = modules[-1]
-            for i, (p, m) in enumerate(zip(params, modules)):
-                if m is head_mod and p is head_mod.weight:
-                    return i
-        return None
+    def _head_indices(self, names: Sequence[str], modules: Sequence[nn.Module | None]) -> set[int]:
+        """The parameters of the output head that the default selection leaves out, found by
+        name: under FSDP2 a module's parameters are swapped for unsharded views, so comparing
+        tensors by identity would miss them."""
+        if self.head is None:
+            return set()
+        if self.head == "auto":
+            # a language-model head by name, as in the authors' code; a head tied to the input
+            # embedding is listed once, under the embedding's name, and skipped as the embedding
+            return {i for i, n in enumerate(names) if is_lm_head_name(n)}
+        if self.head == "last":
+            # the nn.Linear owning the last parameter, where models register their output layer
+            if not names or not isinstance(modules[-1], nn.Linear):
+                owner = "nothing" if not names else type(modules[-1]).__name__
+                raise ValueError(
+                    f"spectral_clip(head='last') takes the nn.Linear owning the last parameter, "
+                    f"but {names[-1] if names else 'no parameter'!r} is owned by {owner} (the "
+                    "module of each parameter is known inside a Clipper); name the head, e.g. "
+                    "head='classifier', or pass head='auto' or head=None."
+                )
+            owner_name = _owner_name(names[-1])
+            return {i for i, n in enumerate(names) if _owner_name(n) == owner_name}
+        patterns = self.head if isinstance(self.head, tuple) else (self.head,)
+        found = {i for i, n in enumerate(names) if _matches(n, patterns)}
+        if not found:
+            raise ValueError(
+                f"spectral_clip(head={list(patterns)}) matches no parameter; pass module or "
+                f"parameter names from {list(names)}, head='auto', head='last' or head=None."
+            )
+        return found
 
     def selected(
         self, params: Sequence[Tensor], names: Sequence[str], modules: Sequence[nn.Module | None]
     ) -> list[bool]:
-        """Which parameters are spectrally clipped (see :func:`spectral_clip`)."""
+        """Which parameters are clipped, matrices and (unless ``clip_vectors=None``) 1-D ones
+        (see :func:`spectral_clip`)."""
         mods = list(modules) if modules else [None] * len(params)
+        vectors = self.vector_threshold is not None
         if callable(self.select):
             out = [bool(self.select(n, p, m)) for n, p, m in zip(names, params, mods)]
         elif self.select is not None:
@@ -164,28 +243,22 @@ class SpectralClip(GradientTransform[SpectralClipState]):
                 )
             out = [n in self.select for n in names]
         else:
-            head_idx: set[int] = set()
-            if self.head == "auto":
-                h = self._auto_head(params, mods)
-                head_idx = set() if h is None else {h}
-            elif self.head is not None:
-                patterns = self.head if isinstance(self.head, tuple) else (self.head,)
-                head_idx = {i for i, n in enumerate(names) if _matches(n, patterns)}
-                if not head_idx:
-                    raise ValueError(
-                        f"spectral_clip(head={list(self.head)}) matches no parameter; pass module "
-                        f"or parameter names from {list(names)}, head='auto' or head=None."
-                    )
+            # the rule of the authors' code: every parameter but the input embeddings and the
+            # language-model head, by name; robustclip also skips nn.Embedding weights whatever
+            # their name
+            head = self._head_indices(names, mods)
             out = [
-                p.dim() >= 2 and not _is_embedding(m) and i not in head_idx
-                for i, (p, m) in enumerate(zip(params, mods))
+                not is_embedding_name(n) and not _is_embedding(m) and i not in head and (vectors or p.dim() >= 2)
+                for i, (n, p, m) in enumerate(zip(names, params, mods))
             ]
-        bad = [n for n, p, s in zip(names, params, out) if s and p.dim() < 2]
-        if bad:
-            raise ValueError(
-                f"spectral clipping needs parameters with >= 2 dimensions, but select picked "
-                f"{bad}; norm-clip 1-D parameters with clip_vectors=... instead."
-            )
+        if not vectors:
+            bad = [n for n, p, s in zip(names, params, out) if s and p.dim() < 2]
+            if bad:
+                raise ValueError(
+                    f"spectral_clip(clip_vectors=None) leaves 1-D parameters alone, but select "
+                    f"picked {bad}; pass clip_vectors='tau' (clipped as (n, 1) matrices at tau) "
+                    "or a radius, or leave them out of select."
+                )
         return [s and p.numel() > 0 for p, s in zip(params, out)]
 
     def _plan(self, grads: Sequence[Tensor], ctx: StepContext) -> _Plan:
@@ -202,7 +275,7 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         chosen = self.selected(params, names, list(ctx.modules or ()))
         buckets: dict[Any, list[tuple[int, bool]]] = {}
         for i, (g, s) in enumerate(zip(grads, chosen)):
-            if not s:
+            if not s or g.dim() < 2:
                 continue
             m, n = g.shape[0], g.numel() // g.shape[0]
             transposed = m < n  # batch wide matrices with their tall transposes
@@ -216,9 +289,9 @@ class SpectralClip(GradientTransform[SpectralClipState]):
             )
             for (_, _, dev), members in buckets.items()
         )
-        vectors: tuple[int, ...] = ()
-        if self.vector_threshold is not None:
-            vectors = tuple(i for i, g in enumerate(grads) if g.dim() < 2 and g.numel() > 0)
+        # selected 1-D (and 0-D) parameters: an (n, 1) matrix's one singular value is its norm,
+        # so its spectral clip is a norm clip, done without a decomposition
+        vectors = tuple(i for i, (g, s) in enumerate(zip(grads, chosen)) if s and g.dim() < 2)
         dev = grads[0].device if grads else None
         plan = _Plan(
             groups,
@@ -231,7 +304,7 @@ class SpectralClip(GradientTransform[SpectralClipState]):
 
     # -- GradientTransform ------------------------------------------------------------------------
     def _threshold_for(self, p: Tensor) -> Threshold:
-        if p.dim() < 2:  # never spectrally clipped: a vector threshold, or a 1-number state
+        if p.dim() < 2:  # a vector's threshold (tau's rule by default), or a 1-number state
             return self.vector_threshold if self.vector_threshold is not None else _NO_CLIP
         return self.threshold
 
@@ -275,10 +348,11 @@ class SpectralClip(GradientTransform[SpectralClipState]):
                 self._clip_group(grads, grp, ths, gen, (before, after, taus, clipped, nonfinite))
             if plan.vectors:
                 self._clip_vectors(grads, plan, ths, (before, after, taus, clipped, nonfinite))
-        n_sel = sum(len(grp.indices) for grp in plan.groups)
-        if n_sel:
-            idx = torch.cat([grp.index_tensor for grp in plan.groups])
-            frac = clipped.index_select(0, idx).mean()
+        picked = [grp.index_tensor for grp in plan.groups]
+        if plan.vector_index is not None:
+            picked.append(plan.vector_index)
+        if picked:
+            frac = clipped.index_select(0, torch.cat(picked)).mean()
         else:
             frac = torch.zeros_like(state.clipped_fraction)
         rng = gen.get_state() if gen is not None else state.rng
@@ -366,7 +440,7 @@ def spectral_clip(
     niter: int = 2,
     select: Selector | Iterable[str] | None = None,
     head: str | Iterable[str] | None = "auto",
-    clip_vectors: float | Threshold | None = None,
+    clip_vectors: float | Threshold | str | None = "tau",
     seed: int = 0,
 ) -> GradientTransform[SpectralClipState]:
     """Spectral clipping (Yukhimchuk et al., arXiv:2605.11838): clamp each gradient matrix's
@@ -389,21 +463,37 @@ def spectral_clip(
             (narrower matmuls hit a slow CPU kernel).
         niter: power iterations of the range finder (more: more accurate top singular values).
         select: which parameters to clip: a predicate ``select(name, param, module) -> bool``
-            or a list of parameter names (as in ``clipper.layout.names``). Default: every
-            parameter with >= 2 dimensions except ``nn.Embedding`` weights and the output head.
-        head: the output head, skipped by the default selection: ``"auto"`` takes the
-            ``nn.Linear`` owning the last parameter (where models register their head), a name
-            or names pick module or parameter names, ``None`` skips no head.
-        clip_vectors: also clip each 1-D parameter's gradient (biases, norm gains) to this L2
-            norm (a number or threshold, a state per parameter); default: leave them alone.
+            or a list of parameter names (as in ``clipper.layout.names``). Default: the rule of
+            the authors' code, every parameter except the input embeddings and the
+            language-model head, told by name: a name holding ``word_embeddings``,
+            ``position_embeddings``, ``token_type_embeddings``, ``embed_tokens``, ``wpe`` or
+            ``wte`` (and not ``LayerNorm``) is skipped; robustclip also skips every
+            ``nn.Embedding`` / ``nn.EmbeddingBag`` weight, whatever its name. A classifier's
+            last layer is clipped, as in the paper.
+        head: the output head the default selection skips (ignored with ``select``):
+            ``"auto"`` skips a language-model head, a parameter whose name holds ``lm_head``
+            (and not ``LayerNorm``), as the authors' code does; a head tied to the input
+            embedding is listed once, under the embedding's name, and skipped as the embedding.
+            ``"last"`` skips the ``nn.Linear`` that owns the last parameter (where models
+            register their output layer); a name or names skip those modules or parameters;
+            ``None`` skips no head (an ``lm_head`` is clipped too). The head is always found by
+            name, never by tensor identity.
+        clip_vectors: how the selected 1-D (and 0-D) parameters (biases, norm gains) are
+            clipped. ``"tau"`` (the default, the authors' rule): as ``(n, 1)`` matrices at
+            ``tau``, whose one singular value is the norm, so this is norm clipping at ``tau``,
+            each parameter with its own state of ``tau``'s rule. A number or threshold:
+            norm-clipped at that radius instead. ``None``: left alone, and the default selection
+            takes only parameters with >= 2 dimensions (robustclip's rule before it followed
+            the paper; with ``head="last"``, the whole former default).
         seed: seed of the Gaussian sketches. Every DDP process draws the same sketches, so the
             processes stay in step; the generator state is part of ``state_dict``.
 
     Readings (per parameter, aligned with the clipper's parameters; NaN where a parameter is not
-    clipped): ``sigma_before``, ``sigma_after`` (in the randomized mode the larger of the
+    clipped): ``sigma_before`` (the norm, for a 1-D parameter), ``sigma_after`` (in the randomized mode the larger of the
     clipped top value and the estimate of ``sigma_{r+1}``), ``threshold``, ``clipped``,
     ``nonfinite`` (a non-finite gradient matrix is left untouched, never decomposed, and its
-    threshold does not observe it), and ``clipped_fraction``.
+    threshold does not observe it), and ``clipped_fraction`` (the share of the selected
+    parameters, matrices and 1-D ones, that were clipped).
     """
     return SpectralClip(
         tau,
