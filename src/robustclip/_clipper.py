@@ -558,7 +558,7 @@ class Clipper:
             self._reset_cycle()
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    f"robustclip: {what} at step {info.step}. Parameters, optimizer and clipper "
+                    f"robustclip: at step {info.step}, {what}. Parameters, optimizer and clipper "
                     "state are as before the step (it counts as skipped). Pass "
                     "nonfinite='skip_step' to skip such steps, or 'drop_sample' to drop the "
                     "non-finite samples and keep the rest."
@@ -600,20 +600,24 @@ class Clipper:
         """The samples (or micro-batches) whose loss or norm was not finite, by backward() call."""
         parts: list[str] = []
         norms = self._sample_norms or self._micro_norms
-        calls = max(len(norms), len(self._loss_ok))
         per_sample = bool(self._sample_norms)
-        for k in range(calls):
-            bad = torch.zeros((), dtype=torch.bool)
-            if k < len(norms):
-                bad = bad | ~torch.isfinite(norms[k].detach().cpu().reshape(-1))
+        for k in range(max(len(norms), len(self._loss_ok))):
+            found = []
             if k < len(self._loss_ok):
-                ok = self._loss_ok[k].cpu()
-                bad = bad | (~ok if per_sample or ok.numel() == 1 else ~ok.all().reshape(1))
-            idx = torch.nonzero(bad.reshape(-1)).reshape(-1).tolist()
-            if idx:
-                parts.append(
-                    f"backward() call {k}: samples {idx}" if per_sample else f"backward() call {k}"
-                )
+                bad_loss = ~self._loss_ok[k].cpu()
+                if per_sample:
+                    idx = torch.nonzero(bad_loss).reshape(-1).tolist()
+                    if idx:
+                        found.append(f"losses of samples {idx}")
+                elif bool(bad_loss.any()):
+                    found.append("its loss")
+            if k < len(norms):
+                bad_norm = ~torch.isfinite(norms[k].detach().cpu().reshape(-1))
+                idx = torch.nonzero(bad_norm).reshape(-1).tolist()
+                if idx:
+                    found.append(f"gradient norms of samples {idx}" if per_sample else "its gradient norm")
+            if found:
+                parts.append(f"backward() call {k}: " + ", ".join(found))
         return "; ".join(parts)
 
     def _average(
