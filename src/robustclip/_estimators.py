@@ -493,7 +493,11 @@ class PerSample(Estimator[PerSampleState]):
 
 
 def mean() -> Estimator[Any]:
-    """The plain mini-batch mean gradient (SGD's estimator)."""
+    """The plain mini-batch mean gradient (SGD's estimator).
+
+    With ``Clipper(..., nonfinite="drop_sample")`` the unit dropped is a whole micro-batch (one
+    ``backward()`` call): a micro-batch whose loss or gradient is not finite adds nothing and
+    its samples are not counted."""
     return Mean()
 
 
@@ -533,5 +537,8 @@ def per_sample_normalize(
 
 
 def micro_batch_clip(max_norm: float | Threshold) -> Estimator[Any]:
-    """Clip each micro-batch's mean gradient to norm ``c`` before accumulating (arXiv:2605.02701)."""
+    """Clip each micro-batch's mean gradient to norm ``c`` before accumulating (arXiv:2605.02701).
+
+    With ``Clipper(..., nonfinite="drop_sample")`` a micro-batch whose loss or gradient is not
+    finite is dropped whole (its contribution is zeroed, and it is not counted)."""
     return MicroBatchClip(max_norm)
