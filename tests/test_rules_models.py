@@ -558,12 +558,6 @@ class PackedLSTM(nn.Module):
 
 @pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="known: packed sequences make the whole model fall back, and from step 2 the "
-    "whole-model vmap fallback cannot pack per sample (data-dependent lengths)",
-)
 def test_packed_sequences_take_a_correct_fallback():
     torch.manual_seed(11)
     check_three_steps(PackedLSTM(), torch.randn(5, 4, 3), [])

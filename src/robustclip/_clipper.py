@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustclip import _distributed, _kernels
 from robustclip._batchnorm import check_no_training_batchnorm
-from robustclip._estimators import Mean
-from robustclip._math import global_norm
+from robustclip._estimators import Contribution, Mean
+from robustclip._math import global_norm, wide_dtype
 from robustclip._method import Method, as_method
 from robustclip._transform import StepContext
 from robustclip._validate import check_losses
@@ -54,6 +55,12 @@ class StepInfo:
         transforms: readings of the batch-level transforms (e.g. the global norm clip's radius).
         layer_norms: norm of each layer group's averaged gradient before the transforms, aligned
             with ``clipper.layout.group_names``; only when ``finish(layer_norms=True)``.
+        dropped: with ``nonfinite="drop_sample"``: how many units (samples; micro-batches' samples
+            for ``mean()``, micro-batches for micro-batch clipping) got weight 0 because their
+            loss or gradient was not finite, over all processes (0-d float64 tensor).
+        dropped_mask: with ``nonfinite="drop_sample"``: this process's dropped flags, one per
+            unit, aligned with ``per_sample_norms`` (per-sample methods) or with the
+            ``backward()`` calls (``mean()`` and micro-batch clipping).
     """
 
     step: int
@@ -66,6 +73,8 @@ class StepInfo:
     clipped_fraction: Tensor | None = None
     transforms: dict[str, Any] = field(default_factory=dict)
     layer_norms: Tensor | None = None
+    dropped: Tensor | None = None
+    dropped_mask: Tensor | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python values (reads the device: call it when you log, not every step)."""
@@ -78,6 +87,52 @@ class StepInfo:
             return v
 
         return {k: conv(v) for k, v in self.__dict__.items()}
+
+
+_NONFINITE_MODES = ("skip_step", "drop_sample", "raise")
+
+
+def _check_nonfinite_mode(mode: object, check_finite: bool, method: Method, scaler: object) -> str:
+    if mode not in _NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {list(_NONFINITE_MODES)}, got {mode!r}.")
+    if mode != "skip_step" and not check_finite:
+        raise ValueError(
+            f"nonfinite={mode!r} needs the finite check; drop check_finite=False (or keep the "
+            "default nonfinite='skip_step')."
+        )
+    if mode == "drop_sample":
+        if not getattr(method.estimator, "handles_nonfinite", False):
+            raise ValueError(
+                f"nonfinite='drop_sample' needs an estimator that can drop a unit "
+                f"(mean, per_sample_clip, per_sample_normalize, micro_batch_clip); "
+                f"{method.estimator!r} cannot."
+            )
+        if scaler is not None:
+            raise ValueError(
+                "nonfinite='drop_sample' cannot be combined with a GradScaler: under loss "
+                "scaling an inf is an overflow of the scale, not a bad sample, and the scaler "
+                "must see it to lower the scale. Use nonfinite='skip_step' with a scaler."
+            )
+    return str(mode)
+
+
+def _check_scaler(
+    scaler: object, optimizer: torch.optim.Optimizer | None, check_finite: bool, method: Method
+) -> torch.amp.GradScaler | None:
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}.")
+    if optimizer is None:
+        raise ValueError(
+            "a scaler needs the optimizer (it unscales the optimizer's gradients and is updated "
+            "at clipper.step()); pass the optimizer, or leave loss scaling to your framework."
+        )
+    if not check_finite:
+        raise ValueError("a scaler needs check_finite=True: an overflow must skip the step.")
+    if not getattr(method.estimator, "handles_nonfinite", False):
+        raise ValueError(f"{method.estimator!r} cannot work on scaled losses; use it without a scaler.")
+    return scaler
 
 
 class Clipper:
@@ -93,7 +148,23 @@ class Clipper:
             (``rc.clip_by_global_norm(1.0)``) or ``rc.chain(...)`` of them. ``None`` is plain
             SGD's mean gradient.
         check_finite: skip the step (parameters, optimizer and clipper state untouched) when the
-            loss or gradient is not finite. Costs one host read per step, as AMP's GradScaler.
+            loss, the averaged gradient or the gradient the transform chain hands the optimizer
+            is not finite. Costs one host read per step, as AMP's GradScaler.
+        nonfinite: what a non-finite loss or gradient does (with ``check_finite``):
+            ``"skip_step"`` (default) skips the whole step; ``"drop_sample"`` gives each
+            non-finite unit weight 0 (a sample for per-sample methods; the whole micro-batch's
+            contribution for ``mean()`` and ``micro_batch_clip``), averages over the rest,
+            reports them in ``StepInfo.dropped`` / ``dropped_mask``, and skips the step only if
+            no finite unit remains (or the transforms produce a non-finite gradient); under DDP
+            the counts are all-reduced, so every process decides the same. ``"raise"`` restores
+            the state as a skip does, then raises ``FloatingPointError`` naming the step and the
+            samples (or micro-batches) whose loss or norm was not finite.
+        scaler: a ``torch.amp.GradScaler`` for float16 training. The clipper scales the losses
+            before its backward pass, compares per-sample and micro-batch norms with the radii in
+            unscaled units, unscales the gradient (``scaler.unscale_``) before the global norm
+            and the transforms, skips the step when the unscaled gradient holds inf or NaN (as
+            ``scaler.step`` would), and calls ``scaler.update()`` once per :meth:`step`. Pass
+            unscaled losses to :meth:`backward`.
         allow_unused: accept optimizer parameters that get no gradient (they get a zero one).
         distributed: sum gradients over processes at ``step()``. ``None``: yes if ``model`` is
             a DistributedDataParallel module.
@@ -134,6 +205,8 @@ class Clipper:
         method: Any = None,
         *,
         check_finite: bool = True,
+        nonfinite: str = "skip_step",
+        scaler: torch.amp.GradScaler | None = None,
         allow_unused: bool = False,
         distributed: bool | None = None,
         process_group: Any = None,
@@ -156,6 +229,8 @@ class Clipper:
         self.optimizer = optimizer
         self.method: Method = as_method(method)
         self.check_finite = bool(check_finite)
+        self.nonfinite = _check_nonfinite_mode(nonfinite, self.check_finite, self.method, scaler)
+        self.scaler = _check_scaler(scaler, optimizer, self.check_finite, self.method)
         self.allow_unused = bool(allow_unused)
         self._group = _distributed.resolve(model, distributed, process_group)
 
@@ -224,6 +299,12 @@ class Clipper:
         self._clipped: list[Tensor] = []
         self._sample_norms: list[Tensor] = []
         self._micro_norms: list[Tensor] = []
+        # nonfinite="drop_sample": per backward(), the dropped flags, the kept count and the sum
+        # of the kept losses (device tensors); nonfinite="raise": which losses were finite
+        self._dropped: list[Tensor] = []
+        self._kept: list[Tensor] = []
+        self._loss_sums: list[Tensor] = []
+        self._loss_ok: list[Tensor] = []
         self._state_at_cycle_start = self._est_state
 
     # -- stage 1: sample level ----------------------------------------------------------------------
@@ -233,7 +314,8 @@ class Clipper:
         Args:
             losses: one loss per sample, shape ``(B,)`` (per-sample methods need this; compute
                 the loss with ``reduction='none'``). ``mean()`` and ``micro_batch_clip`` also
-                take a scalar mean loss.
+                take a scalar mean loss. Unscaled, also with a ``scaler``: the clipper scales
+                them itself.
         """
         est = self.method.estimator
         losses = check_losses(losses, per_sample=est.per_sample, method=est)
@@ -252,7 +334,17 @@ class Clipper:
         out: list[Tensor | None] = [None] * len(self.params) if first else [p.grad for p in self.params]
         if not est.writes_new_grads:
             fill_missing(out, self.params)
-        contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)
+        kwargs: dict[str, Any] = {}
+        if self.nonfinite == "drop_sample":
+            kwargs["drop"] = True
+        scaled = losses
+        if self.scaler is not None and self.scaler.is_enabled():
+            # the scale as a device tensor (scaler.scale multiplies by it; get_scale() would
+            # read it on the host)
+            scale = self.scaler.scale(torch.ones((), dtype=torch.float32, device=losses.device))
+            scaled = losses * scale
+            kwargs["loss_scale"] = scale
+        contrib, self._est_state = est.contribute(scaled, self._est_state, self.layout, self.engine, out, **kwargs)
         if first:  # zeros for a parameter nothing reached
             for p, o in zip(self.params, fill_missing(out, self.params)):
                 p.grad = o
@@ -268,6 +360,25 @@ class Clipper:
             self._sample_norms.append(contrib.per_sample_norms)
         if contrib.micro_batch_norm is not None:
             self._micro_norms.append(contrib.micro_batch_norm)
+        if self.nonfinite == "raise":
+            self._loss_ok.append(torch.isfinite(losses.detach()).reshape(-1))
+        if kwargs.get("drop"):
+            self._record_drops(losses, mean, contrib)
+
+    def _record_drops(self, losses: Tensor, mean: Tensor, contrib: Contribution) -> None:
+        """The kept count and the kept losses' sum of one backward() (no host read)."""
+        if contrib.dropped is None:
+            raise RuntimeError(f"{self.method.estimator!r} did not report which units it dropped.")
+        d = contrib.dropped.reshape(-1)
+        self._dropped.append(d)
+        if losses.dim() == 1 and d.numel() == losses.shape[0] == contrib.count:  # per sample
+            kept = ~d
+            self._loss_sums.append(torch.where(kept, losses.detach().double(), 0.0).sum())
+            self._kept.append(kept.double().sum())
+        else:  # one unit for the whole micro-batch, counting contrib.count
+            kept1 = ~d[0]
+            self._loss_sums.append(torch.where(kept1, mean * contrib.count, 0.0))
+            self._kept.append(kept1.double() * contrib.count)
 
     def _sum_losses(self) -> Tensor:
         """Sum of the backward() calls' mean losses, each weighted by its count: divided by the
@@ -324,7 +435,9 @@ class Clipper:
     def step(self) -> StepInfo:
         """Finish the step: average, all-reduce, check, transform, ``optimizer.step()``.
 
-        The same as :meth:`finish` followed by ``optimizer.step()`` when the step is not skipped.
+        The same as :meth:`finish` followed by ``optimizer.step()`` when the step is not skipped;
+        with a ``scaler``, ``scaler.update()`` follows, skipped step or not (an overflow lowers
+        the scale).
         """
         if self.optimizer is None:
             raise RuntimeError(
@@ -333,19 +446,32 @@ class Clipper:
             )
         if self._count == 0:
             raise RuntimeError("step() was called before any backward(losses) in this step.")
-        info = self.finish()
+        try:
+            info = self.finish()
+        except FloatingPointError:  # nonfinite="raise": the scaler still ends its step
+            if self.scaler is not None:
+                self.scaler.update()
+            raise
         if not info.skipped:
+            # the scaler's own step would read its inf flags on the host once more; the
+            # clipper's check already covers them (an inf or NaN after unscaling skips)
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
         return info
 
     def finish(self, *, loss: Tensor | None = None, layer_norms: bool = False) -> StepInfo:
         """Finish the step's gradient in ``p.grad`` and leave the optimizer step to the caller.
 
-        Divides by the count, all-reduces under DDP, checks that the loss and gradient are
-        finite and runs the batch-level transforms. If ``info.skipped`` is true, do not step the
+        Divides by the count, all-reduces under DDP, unscales (with a ``scaler``), runs the
+        batch-level transforms, and checks that the loss, the averaged gradient and the final
+        gradient are finite, with one host read. If ``info.skipped`` is true, do not step the
         optimizer, the LR scheduler or a loss scaler for this step; ``p.grad`` is then ``None``
         for every parameter, so an optimizer step that runs anyway leaves the parameters and the
-        optimizer state of every ``torch.optim`` optimizer as they were.
+        optimizer state of every ``torch.optim`` optimizer as they were, and the clipper's state
+        (estimator thresholds, every transform's state) is the one before the step. With a
+        ``scaler``, prefer :meth:`step`; after ``finish()`` alone call
+        ``scaler.step(optimizer)`` and ``scaler.update()`` yourself.
 
         Without a ``backward(losses)`` call in this step, and only for the ``mean()`` estimator
         (plain or followed by batch-level transforms), ``p.grad`` is taken as the step's complete,
@@ -359,6 +485,7 @@ class Clipper:
             layer_norms: also compute the norm of each layer group's gradient before the
                 transforms (``info.layer_norms``, one small kernel per dtype, no host read).
         """
+        dropped: Tensor | None = None
         if self._count == 0:
             grads, loss_t, count, num = self._external_gradient(loss)
             clipped_fraction = None
@@ -368,29 +495,60 @@ class Clipper:
                     "finish(loss=...) is for gradients from your own backward pass; after "
                     "clipper.backward(losses) the clipper already knows the loss."
                 )
-            grads, loss_t, count, num, clipped_fraction = self._average()
+            grads, loss_t, count, num, clipped_fraction, dropped = self._average()
+        if self.scaler is not None:
+            # before any norm: every norm and radius below is in unscaled units
+            self.scaler.unscale_(self.optimizer)  # type: ignore[arg-type]
         # Every DDP process reads the norm of the all-reduced gradient (and decides on its own
         # whether to skip) and transforms that gradient on its own: with the kernels each one
         # timed fastest, or BLAS rounding by memory alignment, they could round differently and
         # the replicas drift apart.
         fixed = _kernels.plain_kernels if self._group is not None else contextlib.nullcontext
+        wide = wide_dtype(self.device)
         with fixed():
-            grad_norm = global_norm(grads)
+            # wide: a finite gradient of norm above the float32 maximum is clipped, not skipped
+            norm_wide = global_norm(grads, dtype=wide)
         info = StepInfo(
             step=self.steps,
             skipped=False,
             num_samples=num,
             loss=loss_t,
-            grad_norm=grad_norm,
+            grad_norm=norm_wide.to(_reading_dtype(grads)),
             per_sample_norms=torch.cat(self._sample_norms) if self._sample_norms else None,
             micro_batch_norms=torch.cat(self._micro_norms) if self._micro_norms else None,
             clipped_fraction=clipped_fraction,
             layer_norms=self._layer_norms(grads) if layer_norms else None,
+            dropped=dropped,
+            dropped_mask=torch.cat(self._dropped) if self._dropped else None,
         )
-        # the norm is >= 0 or NaN, so the sum is finite exactly when both are
-        check = grad_norm if loss_t is None else grad_norm + loss_t
-        if self.check_finite and not bool(torch.isfinite(check)):
-            # One host read per step, as GradScaler does: skipping the optimizer needs it.
+        # The chain runs before the check, so that one host read covers the loss, the input
+        # and the output of the chain. Transform states are immutable values: the previous one
+        # is kept until the check passes (a skipped step restores it by not replacing it).
+        new_tr = self._tr_state
+        transforms = self.method.transform.transforms
+        if transforms:
+            num_t = count if count is not None else (self._count_tensor() if self._count else None)
+            ctx = StepContext(self.params, self.layout.names, loss_t, num_t, self.layout.modules)
+            with fixed():
+                _, new_tr = self.method.transform.update(grads, self._tr_state, ctx)
+        ok = True
+        if self.check_finite:
+            # each part is >= 0, a loss or NaN: the sum is finite exactly when all are
+            check = norm_wide if loss_t is None else norm_wide + loss_t.to(wide)
+            if transforms:  # the gradient the optimizer would get
+                check = check + _largest_entry(grads).to(wide)
+            if dropped is not None and count is not None:  # nothing finite left: skip
+                check = check + torch.where(count > 0, 0.0, math.nan).to(wide)
+            if dropped is not None and self._group is None:
+                # the dropped count in the same read (num_samples is a host number)
+                flag, n_dropped = torch.stack([check, dropped.to(wide)]).tolist()
+                ok = math.isfinite(flag)
+                num = self._count - int(round(n_dropped))
+                info.num_samples = num
+            else:
+                # One host read per step, as GradScaler does: skipping the optimizer needs it.
+                ok = bool(torch.isfinite(check))
+        if not ok:
             self.skipped_steps += 1
             self._est_state = self._state_at_cycle_start
             # None, not zeros: a torch.optim optimizer skips a parameter without a gradient
@@ -399,50 +557,116 @@ class Clipper:
             for p in self.params:
                 p.grad = None
             info.skipped = True
+            what = self._skip_reason(norm_wide, loss_t, count if dropped is not None else None)
+            self.steps += 1
+            self.last = info
+            self._reset_cycle()
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"robustclip: at step {info.step}, {what}. Parameters, optimizer and clipper "
+                    "state are as before the step (it counts as skipped). Pass "
+                    "nonfinite='skip_step' to skip such steps, or 'drop_sample' to drop the "
+                    "non-finite samples and keep the rest."
+                )
             log.warning(
-                "robustclip: non-finite loss or gradient at step %d; skipped it (parameters and "
-                "optimizer state unchanged; %d skipped so far).",
-                self.steps,
+                "robustclip: %s at step %d; skipped it (parameters, optimizer and clipper state "
+                "unchanged; %d skipped so far).",
+                what,
+                info.step,
                 self.skipped_steps,
             )
-        else:
-            if self.method.transform.transforms:
-                num_t = count if count is not None else (
-                    self._count_tensor() if self._count else None
-                )
-                ctx = StepContext(self.params, self.layout.names, loss_t, num_t, self.layout.modules)
-                with fixed():
-                    _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
-            info.transforms = self.method.transform.readings(self._tr_state)
+            return info
+        self._tr_state = new_tr
+        info.transforms = self.method.transform.readings(self._tr_state)
         self.steps += 1
         self.last = info
         self._reset_cycle()
         return info
 
-    def _average(self) -> tuple[list[Tensor], Tensor, Tensor | None, int, Tensor | None]:
+    def _skip_reason(self, norm: Tensor, loss: Tensor | None, kept: Tensor | None) -> str:
+        """What was not finite, for the warning or the error (host reads: a skipped step only)."""
+        if kept is not None and float(kept) == 0:
+            return "every sample's loss or gradient was non-finite (all were dropped)"
+        bad = self._bad_units()
+        where = f" ({bad})" if bad else ""
+        if loss is not None and not math.isfinite(float(loss)):
+            return f"non-finite loss{where}"
+        if not math.isfinite(float(norm)):
+            if self.scaler is not None:
+                return (
+                    f"inf or NaN in the gradient after unscaling{where} (a loss-scale overflow "
+                    "lowers the scale at scaler.update())"
+                )
+            return f"non-finite gradient{where}"
+        names = ", ".join(repr(t) for t in self.method.transform.transforms)
+        return f"the transforms [{names}] made a finite gradient non-finite"
+
+    def _bad_units(self) -> str:
+        """The samples (or micro-batches) whose loss or norm was not finite, by backward() call."""
+        parts: list[str] = []
+        norms = self._sample_norms or self._micro_norms
+        per_sample = bool(self._sample_norms)
+        for k in range(max(len(norms), len(self._loss_ok))):
+            found = []
+            if k < len(self._loss_ok):
+                bad_loss = ~self._loss_ok[k].cpu()
+                if per_sample:
+                    idx = torch.nonzero(bad_loss).reshape(-1).tolist()
+                    if idx:
+                        found.append(f"losses of samples {idx}")
+                elif bool(bad_loss.any()):
+                    found.append("its loss")
+            if k < len(norms):
+                bad_norm = ~torch.isfinite(norms[k].detach().cpu().reshape(-1))
+                idx = torch.nonzero(bad_norm).reshape(-1).tolist()
+                if idx:
+                    found.append(f"gradient norms of samples {idx}" if per_sample else "its gradient norm")
+            if found:
+                parts.append(f"backward() call {k}: " + ", ".join(found))
+        return "; ".join(parts)
+
+    def _average(
+        self,
+    ) -> tuple[list[Tensor], Tensor, Tensor | None, int, Tensor | None, Tensor | None]:
         """The step's gradient from backward() calls: summed over processes, divided by the count.
 
-        Returns the gradients, the mean loss, the count as a tensor (DDP only), the count as a
-        number, and the clipped fraction (per-sample and micro-batch methods).
+        Returns the gradients, the mean loss, the count as a tensor (DDP and dropping only),
+        the count as a number, the clipped fraction (per-sample and micro-batch methods), and
+        the number of dropped units (``nonfinite="drop_sample"``, over all processes).
         """
         grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
         reports = bool(self._sample_norms or self._micro_norms)
+        drop = bool(self._kept)
+        if drop:
+            # what remains after dropping: a device count, so that no host read is needed here
+            kept = torch.stack(self._kept).sum()
+            kept_losses = torch.stack(self._loss_sums).sum()
+            dropped = self._count - kept
         if self._group is not None:
-            count = self._count_tensor()
+            count = kept if drop else self._count_tensor()
             # the scalars travel in float64: a count or loss sum in the gradients' dtype
             # (fp16, bf16) would round or overflow
-            scalars = torch.stack([count, self._sum_losses(), self._sum_clipped()])
+            items = [count, kept_losses if drop else self._sum_losses(), self._sum_clipped()]
+            if drop:
+                items.append(dropped)
+            scalars = torch.stack(items)
             _distributed.all_reduce_sum(grads, scalars, self._group)
-            count, loss_sum, clipped_sum = scalars.unbind()
+            count, loss_sum, clipped_sum, *rest = scalars.unbind()
             torch._foreach_div_(grads, count)
             clipped_fraction = (clipped_sum / count).float() if reports else None
             # the global count is read on the host (one more sync, DDP only)
-            return grads, loss_sum / count, count, int(round(float(count))), clipped_fraction
+            n = int(round(float(count)))
+            return grads, loss_sum / count, count, n, clipped_fraction, rest[0] if drop else None
+        if drop:
+            # 0 kept: 0/0 is NaN, and the check skips the step
+            torch._foreach_div_(grads, kept)
+            clipped_fraction = (self._sum_clipped() / kept).float() if reports else None
+            return grads, kept_losses / kept, kept, self._count, clipped_fraction, dropped
         # one process: the count is a host number, and the readings take as few small
         # operations as they can (each costs microseconds, a step of a small model a few ms)
         torch._foreach_div_(grads, float(self._count))
         clipped_fraction = self._clipped_fraction() if reports else None
-        return grads, self._mean_loss(), None, self._count, clipped_fraction
+        return grads, self._mean_loss(), None, self._count, clipped_fraction, None
 
     def _external_gradient(
         self, loss: Tensor | None
@@ -518,3 +742,21 @@ class Clipper:
     def __repr__(self) -> str:
         return f"Clipper({self.method!r}, params={len(self.params)})"
 
+
+
+def _reading_dtype(grads: list[Tensor]) -> torch.dtype:
+    """float32, or the widest real dtype of the gradients (float64 readings for float64)."""
+    dtype = torch.float32
+    for g in grads:
+        dtype = torch.promote_types(dtype, g.dtype.to_real())
+    return dtype
+
+
+def _largest_entry(grads: list[Tensor]) -> Tensor:
+    """The largest magnitude over the gradients, NaN if any entry is NaN: finite exactly when
+    every entry is (a norm could overflow for a finite gradient; this cannot). One pass."""
+    nonempty = [g for g in grads if g.numel()]
+    if not nonempty:
+        return torch.zeros(())
+    wide = wide_dtype(nonempty[0].device)
+    return torch.stack([n.to(wide) for n in torch._foreach_norm(nonempty, math.inf)]).amax()

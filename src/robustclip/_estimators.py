@@ -92,6 +92,10 @@ class Contribution:
     group_norms: Tensor | None = None  # (G, B) per-layer norms, per-sample methods
     micro_batch_norm: Tensor | None = None  # (1,) micro-batch clipping
     clipped: Tensor | None = None  # (B,) or (1,) flags (bool or 0/1 float): scaled down or not
+    #: with ``drop=True``: which reported units got weight 0 because they were not finite, a
+    #: bool mask (B,) of samples (per-sample methods) or (1,) for the whole micro-batch
+    #: (``mean()``, micro-batch clipping), on the device
+    dropped: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,6 +114,11 @@ class Estimator(Generic[S]):
     #: True if :meth:`contribute` accepts ``None`` entries in ``out`` (no gradient yet this
     #: step) and puts new tensors there; otherwise the clipper hands it zero-filled buffers
     writes_new_grads = False
+    #: True if :meth:`contribute` takes the keywords ``drop`` (give a non-finite unit weight 0
+    #: and report it in ``Contribution.dropped``) and ``loss_scale`` (the losses were
+    #: multiplied by this 0-d tensor, a loss scaler's scale: norms and radii are compared in
+    #: unscaled units, the sum added to ``out`` stays scaled)
+    handles_nonfinite = False
 
     def init(self, layout: ParamLayout, device: torch.device) -> S:
         return cast(S, ())
@@ -142,11 +151,37 @@ def _holds_integer(dtype: torch.dtype, n: int) -> bool:
     return n <= info.max and odd.bit_length() <= 2 - math.frexp(info.eps)[1]
 
 
+def _finite_all(g: Sequence[Tensor]) -> Tensor:
+    """0-d bool: every entry of every tensor is finite (one pass; the largest magnitude cannot
+    overflow where a norm could, and a NaN propagates through it)."""
+    nonempty = [t for t in g if t.numel()]
+    if not nonempty:
+        return torch.ones((), dtype=torch.bool, device=g[0].device if g else None)
+    return torch.stack([torch.isfinite(n) for n in torch._foreach_norm(nonempty, math.inf)]).all()
+
+
+def _drop_if_nonfinite(
+    g: list[Tensor], owned: bool, ok: Tensor, check: bool = True
+) -> tuple[list[Tensor], bool, Tensor]:
+    """A micro-batch's gradient, all zeros unless ``ok`` and (``check``) every entry is finite:
+    zeroed, not multiplied by 0 (``NaN * 0`` is NaN). Returns the gradients, whether they are
+    owned, and the (1,) dropped mask. No host read."""
+    if check:
+        ok = ok & _finite_all(g)
+    bad = ~ok
+    if owned:  # our own tensors: zeroed in place
+        for t in g:
+            t.masked_fill_(bad, 0)
+        return g, True, bad.reshape(1)
+    return [t.masked_fill(bad, 0) for t in g], False, bad.reshape(1)
+
+
 class Mean(Estimator[tuple[()]]):
     """The mini-batch mean gradient: plain SGD, the baseline."""
 
     name = "mean"
     writes_new_grads = True
+    handles_nonfinite = True
 
     def contribute(
         self,
@@ -155,23 +190,33 @@ class Mean(Estimator[tuple[()]]):
         layout: ParamLayout,
         engine: PerSampleEngine | None,
         out: list[Tensor | None],
+        *,
+        drop: bool = False,
+        loss_scale: Tensor | None = None,
     ) -> tuple[Contribution, tuple[()]]:
+        # the sum stays in the losses' (scaled) units: nothing here compares a norm
         if losses.dim() == 0:
             g, owned = gradients(losses, layout.params, layout.direct_backward, out)
+            dropped = None
+            if drop:
+                g, owned, dropped = _drop_if_nonfinite(g, owned, torch.isfinite(losses))
             add_into(out, g, layout.params, owned=owned)
-            return Contribution(1), state
+            return Contribution(1, dropped=dropped), state
         # The backward pass runs on the mean loss, as a plain mean-loss backward does: the sum's
         # backward carries B times larger gradients through every activation, which overflows
         # float16 (autocast, GradScaler) where the mean's does not. The sum the contract asks for
         # is then B times the mean gradient, scaled in the same pass that adds it.
         count = losses.shape[0]
         g, owned = gradients(losses.mean(), layout.params, layout.direct_backward, out)
+        dropped = None
+        if drop:
+            g, owned, dropped = _drop_if_nonfinite(g, owned, torch.isfinite(losses).all())
         dtype = g[0].dtype
         if not _holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
             dtype = torch.promote_types(dtype, torch.float32)
         coef = None if count == 1 else torch.full((), count, dtype=dtype, device=g[0].device)
         add_into(out, g, layout.params, coef, owned=owned)
-        return Contribution(count), state
+        return Contribution(count, dropped=dropped), state
 
     def __repr__(self) -> str:
         return "mean()"
@@ -190,6 +235,7 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
 
     name = "micro_batch_clip"
     writes_new_grads = True
+    handles_nonfinite = True
 
     def __init__(self, max_norm: float | Threshold) -> None:
         self.threshold = as_threshold(max_norm)
@@ -204,18 +250,30 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
         layout: ParamLayout,
         engine: PerSampleEngine | None,
         out: list[Tensor | None],
+        *,
+        drop: bool = False,
+        loss_scale: Tensor | None = None,
     ) -> tuple[Contribution, MicroBatchClipState]:
         mean_loss = losses if losses.dim() == 0 else losses.mean()
         g, owned = gradients(mean_loss, layout.params, layout.direct_backward, out)
         # the coefficient from a norm that does not overflow even above the float32 maximum
         norm = global_norm(g, dtype=wide_dtype(g[0].device))
+        if loss_scale is not None:  # the radius is in the true gradient's units
+            norm = norm / loss_scale.to(norm.dtype)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
+        dropped = None
+        if drop:
+            ok = torch.isfinite(norm) & torch.isfinite(mean_loss.detach())
+            g, owned, dropped = _drop_if_nonfinite(g, owned, ok, check=False)  # a finite norm: finite g
+            coef = torch.where(ok, coef, 0.0)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
         add_into(out, g, layout.params, coefficient_as(coef, g[0].dtype), owned=owned)
         norm1 = norm.to(torch.promote_types(g[0].dtype, torch.float32)).reshape(1)
         th = self.threshold.observe(state.threshold, norm1)
-        return Contribution(1, micro_batch_norm=norm1, clipped=(coef < 1).reshape(1)), MicroBatchClipState(th)
+        clipped = (coef < 1).reshape(1) if dropped is None else (coef < 1).reshape(1) & ~dropped
+        contrib = Contribution(1, micro_batch_norm=norm1, clipped=clipped, dropped=dropped)
+        return contrib, MicroBatchClipState(th)
 
     def __repr__(self) -> str:
         return f"micro_batch_clip({self.threshold!r})"
@@ -237,6 +295,7 @@ class PerSample(Estimator[PerSampleState]):
     name = "per_sample"
     writes_new_grads = True
     per_sample = True
+    handles_nonfinite = True
 
     def __init__(
         self,
@@ -354,28 +413,57 @@ class PerSample(Estimator[PerSampleState]):
         layout: ParamLayout,
         engine: PerSampleEngine | None,
         out: list[Tensor | None],
+        *,
+        drop: bool = False,
+        loss_scale: Tensor | None = None,
     ) -> tuple[Contribution, PerSampleState]:
         """``sum_i w_i g_i`` through the engine: :func:`per_sample_clip_sum` (or its
         normalizing and per-layer forms) without a list of every ``g_i``: the hook engine never
-        forms them, the others a chunk of samples at a time."""
+        forms them, the others a chunk of samples at a time.
+
+        With ``drop``, a sample whose loss or gradient norm is not finite gets weight 0 instead
+        of a NaN weight: its loss is masked out of the backward pass (``where``, so a finite
+        gradient of a NaN loss becomes exactly 0), and a NaN or infinite norm gives weight 0.
+        The engine must then make that sample's contribution exactly 0 even where its gradient
+        holds NaN (``NaN * 0`` is NaN): the loop engine does.
+        """
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.rule == "normalize" else self._radii(state, layout)
 
         dtypes = {p.dtype for p in layout.params}
         grad_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        # the engine sees the scaled losses' gradients: their norms divided by the loss scale
+        # are the true norms the radii and gamma refer to; the weights then apply to the
+        # scaled gradients, whose sum stays scaled until the clipper unscales it
+        inv = None if loss_scale is None else 1.0 / loss_scale.to(wide_dtype(loss_scale.device))
 
         def weight_fn(sq: Tensor, scale: Tensor | None = None) -> Tensor:
+            if inv is not None:
+                scale = inv.to(sq.device) if scale is None else scale.to(inv.dtype) * inv.to(scale.device)
             w = self.weights(sq, radii, scale)
+            if drop:
+                bad = torch.isnan(w).any(0, keepdim=True) | ~torch.isfinite(sq).all(0, keepdim=True)
+                w = torch.where(bad, 0.0, w)
             # rounded toward zero into the gradients' dtype, so the engine's cast never rounds a
             # weight up and a clipped contribution never exceeds its radius
             return w if grad_dtype is None else coefficient_as(w, grad_dtype).to(w.dtype)
 
+        loss_ok = torch.isfinite(losses.detach()) if drop else None
+        if loss_ok is not None:
+            losses = torch.where(loss_ok, losses, 0.0)
         group_norms = accumulate_into(engine, losses, weight_fn, out)
         wide = group_norms.to(wide_dtype(group_norms.device))
+        if inv is not None:
+            wide = wide * inv.to(wide.device)
+            group_norms = wide.to(group_norms.dtype)
         flat_wide = combine_norms(wide, 0, keepdim=True)
         flat = flat_wide.reshape(-1).to(group_norms.dtype)
         w = self._weights(wide if self.per_layer else flat_wide, radii)
-        clipped = (w < 1).any(0).float()
+        clipped = (w < 1).any(0)
+        dropped = None
+        if loss_ok is not None:
+            dropped = ~loss_ok.reshape(-1) | ~torch.isfinite(wide).all(0)
+            clipped = clipped & ~dropped
         if self.rule == "clip":
             ths = self._group_thresholds(layout)
             if self.per_layer:
@@ -385,10 +473,14 @@ class PerSample(Estimator[PerSampleState]):
             else:
                 new = (ths[0].observe(state.thresholds[0], flat),)
             state = PerSampleState(new)
-        return (
-            Contribution(losses.shape[0], per_sample_norms=flat, group_norms=group_norms, clipped=clipped),
-            state,
+        contrib = Contribution(
+            losses.shape[0],
+            per_sample_norms=flat,
+            group_norms=group_norms,
+            clipped=clipped.float(),
+            dropped=dropped,
         )
+        return contrib, state
 
     def __repr__(self) -> str:
         if self.rule == "normalize":
@@ -401,7 +493,11 @@ class PerSample(Estimator[PerSampleState]):
 
 
 def mean() -> Estimator[Any]:
-    """The plain mini-batch mean gradient (SGD's estimator)."""
+    """The plain mini-batch mean gradient (SGD's estimator).
+
+    With ``Clipper(..., nonfinite="drop_sample")`` the unit dropped is a whole micro-batch (one
+    ``backward()`` call): a micro-batch whose loss or gradient is not finite adds nothing and
+    its samples are not counted."""
     return Mean()
 
 
@@ -441,5 +537,8 @@ def per_sample_normalize(
 
 
 def micro_batch_clip(max_norm: float | Threshold) -> Estimator[Any]:
-    """Clip each micro-batch's mean gradient to norm ``c`` before accumulating (arXiv:2605.02701)."""
+    """Clip each micro-batch's mean gradient to norm ``c`` before accumulating (arXiv:2605.02701).
+
+    With ``Clipper(..., nonfinite="drop_sample")`` a micro-batch whose loss or gradient is not
+    finite is dropped whole (its contribution is zeroed, and it is not counted)."""
     return MicroBatchClip(max_norm)

@@ -33,6 +33,7 @@ class LoopEngine(PerSampleEngine):
             gsq = self.group_sq_norms(sq)  # (G, 1)
             w = weight_fn(gsq)
             for o, g, wp in zip(dst, grads, expand_weights(w, self.layout.group_of)):
-                o.add_(g * wp[0].to(g.dtype))
+                # where, not a product: a dropped sample (weight 0) may hold NaN, and NaN * 0 is NaN
+                o.add_(torch.where(wp[0] == 0, 0.0, g * wp[0].to(g.dtype)))
             norms.append(gsq.sqrt().to(acc_dtype(grads[0].dtype)))
         return torch.cat(norms, dim=1)
