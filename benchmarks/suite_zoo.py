@@ -36,13 +36,19 @@ noise 0; its error is recorded where it does not run); ``plain_accum`` and ``mic
 
 Checks, once per model before timing, on each method's last untimed step (per-sample methods run
 two, as a whole-model fallback's first step differs from its later ones): the radius is the
-median of the fast path's per-sample norms (about half the samples clipped); ``max_rel_err`` is the largest over parameters of
-``||g - g_ref|| / ||g_ref||``, where ``g_ref`` is the reference loop's clipped gradient
+median of the fast path's per-sample norms (about half the samples clipped); ``max_rel_err`` is
+the largest over parameters of ``||g - g_ref|| / max(||g_ref||, 1e-4 ||G_ref||)`` (``G_ref``:
+the whole gradient), where ``g_ref`` is the reference loop's clipped gradient
 (``engine="loop"``) for the per-sample methods and Opacus, ``clip_grad_norm_`` for
 ``batch_clip`` and an explicit loop over micro-batches for ``micro_batch_clip``. ``paths``: how
 the hook engine handled each module on that step: a rule (in the backward pass, after it, or on
 an unbatched output), a per-module fallback (torch.func replay), a bare parameter, or a
 whole-model fallback (with the engine's reasons); read from the engine's step plan.
+
+Cost control for a loaded machine: ``--memory-methods plain,per_sample_fast`` measures memory
+for those methods only, ``--memory-steps`` sets the measured steps per memory process, and
+``--profile`` adds one torch.profiler step per method to its record (wall time, the time inside
+PyTorch ops, the top ops by self time) to see where a slow method's time goes.
 """
 
 from __future__ import annotations
@@ -133,6 +139,12 @@ def add_arguments(parser) -> None:
         help="comma-separated methods whose memory is measured (default: every method timed)",
     )
     parser.add_argument("--memory-steps", type=int, default=3, help="measured steps per memory process (median)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, profile one step of each method (torch.profiler): the top ops by "
+        "self time, in the record as 'profile'",
+    )
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -575,11 +587,33 @@ def loop_reference(z: Zoo, radius: float, batch_radius: float) -> list[Tensor]:
 
 
 def max_rel_err(model: nn.Module, ref: list[Tensor]) -> float:
-    errs = []
+    """The worst relative error over parameters, each in its own norm, floored at 1e-4 of the
+    whole gradient's norm: some gradients are zero in exact arithmetic (an attention key's bias:
+    softmax ignores a constant shift) and their float rounding is no error."""
+    total = math.sqrt(sum(float(r.double().pow(2).sum()) for r in ref))
+    errs = [0.0]
     for p, r in zip(model.parameters(), ref):
         g = torch.zeros_like(p) if p.grad is None else p.grad
-        errs.append(float((g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)))
+        scale = max(float(r.double().norm()), 1e-4 * total, 1e-30)
+        errs.append(float((g.double() - r.double()).norm()) / scale)
     return max(errs)
+
+
+def profile_step(step: Callable[[], None], top: int = 8) -> dict[str, Any]:
+    """One step under torch.profiler: its wall time, the time inside PyTorch ops (the rest is
+    Python and hooks) and the top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_ms": round(wall * 1e3, 2),
+        "ops_self_ms": round(sum(e.self_cpu_time_total for e in ops) / 1e3, 2),
+        "top": [[e.key, round(e.self_cpu_time_total / 1e3, 2), e.count] for e in ops[:top]],
+    }
 
 
 # -- memory (fresh process per method) ------------------------------------------------------------------
@@ -708,6 +742,7 @@ def run(args) -> list[dict]:
                     times[method] += ts
                     this_round[method] = statistics.median(ts)
                 rounds.append(this_round)
+        profiles = {k: profile_step(f) for k, f in steps.items()} if args.profile else {}
         del steps, copies
         load_after = os.getloadavg()[0]
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -741,6 +776,8 @@ def run(args) -> list[dict]:
                 rec["ratio_vs_plain_paired_iqr"] = [round(q[0], 3), round(q[2], 3)]
             if method in notes:
                 rec["note"] = notes[method]
+            if method in profiles:
+                rec["profile"] = profiles[method]
             if method in med and method in mem_methods and not args.no_memory:
                 conf = {
                     "model": name,
