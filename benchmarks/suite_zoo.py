@@ -215,32 +215,32 @@ def _hf(name: str, s: Size) -> Zoo:
 
     desc = f"d={s.d}, {s.layers} layers, T={s.t}, B={s.b}, vocab {s.vocab}"
     if name == "gpt2":
-        cfg = tf.GPT2Config(
+        gpt2_cfg = tf.GPT2Config(
             vocab_size=s.vocab, n_positions=s.t, n_embd=s.d, n_layer=s.layers, n_head=s.heads,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
         )
         ids = _tokens(s.b, s.t, s.vocab)
         return Zoo(
-            tf.GPT2LMHeadModel(cfg),
+            tf.GPT2LMHeadModel(gpt2_cfg),
             {"input_ids": ids, "labels": ids.clone()},
             lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
             desc + " (tied head)",
         )
     if name == "llama":
-        cfg = tf.LlamaConfig(
+        llama_cfg = tf.LlamaConfig(
             vocab_size=s.vocab, hidden_size=s.d, intermediate_size=(8 * s.d) // 3, num_hidden_layers=s.layers,
             num_attention_heads=s.heads, num_key_value_heads=max(1, s.heads // 2),
             max_position_embeddings=s.t, tie_word_embeddings=False, attention_dropout=0.0,
         )
         ids = _tokens(s.b, s.t, s.vocab)
         return Zoo(
-            tf.LlamaForCausalLM(cfg),
+            tf.LlamaForCausalLM(llama_cfg),
             {"input_ids": ids, "labels": ids.clone()},
             lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
             desc + ", GQA 2:1",
         )
     if name == "bert":
-        cfg = tf.BertConfig(
+        bert_cfg = tf.BertConfig(
             vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
             intermediate_size=4 * s.d, max_position_embeddings=s.t, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, num_labels=4, classifier_dropout=0.0,
@@ -248,7 +248,7 @@ def _hf(name: str, s: Size) -> Zoo:
         mask = _padding_mask(s.b, s.t)
         ids = _tokens(s.b, s.t, s.vocab, low=1).masked_fill(mask == 0, 0)
         return Zoo(
-            tf.BertForSequenceClassification(cfg),
+            tf.BertForSequenceClassification(bert_cfg),
             {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 4, (s.b,), generator=_gen(2))},
             lambda m, b: _classification(
                 m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
@@ -257,13 +257,13 @@ def _hf(name: str, s: Size) -> Zoo:
         )
     if name == "vit":
         side, patch = (8, 4) if s.d == 16 else (32, 4)
-        cfg = tf.ViTConfig(
+        vit_cfg = tf.ViTConfig(
             image_size=side, patch_size=patch, num_channels=3, hidden_size=s.d, num_hidden_layers=s.layers,
             num_attention_heads=s.heads, intermediate_size=4 * s.d, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, num_labels=10,
         )
         return Zoo(
-            tf.ViTForImageClassification(cfg),
+            tf.ViTForImageClassification(vit_cfg),
             {
                 "pixel_values": torch.randn(s.b, 3, side, side, generator=_gen()),
                 "labels": torch.randint(0, 10, (s.b,), generator=_gen(2)),
@@ -272,7 +272,7 @@ def _hf(name: str, s: Size) -> Zoo:
             f"d={s.d}, {s.layers} layers, {side}x{side} images, patch {patch}, B={s.b}",
         )
     if name == "t5":
-        cfg = tf.T5Config(
+        t5_cfg = tf.T5Config(
             vocab_size=s.vocab, d_model=s.d, d_kv=s.d // s.heads, d_ff=4 * s.d, num_layers=s.layers,
             num_decoder_layers=s.layers, num_heads=s.heads, dropout_rate=0.0, decoder_start_token_id=0,
             pad_token_id=0,
@@ -284,7 +284,7 @@ def _hf(name: str, s: Size) -> Zoo:
         labels = tgt.masked_fill(_padding_mask(s.b, t_tgt, seed=4) == 0, IGNORE)
         dec = torch.cat([torch.zeros(s.b, 1, dtype=torch.long), labels[:, :-1].clamp(min=0)], 1)
         return Zoo(
-            tf.T5ForConditionalGeneration(cfg),
+            tf.T5ForConditionalGeneration(t5_cfg),
             {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "labels": labels},
             lambda m, b: _token_mean(
                 m(
@@ -494,7 +494,7 @@ def make_step(method: str, z: Zoo, model: nn.Module, radius: float, batch_radius
 
         def step() -> None:
             dpo.zero_grad()
-            DPTensorFastGradientClipping(gsm, dpo, losses(gsm, batch), "mean").backward()  # type: ignore[arg-type]
+            DPTensorFastGradientClipping(gsm, dpo, losses(gsm, batch), "mean").backward()
             dpo.step()
 
         return step
@@ -516,7 +516,7 @@ def fast_probe(z: Zoo) -> tuple[float, float, dict[str, Any]]:
         plans.append(plan)
         return plan
 
-    hook_engine.make_plan = spy  # type: ignore[assignment]
+    hook_engine.make_plan = spy  # read the step plan; no public hook exposes it
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -527,6 +527,7 @@ def fast_probe(z: Zoo) -> tuple[float, float, dict[str, Any]]:
         hook_engine.make_plan = real
     assert info.per_sample_norms is not None
     radius = float(info.per_sample_norms.median())
+    assert info.grad_norm is not None
     batch_radius = 0.5 * float(info.grad_norm)
     engine = clipper.engine
     clipper.close()
