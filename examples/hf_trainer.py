@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import warnings
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -42,8 +41,6 @@ def main() -> None:
     ap.add_argument("--accumulation", type=int, default=1)
     args = ap.parse_args()
 
-    # GPT-2's Conv1D layers have no per-sample rule yet: the hook engine replays them per sample
-    warnings.filterwarnings("ignore", category=rc.PerSampleFallbackWarning)
     torch.manual_seed(0)
     corpus = CharCorpus(stdlib_corpus(max_chars=200_000))
     block = 32

@@ -15,9 +15,6 @@ from robustclip import losses as L
 transformers = pytest.importorskip("transformers")
 from robustclip.integrations.transformers import RobustClipTrainer  # noqa: E402
 
-# GPT-2's Conv1D has no per-sample rule: the hook engine replays it with torch.func and says so
-pytestmark = pytest.mark.filterwarnings("ignore::robustclip.PerSampleFallbackWarning")
-
 VOCAB, SEQ, BATCH, STEPS = 32, 8, 4, 20
 
 
