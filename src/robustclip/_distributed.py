@@ -35,9 +35,7 @@ def resolve(
     return process_group if process_group is not None else dist.group.WORLD
 
 
-def all_reduce_sum(
-    tensors: list[Tensor], scalars: Tensor, group: dist.ProcessGroup | None
-) -> None:
+def all_reduce_sum(tensors: list[Tensor], scalars: Tensor, group: dist.ProcessGroup | None) -> None:
     """Sum ``tensors`` and the 1-D ``scalars`` over ``group`` in place, one collective per dtype."""
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
