@@ -46,8 +46,8 @@ top singular value) every rule reduces to its textbook form.
 from __future__ import annotations
 
 import math
-from numbers import Real
 from collections.abc import Callable
+from numbers import Real
 from typing import Any, NamedTuple, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
