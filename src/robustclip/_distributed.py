@@ -7,13 +7,17 @@ global sum by the global count gives the same update as one process on the globa
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def resolve(model: nn.Module, distributed: bool | None, process_group=None):
+def resolve(
+    model: nn.Module, distributed: bool | None, process_group: dist.ProcessGroup | None = None
+) -> dist.ProcessGroup | None:
     """Return the process group to reduce over, or None for a single process."""
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     if distributed is None:
@@ -26,11 +30,12 @@ def resolve(model: nn.Module, distributed: bool | None, process_group=None):
             "and call torch.distributed.init_process_group() first."
         )
     if process_group is None and is_ddp:
-        process_group = model.process_group
+        # DDP sets ``process_group`` in its __init__; torch's stubs leave it to Module.__getattr__
+        process_group = cast(dist.ProcessGroup, model.process_group)
     return process_group if process_group is not None else dist.group.WORLD
 
 
-def all_reduce_sum(tensors: list[Tensor], scalars: Tensor, group) -> None:
+def all_reduce_sum(tensors: list[Tensor], scalars: Tensor, group: dist.ProcessGroup | None) -> None:
     """Sum ``tensors`` and the 1-D ``scalars`` over ``group`` in place, one collective per dtype."""
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:

@@ -46,8 +46,9 @@ top singular value) every rule reduces to its textbook form.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -128,9 +129,14 @@ def _moments(v: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return n, mean, m2
 
 
-def _select(keep_new: Tensor, new: Any, old: Any) -> Any:
+_State = TypeVar("_State", bound=tuple[Tensor, ...])
+
+
+def _select(keep_new: Tensor, new: _State, old: _State) -> _State:
     """Field-wise ``where(keep_new, new, old)`` over two states of the same NamedTuple type."""
-    return type(new)(*(torch.where(keep_new, a, b) for a, b in zip(new, old)))
+    # a NamedTuple class takes its fields positionally, not tuple's single iterable
+    make = cast(Callable[..., _State], type(new))
+    return make(*(torch.where(keep_new, a, b) for a, b in zip(new, old)))
 
 
 def _sorted_quantile(buffer: Tensor, n_valid: Tensor, q: float) -> Tensor:
@@ -265,7 +271,8 @@ class EMA:
 
 class WindowQuantileState(NamedTuple):
     buffer: Tensor  # (window + 1,) ring buffer of the last values; the last slot is scratch
-    count: Tensor  # int64: finite values recorded so far
+    # the field shadows tuple.count, which these states never use
+    count: Tensor  # type: ignore[assignment]  # int64: finite values recorded so far
 
 
 class WindowQuantile:
@@ -352,7 +359,8 @@ class WindowQuantile:
 class AutoClipState(NamedTuple):
     exact: Tensor  # (capacity + 1,) the first `capacity` values; the last slot is scratch
     hist: Tensor  # (bins,) int64 counts of every value on a log-spaced grid
-    count: Tensor  # int64: finite values observed so far
+    # the field shadows tuple.count, which these states never use
+    count: Tensor  # type: ignore[assignment]  # int64: finite values observed so far
 
 
 class AutoClip:
@@ -436,7 +444,8 @@ class AutoClip:
 
 class ZClipState(NamedTuple):
     steps: Tensor  # int64: observe calls with at least one finite value
-    count: Tensor  # int64: values pooled during warm-up
+    # the field shadows tuple.count, which these states never use
+    count: Tensor  # type: ignore[assignment]  # int64: values pooled during warm-up
     mean: Tensor  # float32: pooled mean during warm-up, then the EMA mean
     m2: Tensor  # float32: pooled sum of squared deviations during warm-up
     var: Tensor  # float32: the EMA variance (set when warm-up ends)

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,8 @@ from robustclip.diagnostics._verdict import (
     SPIKE_RATIO,
     spike_ratio,
 )
+
+_T = TypeVar("_T")
 
 __all__ = ["diagnose", "Diagnosis", "RADIUS_QUANTILES"]
 
@@ -479,7 +481,7 @@ def _diagnose(
         if info.grad_norm is not None and not info.skipped:
             batch_norms.append(info.grad_norm.detach().reshape(1))
 
-    def detached(fn: Callable[[], Any]) -> Any:
+    def detached(fn: Callable[[], _T]) -> _T:
         # the clipper's per-sample engine watches every forward of the model; take it off
         # while the probes run their own passes
         eng = trunk.clipper.engine

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -161,6 +162,8 @@ def probe_gradients(
     eng = ENGINES[engine](base, layout)
     dev = _device_of(base)
     out = [torch.zeros_like(p) for p in params]
+    # accumulate() fills only None entries and adds into the rest, so ``out`` stays all tensors
+    out_slots = cast(list[Tensor | None], out)
     norms: list[Tensor] = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     n = inputs.shape[0]
@@ -172,7 +175,7 @@ def probe_gradients(
                 yb = targets[s : s + chunk_size].to(dev)
                 losses = _check_losses(loss_fn(base(xb), yb), xb.shape[0])
                 loss_sum += losses.detach().double().sum()
-                gn = eng.accumulate(losses, lambda sq: torch.ones_like(sq[:1]), out)
+                gn = eng.accumulate(losses, lambda sq: torch.ones_like(sq[:1]), out_slots)
                 norms.append(gn.double().pow(2).sum(0).sqrt())
         finally:
             eng.detach()
@@ -213,6 +216,8 @@ def stream_gradients(
     eng = ENGINES[engine](base, layout)
     dev = _device_of(base)
     out = [torch.zeros_like(p) for p in params]
+    # accumulate() fills only None entries and adds into the rest, so ``out`` stays all tensors
+    out_slots = cast(list[Tensor | None], out)
     norms: list[Tensor] = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     n = 0
@@ -228,7 +233,7 @@ def stream_gradients(
                 xb, yb = batch[0].to(dev), batch[1].to(dev)
                 losses = _check_losses(loss_fn(base(xb), yb), xb.shape[0])
                 loss_sum += losses.detach().double().sum()
-                gn = eng.accumulate(losses, lambda sq: torch.ones_like(sq[:1]), out)
+                gn = eng.accumulate(losses, lambda sq: torch.ones_like(sq[:1]), out_slots)
                 norms.append(gn.double().pow(2).sum(0).sqrt())
                 n += xb.shape[0]
         finally:
@@ -286,7 +291,9 @@ class GaussianSketch:
     ``k`` in the hundreds. Larger models use :class:`CountSketch`.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], k: int, *, seed: int = 0, device=None) -> None:
+    def __init__(
+        self, shapes: Sequence[torch.Size], k: int, *, seed: int = 0, device: torch.device | str | None = None
+    ) -> None:
         self.k = int(k)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         self.mats = [
@@ -312,10 +319,13 @@ class CountSketch:
     norms are kept in expectation with a spread that shrinks as ``1/sqrt(k)``.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], k: int, *, seed: int = 0, device=None) -> None:
+    def __init__(
+        self, shapes: Sequence[torch.Size], k: int, *, seed: int = 0, device: torch.device | str | None = None
+    ) -> None:
         self.k = int(k)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.buckets, self.signs = [], []
+        self.buckets: list[Tensor] = []
+        self.signs: list[Tensor] = []
         for s in shapes:
             d = math.prod(s)
             self.buckets.append(torch.randint(0, self.k, (d,), generator=gen).to(device))
@@ -335,7 +345,7 @@ def make_sketch(
     k: int | None,
     *,
     seed: int = 0,
-    device=None,
+    device: torch.device | str | None = None,
     gaussian_max_elements: int = 2**24,
 ) -> GaussianSketch | CountSketch | None:
     """The sketch the diagnostics use for ``k``: none if ``k`` is None or ``k >= d``; Gaussian
@@ -390,7 +400,7 @@ def per_sample_gradients(
     const = {n: p.detach() for n, p in base.named_parameters() if n not in diff}
     buffers = dict(base.named_buffers())
 
-    def loss_one(vals: dict, x: Tensor, y: Tensor) -> Tensor:
+    def loss_one(vals: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(base, ({**const, **vals}, buffers), (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0)).sum()
 

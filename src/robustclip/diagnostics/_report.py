@@ -82,7 +82,7 @@ def _nan(v: float | None) -> float:
     return float("nan") if v is None else v
 
 
-def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> Path:
+def _write_csv(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -200,7 +200,7 @@ def _plots(diag: Diagnostics, s: dict[str, Any], out: Path) -> dict[str, Path]:
         cmap = plt.get_cmap("viridis")
         for i, h in enumerate(hist):
             if h.size:
-                ax.hist(h[h > 0], bins=edges, histtype="step", density=True, color=cmap(i / max(len(hist) - 1, 1)), label=f"{label} {i}")
+                ax.hist(h[h > 0], bins=edges.tolist(), histtype="step", density=True, color=cmap(i / max(len(hist) - 1, 1)), label=f"{label} {i}")
         if wide:
             ax.set_xscale("log")
         if s["suggested_max_norm"]:
@@ -240,8 +240,8 @@ def _plots(diag: Diagnostics, s: dict[str, Any], out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     sig = diag.sigma_max_history()
     if sig:
-        for layer, h in sig.items():
-            ax.plot([a for a, _ in h], [b for _, b in h], lw=1, label=layer)
+        for layer, pairs in sig.items():
+            ax.plot([a for a, _ in pairs], [b for _, b in pairs], lw=1, label=layer)
         if s["suggested_spectral_threshold"]:
             ax.axhline(s["suggested_spectral_threshold"], color="red", ls="--", label=f"suggested τ = {s['suggested_spectral_threshold']:.3g}")
         ax.set_yscale("log")
@@ -273,8 +273,8 @@ def _plots(diag: Diagnostics, s: dict[str, Any], out: Path) -> dict[str, Path]:
         g = np.array([a for a, _ in pts])
         ax.plot(g, [b for _, b in pts], "o", label="probes")
         if s["l0"] is not None:
-            xs = np.linspace(0, g.max() * 1.05, 50)
-            ax.plot(xs, s["l0"] + s["l1"] * xs, "r--", label=f"L0 + L1‖∇f‖ (L0={s['l0']:.3g}, L1={s['l1']:.3g})")
+            gs = np.linspace(0, g.max() * 1.05, 50)
+            ax.plot(gs, s["l0"] + s["l1"] * gs, "r--", label=f"L0 + L1‖∇f‖ (L0={s['l0']:.3g}, L1={s['l1']:.3g})")
         ax.set_xlabel("‖∇f(x)‖ on the probe set")
         ax.set_ylabel("local smoothness")
         ax.set_title("(L0, L1)-smoothness along training")

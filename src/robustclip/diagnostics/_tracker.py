@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -181,7 +181,7 @@ class Diagnostics:
         self,
         info: Any = None,
         *,
-        per_sample_norms: Tensor | None = None,
+        per_sample_norms: Tensor | Sequence[float] | None = None,
         loss: Tensor | float | None = None,
         gradients: bool = True,
     ) -> None:
@@ -474,7 +474,7 @@ class Diagnostics:
         return write_all(self, Path(out_dir), plots=plots, extra=extra or {})
 
 
-def _finite(x: float | None) -> bool:
+def _finite(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x)
 
 

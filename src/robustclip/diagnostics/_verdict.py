@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def spike_ratio(history: Sequence[float], window: int = SPIKE_WINDOW) -> float |
     return best
 
 
-def _finite(x: float | None) -> bool:
+def _finite(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x)
 
 
@@ -94,7 +95,7 @@ def verdict(
     l1: float | None = None,
     grad_norm: float | None = None,
     sigma_max_history: Mapping[str, Sequence[float]] | None = None,
-    top_share: Mapping[str, float] | None = None,
+    top_share: Mapping[str, float | None] | None = None,
     suggested_max_norm: float | None = None,
     suggested_spectral_threshold: float | None = None,
 ) -> Verdict:
@@ -116,7 +117,7 @@ def verdict(
         suggested_spectral_threshold: the spectral ``tau`` to quote.
     """
     findings: list[str] = []
-    heavy = _finite(tail_index) and tail_index < HEAVY_TAIL_ALPHA  # type: ignore[operator]
+    heavy = _finite(tail_index) and tail_index < HEAVY_TAIL_ALPHA
     if _finite(tail_index):
         kind = "heavy-tailed" if heavy else "close to Gaussian"
         findings.append(
@@ -150,19 +151,19 @@ def verdict(
     batch_radius = None
     if _finite(l0) and _finite(l1):
         g = grad_norm if _finite(grad_norm) else None
-        l1_dominant = bool(g is not None and l1 * g > l0)  # type: ignore[operator]
+        l1_dominant = bool(g is not None and l1 * g > l0)
         line = f"(L0, L1)-smoothness fit: L0 = {l0:.3g}, L1 = {l1:.3g}"
         if g is not None:
             share = "dominates" if l1_dominant else "does not dominate"
             line += f"; at the typical gradient norm {g:.3g} the L1 term {share}"
-        if l1 > 0 and l0 > 0:  # type: ignore[operator]
-            batch_radius = l0 / l1  # type: ignore[operator]
+        if l1 > 0 and l0 > 0:
+            batch_radius = l0 / l1
             line += f" (the terms balance at ‖∇f‖ = L0/L1 = {batch_radius:.3g})"
         findings.append(line + ".")
 
     spiky: list[str] = []
     if sigma_max_history:
-        ratios = {}
+        ratios: dict[str, float] = {}
         for name, hist in sigma_max_history.items():
             r = spike_ratio(hist)
             if r is not None:
@@ -172,7 +173,7 @@ def verdict(
             if r >= SPIKE_RATIO and shares.get(name, 1.0) >= LOW_RANK_SHARE:
                 spiky.append(name)
         if ratios:
-            worst = max(ratios, key=ratios.get)  # type: ignore[arg-type]
+            worst = max(ratios, key=lambda n: ratios[n])
             line = (
                 f"Top singular value of the layer gradients: the largest spike is in {worst} "
                 f"(σ_max up to {ratios[worst]:.2g}x the median of the {SPIKE_WINDOW} readings before it)"

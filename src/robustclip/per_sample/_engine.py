@@ -57,7 +57,7 @@ class ParamLayout:
         """``group_of`` as a tensor on ``device``, made once: building a device tensor from
         host data every step would wait for the device."""
         key = str(device)
-        cache = self.__dict__.setdefault("_group_index", {})
+        cache: dict[str, Tensor] = self.__dict__.setdefault("_group_index", {})
         if key not in cache:
             cache[key] = torch.tensor(self.group_of, device=device)
         return cache[key]
@@ -73,7 +73,10 @@ class ParamLayout:
             for p_name, p in mod.named_parameters(recurse=False):
                 if id(p) not in owner:
                     owner[id(p)] = (mod_name, mod, p_name)
-        names, modules, group_of, group_names = [], [], [], []
+        names: list[str] = []
+        modules: list[nn.Module | None] = []
+        group_of: list[int] = []
+        group_names: list[str] = []
         group_index: dict[str, int] = {}
         seen: set[int] = set()
         for p in params:

@@ -211,4 +211,5 @@ def materialized_sq_norms(
 
 def sq_rows(g: Tensor, dt: torch.dtype) -> Tensor:
     """Squared norm of each row of ``g`` (B, ...), in ``dt``, without a squared temporary."""
-    return torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=dt).square()
+    norms: Tensor = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=dt)  # Any in torch's stubs
+    return norms.square()

@@ -130,6 +130,7 @@ def register(
     keep its ``forward``), with its declared special cases."""
 
     def deco(fn: F) -> F:
+        # the Rule only calls these on instances of module_type, so narrowing M to Module is safe
         RULES[module_type] = Rule(
             module_type,
             fn,
@@ -159,8 +160,8 @@ def register_match(
         MATCHED[name] = Rule(
             name,
             fn,
-            cast(UnsupportedFn, unsupported or _covered),
-            cast(SourceFn, source_param or _output_itself),
+            unsupported or _covered,
+            source_param or _output_itself,
             matches,
         )
         return fn

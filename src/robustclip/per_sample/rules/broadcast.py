@@ -18,17 +18,23 @@ indexing a bare table) is not modelled, and the engine falls back for the whole 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
+
+#: an autograd node (``torch.autograd.graph.Node``); its saved values (``_saved_alpha``,
+#: ``_saved_self``...) are attributes torch adds per node class at runtime, unknown to its stubs
+Node = Any
+_Consumer = Callable[[Node, int], float | Tensor]
 
 #: node name -> fn(node, input position) -> the factor that turns the gradient of the node's
 #: output into the (still broadcast) gradient of that input: a number, or a tensor read from
 #: the node's saved values *before* the backward pass frees them
-CONSUMERS: dict[str, Callable[[object, int], float | Tensor]] = {}
+CONSUMERS: dict[str, _Consumer] = {}
 
 
-def _consumer(name: str):
-    def deco(fn):
+def _consumer(name: str) -> Callable[[_Consumer], _Consumer]:
+    def deco(fn: _Consumer) -> _Consumer:
         CONSUMERS[name] = fn
         return fn
 
@@ -36,30 +42,33 @@ def _consumer(name: str):
 
 
 @_consumer("AddBackward0")
-def _add(node, pos: int) -> float | Tensor:
-    return 1.0 if pos == 0 else node._saved_alpha
+def _add(node: Node, pos: int) -> float | Tensor:
+    alpha: float = node._saved_alpha
+    return 1.0 if pos == 0 else alpha
 
 
 @_consumer("SubBackward0")
-def _sub(node, pos: int) -> float | Tensor:
-    return 1.0 if pos == 0 else -node._saved_alpha
+def _sub(node: Node, pos: int) -> float | Tensor:
+    alpha: float = node._saved_alpha
+    return 1.0 if pos == 0 else -alpha
 
 
 @_consumer("MulBackward0")
-def _mul(node, pos: int) -> float | Tensor:
-    return (node._saved_other if pos == 0 else node._saved_self).detach()
+def _mul(node: Node, pos: int) -> float | Tensor:
+    saved: Tensor = node._saved_other if pos == 0 else node._saved_self
+    return saved.detach()
 
 
 @_consumer("ExpandBackward0")
-def _expand(node, pos: int) -> float | Tensor:
+def _expand(node: Node, pos: int) -> float | Tensor:
     # a class or register token expanded over the batch, ``cls.expand(B, -1, -1)``
     return 1.0
 
 
 @_consumer("WhereBackward0")
-def _where(node, pos: int) -> float | Tensor:
+def _where(node: Node, pos: int) -> float | Tensor:
     # torch.where(mask, bias, fill): a position bias masked per sample (T5 under sdpa)
-    cond = node._saved_condition
+    cond: Tensor = node._saved_condition
     return cond if pos == 0 else ~cond
 
 
@@ -67,7 +76,7 @@ def _where(node, pos: int) -> float | Tensor:
 CASTS = {"ToCopyBackward0"}
 
 
-def output_shape(node) -> tuple[int, ...] | None:
+def output_shape(node: Node) -> tuple[int, ...] | None:
     """Shape of a consumer node's (single) forward output, from autograd's metadata."""
     meta = getattr(node, "_input_metadata", None)
     if not meta or len(meta) != 1:
@@ -75,7 +84,7 @@ def output_shape(node) -> tuple[int, ...] | None:
     return tuple(meta[0].shape)
 
 
-def supported(node, operand_shape: tuple[int, ...], batch: int) -> bool:
+def supported(node: Node, operand_shape: tuple[int, ...], batch: int) -> bool:
     """True if ``node`` broadcasts an operand of ``operand_shape`` over a batch-first output."""
     if node.name() not in CONSUMERS:
         return False
@@ -104,7 +113,7 @@ def broadcast_dims(shape: tuple[int, ...], out: tuple[int, ...]) -> list[int] | 
     return dims
 
 
-def factor(node, pos: int) -> float | Tensor:
+def factor(node: Node, pos: int) -> float | Tensor:
     """Read what the per-sample gradient of operand ``pos`` needs; call before the backward."""
     return CONSUMERS[node.name()](node, pos)
 

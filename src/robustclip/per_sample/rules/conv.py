@@ -76,7 +76,7 @@ class ConvTerm(OuterTerm):
         idx = chosen(self._signature())
         return None if idx is None else idx == 1
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> tuple[object, ...]:
         # per-sample shapes: a new batch size (a last partial batch, Poisson sampling) reuses
         # the layer's choice instead of timing again
         m = self.module
@@ -159,7 +159,7 @@ class ConvTerm(OuterTerm):
             out = acc
         return out.reshape(b, self.K, self.T, self.T)
 
-    def _tap_sum_cost(self, sp_in: tuple, sp_out: tuple) -> int:
+    def _tap_sum_cost(self, sp_in: tuple[int, ...], sp_out: tuple[int, ...]) -> int:
         """Additions of the separable sum over taps in :meth:`v_gram`, per sample and group."""
         cost = 0
         for i in range(self.nd):
@@ -197,7 +197,8 @@ class ConvTerm(OuterTerm):
             g, x.to(g.dtype), w, None, list(m.stride), self.padding, list(m.dilation),
             False, [0] * self.nd, groups, [False, True, False],
         )  # fmt: skip
-        return grad_w
+        out: Tensor = grad_w  # aten ops are untyped in torch's stubs
+        return out
 
     def _materialize_grouped(self, sl: slice) -> Tensor:
         """Every sample's weight gradient in one convolution: the batch becomes ``b * groups``
@@ -232,7 +233,7 @@ class ConvTerm(OuterTerm):
 @register(nn.Conv3d)
 @register(nn.Conv2d)
 @register(nn.Conv1d)
-def conv_terms(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def conv_terms(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     terms: dict[str, Term] = {}
     if "weight" in names:
         terms["weight"] = ConvTerm(module, x, grad_out)

@@ -26,7 +26,7 @@ def _unsupported(m: nn.Embedding) -> str | None:
 
 
 @register(nn.Embedding, _unsupported)
-def embedding_terms(module: nn.Embedding, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def embedding_terms(module: nn.Embedding, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     if "weight" not in names:
         return {}
     b, d = grad_out.shape[0], module.embedding_dim

@@ -14,7 +14,7 @@ from robustclip.per_sample.rules._util import sum_positions
 
 
 @register(nn.GroupNorm)
-def group_norm_terms(module: nn.GroupNorm, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def group_norm_terms(module: nn.GroupNorm, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     b, c = grad_out.shape[0], module.num_channels
     g = grad_out.reshape(b, c, -1).transpose(1, 2)  # (B, positions, C)
     terms: dict[str, Term] = {}

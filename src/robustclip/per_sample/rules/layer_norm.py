@@ -14,7 +14,7 @@ from robustclip.per_sample.rules import DenseTerm, Term, register
 from robustclip.per_sample.rules._util import sum_positions
 
 
-def affine_norm_terms(xhat: Tensor | None, grad_out: Tensor, tail: tuple, names: frozenset) -> dict[str, Term]:
+def affine_norm_terms(xhat: Tensor | None, grad_out: Tensor, tail: tuple[int, ...], names: frozenset[str]) -> dict[str, Term]:
     """Terms of ``y = xhat * weight + bias`` with ``weight``/``bias`` of shape ``tail``,
     broadcast over the positions between the batch and ``tail``."""
     b = grad_out.shape[0]
@@ -30,7 +30,7 @@ def affine_norm_terms(xhat: Tensor | None, grad_out: Tensor, tail: tuple, names:
 
 
 @register(nn.LayerNorm)
-def layer_norm_terms(module: nn.LayerNorm, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def layer_norm_terms(module: nn.LayerNorm, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     shape = tuple(module.normalized_shape)
     # normalised in float32 at least, as autocast runs layer_norm
     xhat = F.layer_norm(x.to(acc_dtype(x.dtype)), shape, None, None, module.eps) if "weight" in names else None

@@ -11,7 +11,7 @@ from robustclip.per_sample.rules.layer_norm import affine_norm_terms
 
 
 @register(nn.RMSNorm)
-def rms_norm_terms(module: nn.RMSNorm, x: Tensor, grad_out: Tensor, names: frozenset) -> dict[str, Term]:
+def rms_norm_terms(module: nn.RMSNorm, x: Tensor, grad_out: Tensor, names: frozenset[str]) -> dict[str, Term]:
     shape = tuple(module.normalized_shape)
     xhat = F.rms_norm(x.to(acc_dtype(x.dtype)), shape, None, module.eps) if "weight" in names else None
     return affine_norm_terms(xhat, grad_out, shape, names)
