@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import math
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -67,6 +66,14 @@ from typing import Any
 import suite_step
 import torch
 import torch.nn.functional as F
+from _common import (
+    opacus_available,
+    prepare_memory_process,
+    set_paired_ratio,
+    spawn_measure,
+    step_memory,
+    timed_rounds,
+)
 from torch import Tensor, nn
 
 import robustclip as rc
@@ -622,57 +629,20 @@ def profile_step(step: Callable[[], None], top: int = 8) -> dict[str, Any]:
 
 def _memory_worker(conf: dict, queue: Any) -> None:
     try:
-        suite_step._fixed_mmap_threshold()
-        warnings.simplefilter("ignore")
-        if conf["threads"]:
-            torch.set_num_threads(conf["threads"])
-        rc.backends.autotune = conf["autotune"]
+        prepare_memory_process(conf)
         z = build(conf["model"], conf["scale"], conf["device"])
         step = make_step(conf["method"], z, z.model, conf["radius"], conf["batch_radius"])
-        cuda = conf["device"].startswith("cuda")
-
-        def measured_step() -> float:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            else:
-                suite_step._release_free_memory()
-                suite_step._reset_peak_rss()
-                base = suite_step._status_kb("VmRSS") * 1024
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                peak = suite_step._status_kb("VmHWM") * 1024
-            return max(peak - base, 0) / 2**20
-
-        first = measured_step()
-        step()
-        steady = statistics.median(measured_step() for _ in range(conf["steps"]))
-        queue.put(((first, steady), None))
+        peaks = step_memory(step, conf["device"].startswith("cuda"), 1, conf["steps"])
+        queue.put((peaks, None))
     except Exception as e:  # reported in the record, not fatal for the suite
         queue.put((None, f"{type(e).__name__}: {e}"))
 
 
 def measure_memory(conf: dict) -> tuple[tuple[float, float] | None, str | None]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(conf, queue))
-    proc.start()
-    try:
-        result = queue.get(timeout=1800)
-    finally:
-        proc.join()
-    return result
+    return spawn_measure(_memory_worker, conf)
 
 
 # -- the suite ------------------------------------------------------------------------------------------
-
-
-def _opacus_available() -> bool:
-    return suite_step.opacus_available()
 
 
 def run(args) -> list[dict]:
@@ -688,7 +658,7 @@ def run(args) -> list[dict]:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     mem_methods = set(methods if args.memory_methods is None else [m for m in args.memory_methods.split(",") if m])
-    have_opacus = _opacus_available()
+    have_opacus = opacus_available()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     records: list[dict] = []
     for name in models:
@@ -722,27 +692,9 @@ def run(args) -> list[dict]:
             ref = reference_grads(method, z, radius, batch_radius, loop_ref)
             errs[method] = None if ref is None else max_rel_err(m, ref)
         del loop_ref
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        rounds: list[dict[str, float]] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(args.warmup):
-                for f in steps.values():
-                    f()
-            for _ in range(args.rounds):
-                this_round: dict[str, float] = {}
-                for method, f in steps.items():
-                    f()  # untimed: absorbs what the previous method left behind
-                    ts = []
-                    for _ in range(args.steps_per_round):
-                        sync()
-                        t0 = time.perf_counter()
-                        f()
-                        sync()
-                        ts.append(time.perf_counter() - t0)
-                    times[method] += ts
-                    this_round[method] = statistics.median(ts)
-                rounds.append(this_round)
+        times, rounds = timed_rounds(
+            steps, warmup=args.warmup, rounds=args.rounds, steps_per_round=args.steps_per_round, sync=sync
+        )
         profiles = {k: profile_step(f) for k, f in steps.items()} if args.profile else {}
         del steps, copies
         load_after = os.getloadavg()[0]
@@ -771,10 +723,7 @@ def run(args) -> list[dict]:
                 "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
             }
             if plain and method in med and rounds:
-                paired = sorted(r[method] / r["plain"] for r in rounds)
-                rec["ratio_vs_plain_paired"] = round(statistics.median(paired), 3)
-                q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-                rec["ratio_vs_plain_paired_iqr"] = [round(q[0], 3), round(q[2], 3)]
+                set_paired_ratio(rec, method, rounds)
             if method in notes:
                 rec["note"] = notes[method]
             if method in profiles:
