@@ -2,8 +2,8 @@
 
 Timing: :func:`timed_rounds` lets the methods take turns round by round, so that load from other
 processes hits all of them alike; :func:`set_paired_ratio` turns the rounds into a ratio against
-the plain step paired within each round. Memory: :func:`spawn_measure` runs a worker in a fresh
-(spawned) process, which calls :func:`prepare_memory_process` first and measures with
+the plain step paired within each round. Memory: :func:`measure_memory` builds a step in a fresh
+(spawned) process, after :func:`prepare_memory_process`, and measures it with
 :func:`step_memory`; see ``suite_step.py`` for how the extra memory of one step is measured.
 """
 
@@ -70,6 +70,14 @@ def _fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
         pass
 
 
+def add_autotune_argument(
+    parser: Any,
+    help: str = "robustclip.backends.autotune: time kernel candidates and keep the fastest (on), or "
+    "PyTorch's plain kernels (off, the default)",
+) -> None:
+    parser.add_argument("--autotune", choices=["on", "off"], default="off", help=help)
+
+
 def prepare_memory_process(conf: dict) -> None:
     """The settings every memory process starts with: the fixed mmap threshold, no warnings,
     the parent's thread count and autotune setting."""
@@ -109,12 +117,26 @@ def step_memory(step: Callable[[], None], cuda: bool, warmup: int, steps: int) -
     return first, steady
 
 
-def spawn_measure(worker: Callable[[dict, Any], None], conf: dict) -> Any:
-    """Run ``worker(conf, queue)`` in a fresh (spawned) process and return what it puts on the
-    queue."""
+def _memory_worker(make: Callable[[dict], Callable[[], None]], conf: dict, queue: Any) -> None:
+    try:
+        prepare_memory_process(conf)
+        step = make(conf)
+        peaks = step_memory(step, conf["device"].startswith("cuda"), conf["warmup"], conf["steps"])
+        queue.put((peaks, None))
+    except Exception as e:  # reported in the record, not fatal for the suite
+        queue.put((None, f"{type(e).__name__}: {e}"))
+
+
+def measure_memory(
+    make: Callable[[dict], Callable[[], None]], conf: dict
+) -> tuple[tuple[float, float] | None, str | None]:
+    """The extra memory of one step in a fresh (spawned) process: ``make(conf)`` (a module-level
+    function, so that the new process can import it) builds the step there. ``conf`` names the
+    ``device``, ``threads``, ``autotune``, ``warmup`` and ``steps`` (see :func:`step_memory`).
+    Returns ((first step, steady) MB, None), or (None, the error) where the process failed."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=worker, args=(conf, queue))
+    proc = ctx.Process(target=_memory_worker, args=(make, conf, queue))
     proc.start()
     try:
         result = queue.get(timeout=1800)

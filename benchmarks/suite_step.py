@@ -54,16 +54,9 @@ import statistics
 import warnings
 from collections.abc import Callable
 
+import _common
 import torch
 import torch.nn.functional as F
-from _common import (
-    opacus_available,
-    prepare_memory_process,
-    set_paired_ratio,
-    spawn_measure,
-    step_memory,
-    timed_rounds,
-)
 
 import robustclip as rc
 from robustclip.experiments.models import MLP, CharGPT, SmallCNN, sequence_losses
@@ -99,13 +92,7 @@ def add_arguments(parser) -> None:
         help="'issue': the sizes of the issue; 'gpt2-small': GPT d=768, 12 layers, T=1024 (GPU)",
     )
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
-    parser.add_argument(
-        "--autotune",
-        choices=["on", "off"],
-        default="off",
-        help="robustclip.backends.autotune: time kernel candidates and keep the fastest (on), or "
-        "PyTorch's plain kernels (off, the default)",
-    )
+    _common.add_autotune_argument(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-check", action="store_true", help="skip max_rel_err")
     parser.add_argument(
@@ -304,19 +291,14 @@ def max_rel_err(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 # -- memory (fresh process per method) -----------------------------------------------------------
 
 
-def _memory_worker(conf: dict, queue) -> None:
-    try:
-        prepare_memory_process(conf)
-        model, x, y, losses = build(conf["model"], conf["device"], conf["scale"], conf["batch"])
-        step = make_step(conf["method"], model, x, y, losses, conf["radius"], conf["batch_radius"])
-        peaks = step_memory(step, conf["device"].startswith("cuda"), conf["warmup"], conf["steps"])
-        queue.put((peaks, None))
-    except Exception as e:  # reported in the record, not fatal for the suite
-        queue.put((None, f"{type(e).__name__}: {e}"))
+def _memory_step(conf: dict) -> Callable[[], None]:
+    """The step of ``conf``'s method and model, built in the memory process."""
+    model, x, y, losses = build(conf["model"], conf["device"], conf["scale"], conf["batch"])
+    return make_step(conf["method"], model, x, y, losses, conf["radius"], conf["batch_radius"])
 
 
 def measure_memory(conf: dict) -> tuple[tuple[float, float] | None, str | None]:
-    return spawn_measure(_memory_worker, conf)
+    return _common.measure_memory(_memory_step, conf)
 
 
 # -- the suite ---------------------------------------------------------------------------------------------
@@ -330,7 +312,7 @@ def run(args) -> list[dict]:
     rc.backends.autotune = autotune
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
-    have_opacus = opacus_available()
+    have_opacus = _common.opacus_available()
     records: list[dict] = []
     for name in models:
         base, x, y, losses = build(name, args.device, args.scale, args.batch)
@@ -360,7 +342,7 @@ def run(args) -> list[dict]:
             else:
                 errs[method] = max_rel_err([p.grad for p in m.parameters()], ref)
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-        times, rounds = timed_rounds(
+        times, rounds = _common.timed_rounds(
             steps,
             warmup=args.warmup,
             rounds=args.rounds,
@@ -383,7 +365,7 @@ def run(args) -> list[dict]:
                 "autotune": args.autotune,
             }
             if plain and method in med:
-                set_paired_ratio(rec, method, rounds)
+                _common.set_paired_ratio(rec, method, rounds)
             if method in notes:
                 rec["note"] = notes[method]
             if method in med and not args.no_memory:

@@ -63,17 +63,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import _common
 import suite_step
 import torch
 import torch.nn.functional as F
-from _common import (
-    opacus_available,
-    prepare_memory_process,
-    set_paired_ratio,
-    spawn_measure,
-    step_memory,
-    timed_rounds,
-)
 from torch import Tensor, nn
 
 import robustclip as rc
@@ -133,11 +126,8 @@ def add_arguments(parser) -> None:
         help="'cpu': realistic CPU sizes; 'gpt2-small': GPT-2 d=768, 12 layers, T=1024, B=8 and "
         "ResNet-18 at B=128 (GPU); 'tiny': tiny models (tests)",
     )
-    parser.add_argument(
-        "--autotune",
-        choices=["on", "off"],
-        default="off",
-        help="robustclip.backends.autotune for the timed steps and the memory processes",
+    _common.add_autotune_argument(
+        parser, "robustclip.backends.autotune for the timed steps and the memory processes"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument(
@@ -627,19 +617,14 @@ def profile_step(step: Callable[[], None], top: int = 8) -> dict[str, Any]:
 # -- memory (fresh process per method) ------------------------------------------------------------------
 
 
-def _memory_worker(conf: dict, queue: Any) -> None:
-    try:
-        prepare_memory_process(conf)
-        z = build(conf["model"], conf["scale"], conf["device"])
-        step = make_step(conf["method"], z, z.model, conf["radius"], conf["batch_radius"])
-        peaks = step_memory(step, conf["device"].startswith("cuda"), 1, conf["steps"])
-        queue.put((peaks, None))
-    except Exception as e:  # reported in the record, not fatal for the suite
-        queue.put((None, f"{type(e).__name__}: {e}"))
+def _memory_step(conf: dict) -> Callable[[], None]:
+    """The step of ``conf``'s method and model, built in the memory process."""
+    z = build(conf["model"], conf["scale"], conf["device"])
+    return make_step(conf["method"], z, z.model, conf["radius"], conf["batch_radius"])
 
 
 def measure_memory(conf: dict) -> tuple[tuple[float, float] | None, str | None]:
-    return spawn_measure(_memory_worker, conf)
+    return _common.measure_memory(_memory_step, conf)
 
 
 # -- the suite ------------------------------------------------------------------------------------------
@@ -658,7 +643,7 @@ def run(args) -> list[dict]:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     mem_methods = set(methods if args.memory_methods is None else [m for m in args.memory_methods.split(",") if m])
-    have_opacus = opacus_available()
+    have_opacus = _common.opacus_available()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     records: list[dict] = []
     for name in models:
@@ -692,7 +677,7 @@ def run(args) -> list[dict]:
             ref = reference_grads(method, z, radius, batch_radius, loop_ref)
             errs[method] = None if ref is None else max_rel_err(m, ref)
         del loop_ref
-        times, rounds = timed_rounds(
+        times, rounds = _common.timed_rounds(
             steps, warmup=args.warmup, rounds=args.rounds, steps_per_round=args.steps_per_round, sync=sync
         )
         profiles = {k: profile_step(f) for k, f in steps.items()} if args.profile else {}
@@ -723,7 +708,7 @@ def run(args) -> list[dict]:
                 "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
             }
             if plain and method in med and rounds:
-                set_paired_ratio(rec, method, rounds)
+                _common.set_paired_ratio(rec, method, rounds)
             if method in notes:
                 rec["note"] = notes[method]
             if method in profiles:
@@ -737,6 +722,7 @@ def run(args) -> list[dict]:
                     "threads": torch.get_num_threads(),
                     "radius": radius,
                     "batch_radius": batch_radius,
+                    "warmup": 1,
                     "steps": args.memory_steps,
                     "autotune": autotune,
                 }
