@@ -145,6 +145,17 @@ def measure_memory(
     return result
 
 
+def record_memory(rec: dict, make: Callable[[dict], Callable[[], None]], conf: dict) -> None:
+    """Measure as :func:`measure_memory` does and put ``peak_mb`` (steady), ``first_step_peak_mb``
+    or the process's error (``note``) into ``rec``."""
+    peaks, err = measure_memory(make, conf)
+    if peaks is not None:
+        rec["first_step_peak_mb"] = round(peaks[0], 1)
+        rec["peak_mb"] = round(peaks[1], 1)
+    if err:
+        rec["note"] = f"memory run failed: {err}"
+
+
 # -- timing -------------------------------------------------------------------------------------------
 
 

@@ -297,10 +297,6 @@ def _memory_step(conf: dict) -> Callable[[], None]:
     return make_step(conf["method"], model, x, y, losses, conf["radius"], conf["batch_radius"])
 
 
-def measure_memory(conf: dict) -> tuple[tuple[float, float] | None, str | None]:
-    return _common.measure_memory(_memory_step, conf)
-
-
 # -- the suite ---------------------------------------------------------------------------------------------
 
 
@@ -382,12 +378,7 @@ def run(args) -> list[dict]:
                     "steps": 5,
                     "autotune": autotune,
                 }
-                peaks, err = measure_memory(conf)
-                if peaks is not None:
-                    rec["peak_mb"] = round(peaks[1], 1)
-                    rec["first_step_peak_mb"] = round(peaks[0], 1)
-                if err:
-                    rec["note"] = f"memory run failed: {err}"
+                _common.record_memory(rec, _memory_step, conf)
             records.append(rec)
     return records
 

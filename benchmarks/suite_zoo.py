@@ -623,10 +623,6 @@ def _memory_step(conf: dict) -> Callable[[], None]:
     return make_step(conf["method"], z, z.model, conf["radius"], conf["batch_radius"])
 
 
-def measure_memory(conf: dict) -> tuple[tuple[float, float] | None, str | None]:
-    return _common.measure_memory(_memory_step, conf)
-
-
 # -- the suite ------------------------------------------------------------------------------------------
 
 
@@ -726,12 +722,7 @@ def run(args) -> list[dict]:
                     "steps": args.memory_steps,
                     "autotune": autotune,
                 }
-                peaks, err = measure_memory(conf)
-                if peaks is not None:
-                    rec["first_step_peak_mb"] = round(peaks[0], 1)
-                    rec["peak_mb"] = round(peaks[1], 1)
-                if err:
-                    rec["note"] = f"memory run failed: {err}"
+                _common.record_memory(rec, _memory_step, conf)
             records.append(rec)
         for rec in records[-len(methods):]:
             rec["model_seconds"] = round(time.perf_counter() - t_model, 1)
