@@ -207,6 +207,17 @@ def _transformer_size(name: str, scale: str) -> Size:
     return Size(d=256, layers=4, heads=4, t=128, b=16, vocab=1024)
 
 
+def _causal_lm_zoo(model: nn.Module, s: Size, desc: str) -> Zoo:
+    """A Hugging Face causal LM on random tokens, each sequence its own labels."""
+    ids = _tokens(s.b, s.t, s.vocab)
+    return Zoo(
+        model,
+        {"input_ids": ids, "labels": ids.clone()},
+        lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
+        desc,
+    )
+
+
 def _hf(name: str, s: Size) -> Zoo:
     import transformers as tf
 
@@ -216,26 +227,14 @@ def _hf(name: str, s: Size) -> Zoo:
             vocab_size=s.vocab, n_positions=s.t, n_embd=s.d, n_layer=s.layers, n_head=s.heads,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
         )
-        ids = _tokens(s.b, s.t, s.vocab)
-        return Zoo(
-            tf.GPT2LMHeadModel(gpt2_cfg),
-            {"input_ids": ids, "labels": ids.clone()},
-            lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
-            desc + " (tied head)",
-        )
+        return _causal_lm_zoo(tf.GPT2LMHeadModel(gpt2_cfg), s, desc + " (tied head)")
     if name == "llama":
         llama_cfg = tf.LlamaConfig(
             vocab_size=s.vocab, hidden_size=s.d, intermediate_size=(8 * s.d) // 3, num_hidden_layers=s.layers,
             num_attention_heads=s.heads, num_key_value_heads=max(1, s.heads // 2),
             max_position_embeddings=s.t, tie_word_embeddings=False, attention_dropout=0.0,
         )
-        ids = _tokens(s.b, s.t, s.vocab)
-        return Zoo(
-            tf.LlamaForCausalLM(llama_cfg),
-            {"input_ids": ids, "labels": ids.clone()},
-            lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
-            desc + ", GQA 2:1",
-        )
+        return _causal_lm_zoo(tf.LlamaForCausalLM(llama_cfg), s, desc + ", GQA 2:1")
     if name == "bert":
         bert_cfg = tf.BertConfig(
             vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
@@ -384,9 +383,10 @@ def build(name: str, scale: str, device: str = "cpu") -> Zoo:
     elif name.startswith("step_"):
         inner = name.removeprefix("step_")
         if tiny:
-            return _tiny_step_model(inner, device)
-        model, x, y, losses = suite_step.build(inner, "cpu", "issue", None)
-        z = Zoo(model, {"x": x, "labels": y}, lambda m, b: losses(m(b["x"]), b["labels"]), f"the step suite's, B={x.shape[0]}")
+            z = _tiny_step_model(inner)
+        else:
+            model, x, y, losses = suite_step.build(inner, "cpu", "issue", None)
+            z = Zoo(model, {"x": x, "labels": y}, lambda m, b: losses(m(b["x"]), b["labels"]), f"the step suite's, B={x.shape[0]}")
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     z.model.train()
@@ -395,7 +395,7 @@ def build(name: str, scale: str, device: str = "cpu") -> Zoo:
     return z
 
 
-def _tiny_step_model(inner: str, device: str) -> Zoo:
+def _tiny_step_model(inner: str) -> Zoo:
     from robustclip.experiments.models import SmallCNN
 
     if inner == "mlp":
@@ -411,9 +411,6 @@ def _tiny_step_model(inner: str, device: str) -> Zoo:
         )
     else:
         raise ValueError(f"unknown model 'step_{inner}'")
-    z.model.train()
-    z.model.to(device)
-    z.batch = {k: v.to(device) for k, v in z.batch.items()}
     return z
 
 
