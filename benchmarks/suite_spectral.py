@@ -47,6 +47,7 @@ import statistics
 import time
 from pathlib import Path
 
+import _common
 import torch
 
 import robustclip as rc
@@ -67,13 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per model (overhead)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, few repeats")
-    parser.add_argument(
-        "--autotune",
-        choices=["on", "off"],
-        default="off",
-        help="robustclip.backends.autotune: time kernel candidates and keep the fastest (on), or "
-        "PyTorch's plain kernels (off, the default)",
-    )
+    _common.add_autotune_argument(parser)
 
 
 # -- data -------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ take turns round by round (``--rounds``), so that load from other processes hits
 alike; in its turn a method runs one untimed step (which absorbs the page faults and cold caches
 the previous method leaves behind) and ``--steps-per-round`` timed ones; the record is the
 median of all its timed steps. Memory: each method runs again in a fresh (spawned) process,
-with glibc's mmap threshold fixed at 128 KB (:func:`_fixed_mmap_threshold`: every large block
+with glibc's mmap threshold fixed at 128 KB (:func:`_common._fixed_mmap_threshold`: every large block
 is mapped and unmapped on its own, so the RSS follows the memory in use instead of what the
 heap kept from earlier steps). The extra memory of one step
 is measured like this: the C heap's free pages are returned to the OS (``malloc_trim``), the
@@ -46,18 +46,15 @@ for the others.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import json
 import math
-import multiprocessing as mp
 import os
 import pathlib
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 
+import _common
 import torch
 import torch.nn.functional as F
 
@@ -95,13 +92,7 @@ def add_arguments(parser) -> None:
         help="'issue': the sizes of the issue; 'gpt2-small': GPT d=768, 12 layers, T=1024 (GPU)",
     )
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
-    parser.add_argument(
-        "--autotune",
-        choices=["on", "off"],
-        default="off",
-        help="robustclip.backends.autotune: time kernel candidates and keep the fastest (on), or "
-        "PyTorch's plain kernels (off, the default)",
-    )
+    _common.add_autotune_argument(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-check", action="store_true", help="skip max_rel_err")
     parser.add_argument(
@@ -255,14 +246,6 @@ def make_step(method: str, model, x, y, losses, radius: float, batch_radius: flo
     raise ValueError(f"unknown method {method!r}")
 
 
-def opacus_available() -> bool:
-    try:
-        import opacus  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # -- references ------------------------------------------------------------------------------------------
 
 
@@ -308,98 +291,10 @@ def max_rel_err(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 # -- memory (fresh process per method) -----------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # the mark then dates from this process's start, which is before the baseline
-
-
-def _release_free_memory() -> None:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), so that the next step's
-    allocations show up in the RSS instead of reusing pages the previous steps left resident."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-#: glibc's mallopt parameter for the size above which an allocation gets its own mapping
-_M_MMAP_THRESHOLD = -3
-
-
-def _fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
-    """Give every allocation of ``nbytes`` or more its own mapping, returned to the OS at free.
-
-    glibc's default threshold moves: after a large block is freed, blocks up to its size come
-    from the heap, whose freed pages stay resident. Whether a step's large temporaries then
-    count in the RSS depends on what ran before (plain steps read 2-4 MB on the MLP and 67-109
-    MB on the CNN from one process to the next). Fixed, the RSS follows the memory in use.
-    Measurement processes only: the library sets no allocator options."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):
-        pass
-
-
-def _memory_worker(conf: dict, queue) -> None:
-    try:
-        _fixed_mmap_threshold()
-        warnings.simplefilter("ignore")
-        if conf["threads"]:
-            torch.set_num_threads(conf["threads"])
-        rc.backends.autotune = conf["autotune"]
-        model, x, y, losses = build(conf["model"], conf["device"], conf["scale"], conf["batch"])
-        step = make_step(conf["method"], model, x, y, losses, conf["radius"], conf["batch_radius"])
-        cuda = conf["device"].startswith("cuda")
-
-        def measured_step() -> float:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            else:
-                _release_free_memory()
-                _reset_peak_rss()
-                base = _status_kb("VmRSS") * 1024
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                peak = _status_kb("VmHWM") * 1024
-            return max(peak - base, 0) / 2**20
-
-        first = measured_step()
-        for _ in range(conf["warmup"]):
-            step()
-        steady = statistics.median(measured_step() for _ in range(conf["steps"]))
-        queue.put(((first, steady), None))
-    except Exception as e:  # reported in the record, not fatal for the suite
-        queue.put((None, f"{type(e).__name__}: {e}"))
-
-
-def measure_memory(conf: dict) -> tuple[float | None, str | None]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(conf, queue))
-    proc.start()
-    try:
-        result = queue.get(timeout=1800)
-    finally:
-        proc.join()
-    return result
+def _memory_step(conf: dict) -> Callable[[], None]:
+    """The step of ``conf``'s method and model, built in the memory process."""
+    model, x, y, losses = build(conf["model"], conf["device"], conf["scale"], conf["batch"])
+    return make_step(conf["method"], model, x, y, losses, conf["radius"], conf["batch_radius"])
 
 
 # -- the suite ---------------------------------------------------------------------------------------------
@@ -413,7 +308,7 @@ def run(args) -> list[dict]:
     rc.backends.autotune = autotune
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
-    have_opacus = opacus_available()
+    have_opacus = _common.opacus_available()
     records: list[dict] = []
     for name in models:
         base, x, y, losses = build(name, args.device, args.scale, args.batch)
@@ -442,30 +337,15 @@ def run(args) -> list[dict]:
                 errs[method] = None
             else:
                 errs[method] = max_rel_err([p.grad for p in m.parameters()], ref)
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        # per round: each method's median step, for ratios paired within a round (the load of
-        # other processes drifts over minutes; a round's methods run within a second or so)
-        rounds: list[dict[str, float]] = []
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PerSampleFallbackWarning)
-            for _ in range(args.warmup):
-                for f in steps.values():
-                    f()
-            for _ in range(args.rounds):
-                this_round: dict[str, float] = {}
-                for method, f in steps.items():
-                    f()  # untimed: absorbs what the previous method left (freed memory, caches)
-                    ts = []
-                    for _ in range(args.steps_per_round):
-                        sync()
-                        t0 = time.perf_counter()
-                        f()
-                        sync()
-                        ts.append(time.perf_counter() - t0)
-                    times[method] += ts
-                    this_round[method] = statistics.median(ts)
-                rounds.append(this_round)
+        times, rounds = _common.timed_rounds(
+            steps,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            steps_per_round=args.steps_per_round,
+            sync=sync,
+            ignore=PerSampleFallbackWarning,
+        )
         del steps, models_of
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         plain = med.get("plain")
@@ -481,10 +361,7 @@ def run(args) -> list[dict]:
                 "autotune": args.autotune,
             }
             if plain and method in med:
-                paired = sorted(r[method] / r["plain"] for r in rounds)
-                rec["ratio_vs_plain_paired"] = round(statistics.median(paired), 3)
-                q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-                rec["ratio_vs_plain_paired_iqr"] = [round(q[0], 3), round(q[2], 3)]
+                _common.set_paired_ratio(rec, method, rounds)
             if method in notes:
                 rec["note"] = notes[method]
             if method in med and not args.no_memory:
@@ -501,12 +378,7 @@ def run(args) -> list[dict]:
                     "steps": 5,
                     "autotune": autotune,
                 }
-                peaks, err = measure_memory(conf)
-                if peaks is not None:
-                    rec["peak_mb"] = round(peaks[1], 1)
-                    rec["first_step_peak_mb"] = round(peaks[0], 1)
-                if err:
-                    rec["note"] = f"memory run failed: {err}"
+                _common.record_memory(rec, _memory_step, conf)
             records.append(rec)
     return records
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import math
-import multiprocessing as mp
 import os
 import statistics
 import time
@@ -64,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import _common
 import suite_step
 import torch
 import torch.nn.functional as F
@@ -126,11 +126,8 @@ def add_arguments(parser) -> None:
         help="'cpu': realistic CPU sizes; 'gpt2-small': GPT-2 d=768, 12 layers, T=1024, B=8 and "
         "ResNet-18 at B=128 (GPU); 'tiny': tiny models (tests)",
     )
-    parser.add_argument(
-        "--autotune",
-        choices=["on", "off"],
-        default="off",
-        help="robustclip.backends.autotune for the timed steps and the memory processes",
+    _common.add_autotune_argument(
+        parser, "robustclip.backends.autotune for the timed steps and the memory processes"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument(
@@ -210,6 +207,17 @@ def _transformer_size(name: str, scale: str) -> Size:
     return Size(d=256, layers=4, heads=4, t=128, b=16, vocab=1024)
 
 
+def _causal_lm_zoo(model: nn.Module, s: Size, desc: str) -> Zoo:
+    """A Hugging Face causal LM on random tokens, each sequence its own labels."""
+    ids = _tokens(s.b, s.t, s.vocab)
+    return Zoo(
+        model,
+        {"input_ids": ids, "labels": ids.clone()},
+        lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
+        desc,
+    )
+
+
 def _hf(name: str, s: Size) -> Zoo:
     import transformers as tf
 
@@ -219,26 +227,14 @@ def _hf(name: str, s: Size) -> Zoo:
             vocab_size=s.vocab, n_positions=s.t, n_embd=s.d, n_layer=s.layers, n_head=s.heads,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
         )
-        ids = _tokens(s.b, s.t, s.vocab)
-        return Zoo(
-            tf.GPT2LMHeadModel(gpt2_cfg),
-            {"input_ids": ids, "labels": ids.clone()},
-            lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
-            desc + " (tied head)",
-        )
+        return _causal_lm_zoo(tf.GPT2LMHeadModel(gpt2_cfg), s, desc + " (tied head)")
     if name == "llama":
         llama_cfg = tf.LlamaConfig(
             vocab_size=s.vocab, hidden_size=s.d, intermediate_size=(8 * s.d) // 3, num_hidden_layers=s.layers,
             num_attention_heads=s.heads, num_key_value_heads=max(1, s.heads // 2),
             max_position_embeddings=s.t, tie_word_embeddings=False, attention_dropout=0.0,
         )
-        ids = _tokens(s.b, s.t, s.vocab)
-        return Zoo(
-            tf.LlamaForCausalLM(llama_cfg),
-            {"input_ids": ids, "labels": ids.clone()},
-            lambda m, b: _causal_lm(m(input_ids=b["input_ids"]).logits, b["labels"]),
-            desc + ", GQA 2:1",
-        )
+        return _causal_lm_zoo(tf.LlamaForCausalLM(llama_cfg), s, desc + ", GQA 2:1")
     if name == "bert":
         bert_cfg = tf.BertConfig(
             vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
@@ -387,9 +383,10 @@ def build(name: str, scale: str, device: str = "cpu") -> Zoo:
     elif name.startswith("step_"):
         inner = name.removeprefix("step_")
         if tiny:
-            return _tiny_step_model(inner, device)
-        model, x, y, losses = suite_step.build(inner, "cpu", "issue", None)
-        z = Zoo(model, {"x": x, "labels": y}, lambda m, b: losses(m(b["x"]), b["labels"]), f"the step suite's, B={x.shape[0]}")
+            z = _tiny_step_model(inner)
+        else:
+            model, x, y, losses = suite_step.build(inner, "cpu", "issue", None)
+            z = Zoo(model, {"x": x, "labels": y}, lambda m, b: losses(m(b["x"]), b["labels"]), f"the step suite's, B={x.shape[0]}")
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     z.model.train()
@@ -398,7 +395,7 @@ def build(name: str, scale: str, device: str = "cpu") -> Zoo:
     return z
 
 
-def _tiny_step_model(inner: str, device: str) -> Zoo:
+def _tiny_step_model(inner: str) -> Zoo:
     from robustclip.experiments.models import SmallCNN
 
     if inner == "mlp":
@@ -414,9 +411,6 @@ def _tiny_step_model(inner: str, device: str) -> Zoo:
         )
     else:
         raise ValueError(f"unknown model 'step_{inner}'")
-    z.model.train()
-    z.model.to(device)
-    z.batch = {k: v.to(device) for k, v in z.batch.items()}
     return z
 
 
@@ -620,59 +614,13 @@ def profile_step(step: Callable[[], None], top: int = 8) -> dict[str, Any]:
 # -- memory (fresh process per method) ------------------------------------------------------------------
 
 
-def _memory_worker(conf: dict, queue: Any) -> None:
-    try:
-        suite_step._fixed_mmap_threshold()
-        warnings.simplefilter("ignore")
-        if conf["threads"]:
-            torch.set_num_threads(conf["threads"])
-        rc.backends.autotune = conf["autotune"]
-        z = build(conf["model"], conf["scale"], conf["device"])
-        step = make_step(conf["method"], z, z.model, conf["radius"], conf["batch_radius"])
-        cuda = conf["device"].startswith("cuda")
-
-        def measured_step() -> float:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            else:
-                suite_step._release_free_memory()
-                suite_step._reset_peak_rss()
-                base = suite_step._status_kb("VmRSS") * 1024
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
-            else:
-                peak = suite_step._status_kb("VmHWM") * 1024
-            return max(peak - base, 0) / 2**20
-
-        first = measured_step()
-        step()
-        steady = statistics.median(measured_step() for _ in range(conf["steps"]))
-        queue.put(((first, steady), None))
-    except Exception as e:  # reported in the record, not fatal for the suite
-        queue.put((None, f"{type(e).__name__}: {e}"))
-
-
-def measure_memory(conf: dict) -> tuple[tuple[float, float] | None, str | None]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(conf, queue))
-    proc.start()
-    try:
-        result = queue.get(timeout=1800)
-    finally:
-        proc.join()
-    return result
+def _memory_step(conf: dict) -> Callable[[], None]:
+    """The step of ``conf``'s method and model, built in the memory process."""
+    z = build(conf["model"], conf["scale"], conf["device"])
+    return make_step(conf["method"], z, z.model, conf["radius"], conf["batch_radius"])
 
 
 # -- the suite ------------------------------------------------------------------------------------------
-
-
-def _opacus_available() -> bool:
-    return suite_step.opacus_available()
 
 
 def run(args) -> list[dict]:
@@ -688,7 +636,7 @@ def run(args) -> list[dict]:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     mem_methods = set(methods if args.memory_methods is None else [m for m in args.memory_methods.split(",") if m])
-    have_opacus = _opacus_available()
+    have_opacus = _common.opacus_available()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     records: list[dict] = []
     for name in models:
@@ -722,27 +670,9 @@ def run(args) -> list[dict]:
             ref = reference_grads(method, z, radius, batch_radius, loop_ref)
             errs[method] = None if ref is None else max_rel_err(m, ref)
         del loop_ref
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        rounds: list[dict[str, float]] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(args.warmup):
-                for f in steps.values():
-                    f()
-            for _ in range(args.rounds):
-                this_round: dict[str, float] = {}
-                for method, f in steps.items():
-                    f()  # untimed: absorbs what the previous method left behind
-                    ts = []
-                    for _ in range(args.steps_per_round):
-                        sync()
-                        t0 = time.perf_counter()
-                        f()
-                        sync()
-                        ts.append(time.perf_counter() - t0)
-                    times[method] += ts
-                    this_round[method] = statistics.median(ts)
-                rounds.append(this_round)
+        times, rounds = _common.timed_rounds(
+            steps, warmup=args.warmup, rounds=args.rounds, steps_per_round=args.steps_per_round, sync=sync
+        )
         profiles = {k: profile_step(f) for k, f in steps.items()} if args.profile else {}
         del steps, copies
         load_after = os.getloadavg()[0]
@@ -771,10 +701,7 @@ def run(args) -> list[dict]:
                 "load_avg_1min": [round(load_before, 2), round(load_after, 2)],
             }
             if plain and method in med and rounds:
-                paired = sorted(r[method] / r["plain"] for r in rounds)
-                rec["ratio_vs_plain_paired"] = round(statistics.median(paired), 3)
-                q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-                rec["ratio_vs_plain_paired_iqr"] = [round(q[0], 3), round(q[2], 3)]
+                _common.set_paired_ratio(rec, method, rounds)
             if method in notes:
                 rec["note"] = notes[method]
             if method in profiles:
@@ -788,15 +715,11 @@ def run(args) -> list[dict]:
                     "threads": torch.get_num_threads(),
                     "radius": radius,
                     "batch_radius": batch_radius,
+                    "warmup": 1,
                     "steps": args.memory_steps,
                     "autotune": autotune,
                 }
-                peaks, err = measure_memory(conf)
-                if peaks is not None:
-                    rec["first_step_peak_mb"] = round(peaks[0], 1)
-                    rec["peak_mb"] = round(peaks[1], 1)
-                if err:
-                    rec["note"] = f"memory run failed: {err}"
+                _common.record_memory(rec, _memory_step, conf)
             records.append(rec)
         for rec in records[-len(methods):]:
             rec["model_seconds"] = round(time.perf_counter() - t_model, 1)

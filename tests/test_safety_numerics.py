@@ -7,6 +7,8 @@ on the host, and per-sample gradients from autograd one sample at a time."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -442,18 +444,22 @@ def _check_within(norm: float, ref_norm: float, c: float, dtype: torch.dtype, co
         assert norm >= min(ref_norm, c) * (1 - LOW_TOL[dtype]) - 1e-300, (norm, ref_norm, c)
 
 
+def _fuzz(**magnitudes: st.SearchStrategy[Any]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """100 hypothesis examples of a fuzzed dtype, a radius exponent, a seed and ``magnitudes``."""
+
+    def wrap(test: Callable[..., None]) -> Callable[..., None]:
+        cases = given(dtype=st.sampled_from(FUZZ_DTYPES), radius=exponents, seed=st.integers(0, 2**16), **magnitudes)
+        return settings(max_examples=100, deadline=None)(cases(test))
+
+    return wrap
+
+
 def _normal(dtype: torch.dtype, *values: float) -> bool:
     tiny = float(torch.finfo(dtype).tiny)
     return all(v >= tiny * 2**30 for v in values)
 
 
-@settings(max_examples=100, deadline=None)
-@given(
-    dtype=st.sampled_from(FUZZ_DTYPES),
-    mags=st.lists(exponents, min_size=1, max_size=4),
-    radius=exponents,
-    seed=st.integers(0, 2**16),
-)
+@_fuzz(mags=st.lists(exponents, min_size=1, max_size=4))
 def test_fuzz_per_sample_clip_contributions(dtype, mags, radius, seed):
     """Each sample owns one row of the weight, so row i of the summed gradient is exactly
     sample i's contribution ``w_i g_i`` as the estimator and the loop engine computed it."""
@@ -481,13 +487,7 @@ def test_fuzz_per_sample_clip_contributions(dtype, mags, radius, seed):
     assert bool(torch.isfinite(contrib.per_sample_norms).all())
 
 
-@settings(max_examples=100, deadline=None)
-@given(
-    dtype=st.sampled_from(FUZZ_DTYPES),
-    mags=st.lists(exponents, min_size=1, max_size=3),
-    radius=exponents,
-    seed=st.integers(0, 2**16),
-)
+@_fuzz(mags=st.lists(exponents, min_size=1, max_size=3))
 def test_fuzz_micro_batch_clip_contributions(dtype, mags, radius, seed):
     gen = torch.Generator().manual_seed(seed)
     model = nn.Linear(4, 1, bias=False).to(dtype)
@@ -510,13 +510,7 @@ def test_fuzz_micro_batch_clip_contributions(dtype, mags, radius, seed):
         assert bool(torch.isfinite(contrib.micro_batch_norm).all())
 
 
-@settings(max_examples=100, deadline=None)
-@given(
-    dtype=st.sampled_from(FUZZ_DTYPES),
-    mag=exponents,
-    radius=exponents,
-    seed=st.integers(0, 2**16),
-)
+@_fuzz(mag=exponents)
 def test_fuzz_clip_by_global_norm(dtype, mag, radius, seed):
     gen = torch.Generator().manual_seed(seed)
     gs = [(torch.randn(s, generator=gen, dtype=torch.float64) * 10.0**mag).to(dtype) for s in ((7, 5), (5,), (300,))]
