@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from robustclip.per_sample import ENGINES, ParamLayout
+from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
 from robustclip.per_sample._engine import auto_engine, unwrap_model
 
 __all__ = [
@@ -129,6 +129,25 @@ class ProbeGradients:
         return math.sqrt(sum(float(g.double().pow(2).sum()) for g in self.mean_grad))
 
 
+
+def _unit_weight_engine(
+    model: nn.Module, engine: str
+) -> tuple[nn.Module, list[Tensor], PerSampleEngine, torch.device, list[Tensor], list[Tensor | None]]:
+    """The per-sample engine a probe runs with unit weights: the unwrapped model, its trainable
+    parameters, the engine, the device, and zero buffers for the summed gradient (also as the
+    ``list[Tensor | None]`` that ``accumulate`` takes: it fills only None entries and adds into
+    the rest, so the buffers stay tensors)."""
+    if engine == "auto":
+        engine = auto_engine(ENGINES)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {['auto', *sorted(ENGINES)]}.")
+    base = unwrap_model(model)
+    _, params = _trainable(base, None)
+    layout = ParamLayout.build(base, params)
+    eng = ENGINES[engine](base, layout)
+    out = [torch.zeros_like(p) for p in params]
+    return base, params, eng, _device_of(base), out, cast(list[Tensor | None], out)
+
 def probe_gradients(
     model: nn.Module,
     loss_fn: LossFn,
@@ -152,18 +171,7 @@ def probe_gradients(
         chunk_size: samples per forward pass.
     """
     _check_probe(model, loss_fn, inputs, targets)
-    if engine == "auto":
-        engine = auto_engine(ENGINES)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {['auto', *sorted(ENGINES)]}.")
-    base = unwrap_model(model)
-    _, params = _trainable(base, None)
-    layout = ParamLayout.build(base, params)
-    eng = ENGINES[engine](base, layout)
-    dev = _device_of(base)
-    out = [torch.zeros_like(p) for p in params]
-    # accumulate() fills only None entries and adds into the rest, so ``out`` stays all tensors
-    out_slots = cast(list[Tensor | None], out)
+    base, params, eng, dev, out, out_slots = _unit_weight_engine(model, engine)
     norms: list[Tensor] = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     n = inputs.shape[0]
@@ -206,18 +214,7 @@ def stream_gradients(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    if engine == "auto":
-        engine = auto_engine(ENGINES)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {['auto', *sorted(ENGINES)]}.")
-    base = unwrap_model(model)
-    _, params = _trainable(base, None)
-    layout = ParamLayout.build(base, params)
-    eng = ENGINES[engine](base, layout)
-    dev = _device_of(base)
-    out = [torch.zeros_like(p) for p in params]
-    # accumulate() fills only None entries and adds into the rest, so ``out`` stays all tensors
-    out_slots = cast(list[Tensor | None], out)
+    base, params, eng, dev, out, out_slots = _unit_weight_engine(model, engine)
     norms: list[Tensor] = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     n = 0
