@@ -270,10 +270,10 @@ def _check_recompute(got: Tensor, ref: Tensor) -> None:
     ref = ref.float()
     # a sample whose batch output is not finite is dropped (Clipper(nonfinite="drop_sample"))
     # or makes the step skip: only the finite samples are compared
-    finite = torch.isfinite(ref).flatten(1).all(1) if ref.dim() else torch.isfinite(ref).reshape(1)
     if ref.dim():
+        finite = torch.isfinite(ref).reshape(ref.shape[0], -1).all(1)
         got, ref = got[finite], ref[finite]
-    elif not bool(finite):
+    elif not torch.isfinite(ref):
         return
     scale = ref.abs().amax().clamp(min=1.0) if ref.numel() else torch.ones(())
     if not torch.allclose(got, ref, rtol=0, atol=float(tol * scale)):
