@@ -424,17 +424,19 @@ def test_drop_sample_equals_the_batch_without_the_nan_sample_vmap_engine():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_a_nan_input_is_dropped_by_the_vmap_engine():
-    """vmap recomputes each sample alone, so a NaN input stays in its sample: the step trains
-    on the others, and the check that the recomputation reproduces the batch's output ignores
-    the non-finite sample instead of blaming sample interaction."""
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
+def test_a_nan_input_is_dropped_by_the_hook_and_vmap_engines(engine):
+    """The hook engine's per-sample factors and vmap's per-sample recomputation keep a NaN
+    input in its own sample (unlike the loop engine's backward through the batch): the step
+    trains on the others. vmap's check that the recomputation reproduces the batch's output
+    ignores the non-finite sample instead of blaming sample interaction."""
     model, xs, ys = model_and_data()
     ref_model = copy.deepcopy(model)
     keep = [0, 1, 3, 4, 5, 6, 7]
     info, got = train_step(
-        rc.per_sample_clip(0.3, engine="vmap"), model, poisoned(xs[0], [2]), ys[0], nonfinite="drop_sample"
+        rc.per_sample_clip(0.3, engine=engine), model, poisoned(xs[0], [2]), ys[0], nonfinite="drop_sample"
     )
-    _, ref = train_step(rc.per_sample_clip(0.3, engine="vmap"), ref_model, xs[0][keep], ys[0][keep])
+    _, ref = train_step(rc.per_sample_clip(0.3, engine=engine), ref_model, xs[0][keep], ys[0][keep])
     assert not info.skipped and float(info.dropped) == 1
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
