@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample._hooks.capture import Call, Unit
 from robustclip.per_sample._hooks.verify import ReplayError, Verifier, check_replay_output
-from robustclip.per_sample.rules._terms import DenseTerm, Term
+from robustclip.per_sample.rules._terms import DenseTerm, Term, zero_dropped
 
 #: a block whose forward passes the engine does not record
 Muted = Callable[[], AbstractContextManager[None]]
@@ -196,7 +196,8 @@ class Replay:
     def weighted(self, idx: int) -> Tensor:
         if self.stored is not None:
             g = self.stored[self.pos[idx]]
-            return torch.tensordot(self.weights[idx].to(g.dtype), g, dims=1)
+            w = self.weights[idx]
+            return torch.tensordot(w.to(g.dtype), zero_dropped(g, w), dims=1)
         if self._weighted is None:
             # second replay, every parameter that wants a sum at once (all were told their
             # weights first; a parameter whose gradients the engine kept wants none)
@@ -206,7 +207,8 @@ class Replay:
                 sl = slice(s, min(s + self.chunk, self.batch))
                 gs = self._chunk(sl)
                 for j in want:
-                    acc[j] += torch.tensordot(self.weights[self.idxs[j]][sl].to(gs[j].dtype), gs[j], dims=1)
+                    w = self.weights[self.idxs[j]][sl]
+                    acc[j] += torch.tensordot(w.to(gs[j].dtype), zero_dropped(gs[j], w), dims=1)
             self._weighted = {self.idxs[j]: a for j, a in acc.items()}
         return self._weighted[idx]
 

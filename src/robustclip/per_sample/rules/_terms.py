@@ -98,14 +98,31 @@ class DenseTerm(Term):
         return self.g[sl]
 
     def weighted(self, w: Tensor) -> Tensor:
-        return torch.tensordot(w.to(self.g.dtype), self.g, dims=1)
+        return torch.tensordot(w.to(self.g.dtype), zero_dropped(self.g, w), dims=1)
 
     def add_weighted_(self, out: Tensor, w: Tensor) -> None:
         add_weighted_rows_(out, self.g, w)
 
 
+def zero_dropped(x: Tensor, w: Tensor) -> Tensor:
+    """``x`` with the rows of the samples of weight 0 set to exactly 0.
+
+    A dropped sample (``Clipper(nonfinite="drop_sample")``) has weight 0 and may hold NaN or inf
+    in any factor of its gradient; ``0 * NaN`` is NaN, and a matmul over the batch would spread
+    it to the whole sum. Every factor that enters a weighted sum goes through this (one
+    elementwise pass, no host read)."""
+    return torch.where((w == 0).view(-1, *(1,) * (x.dim() - 1)), 0, x)
+
+
+def scale_rows(x: Tensor, w: Tensor) -> Tensor:
+    """``w_i x[i]``, exactly 0 where ``w_i == 0`` even if ``x[i]`` is not finite."""
+    wv = w.to(x.dtype).view(-1, *(1,) * (x.dim() - 1))
+    return torch.where(wv == 0, 0, x * wv)
+
+
 def add_weighted_rows_(out: Tensor, g: Tensor, w: Tensor) -> None:
-    """``out += sum_i w_i g[i]`` in one matrix-vector product, without a temporary."""
+    """``out += sum_i w_i g[i]`` in one matrix-vector product; rows of weight 0 add exactly 0."""
+    g = zero_dropped(g, w)
     if g.dtype == out.dtype and out.is_contiguous():
         out.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), w.to(g.dtype))
     else:
@@ -184,7 +201,7 @@ class OuterTerm(Term):
         u, v = self.u_chunk(slice(None)), self.v_chunk(slice(None))
         dt = self.dtype
         if self.index:
-            vw = v.to(dt) * w.to(dt).view(b, 1, 1, 1)
+            vw = scale_rows(v.to(dt), w.to(dt))
             offs = (torch.arange(k, device=u.device) * self.n_u).view(1, k, 1)
             out = vw.new_zeros((k * self.n_u, vw.shape[-1]))
             out.index_add_(0, (u + offs).reshape(-1), vw.reshape(-1, vw.shape[-1]))
@@ -198,12 +215,13 @@ class OuterTerm(Term):
         return out.reshape(self.shape)
 
     def _scaled(self, u: Tensor, v: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        # scale whichever factor is smaller: one elementwise pass, then ONE matmul over B*T
-        dt, b = self.dtype, self.batch
+        # scale whichever factor is smaller, then ONE matmul over B*T; a dropped sample's rows
+        # are zeroed in both factors (its NaN in either would reach the sum as 0 * NaN)
+        dt = self.dtype
         u, v = u.to(dt), v.to(dt)
         if u.shape[-1] <= v.shape[-1]:
-            return u * w.to(dt).view(b, 1, 1, 1), v
-        return u, v * w.to(dt).view(b, 1, 1, 1)
+            return scale_rows(u, w.to(dt)), zero_dropped(v, w)
+        return zero_dropped(u, w), scale_rows(v, w.to(dt))
 
     def add_weighted_(self, out: Tensor, w: Tensor) -> None:
         if self.index or self.K != 1 or out.dtype != self.dtype or not out.is_contiguous():

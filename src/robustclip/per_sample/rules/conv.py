@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from robustclip._kernels import choose, chosen
 from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
+from robustclip.per_sample.rules._terms import scale_rows, zero_dropped
 from robustclip.per_sample.rules._util import sum_positions
 
 #: elements of unfolded patches per im2col chunk: small enough to stay in cache between the
@@ -216,13 +217,13 @@ class ConvTerm(OuterTerm):
 
     def weighted(self, w: Tensor) -> Tensor:
         # sum_i G_i * x_i weighted by w_i: scale whichever of G and x is smaller
-        shape = (-1,) + (1,) * (self.nd + 1)
-        w = w.to(self.dtype).view(shape)
+        # (a dropped sample's rows are zeroed in both: 0 * NaN is NaN)
+        w = w.to(self.dtype)
         g, x = self.g, self.x
         if g.numel() <= x.numel():
-            g = g * w
+            g, x = scale_rows(g, w), zero_dropped(x, w)
         else:
-            x = x.to(self.dtype) * w
+            g, x = zero_dropped(g, w), scale_rows(x.to(self.dtype), w)
         return self._weight_grad(g, x, self.module.out_channels, self.module.groups)
 
     def add_weighted_(self, out: Tensor, w: Tensor) -> None:
