@@ -9,6 +9,7 @@ ARCHITECTURE.md for the flow.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from robustclip import _distributed, _kernels
+from robustclip import _distributed, _fsdp, _kernels
 from robustclip._batchnorm import check_no_training_batchnorm
 from robustclip._math import global_norm
 from robustclip._method import Method, as_method
@@ -132,6 +133,7 @@ class Clipper:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         if not params:
             raise ValueError("the optimizer has no parameters that require grad.")
+        self._fsdp = _fsdp.detect(model, params, self.method)  # FSDP2-sharded model, else None
         self.layout = ParamLayout.build(unwrap_model(model), params)
         sparse = [
             n for n, m in unwrap_model(model).named_modules()
@@ -146,13 +148,20 @@ class Clipper:
         self.layout.direct_backward = self._group is None and not isinstance(
             model, nn.parallel.DistributedDataParallel
         )
+        if self._fsdp is not None:  # FSDP2: autograd sees the unsharded leaves (_fsdp.py)
+            self.layout = self._fsdp.graph_layout(self.layout)
+        elif self._group is not None:  # adaptive radii observe every process's norms
+            self.layout.gather_norms = functools.partial(_distributed.all_gather_padded, group=self._group)
         self.device = params[0].device
         est = self.method.estimator
         if est.per_sample:
             check_no_training_batchnorm(unwrap_model(model), repr(est))
         # BatchNorms allowed now (eval mode) must still be in eval mode at each backward()
         self._batchnorms = [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm)]
-        self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
+        with self._fsdp.view() if self._fsdp is not None else contextlib.nullcontext():
+            self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
+        if self._fsdp is not None:
+            self._fsdp.check_engine(self.engine)
         if self.engine is not None:
             self.engine.attach()
         self._est_state = est.init(self.layout, self.device)
@@ -174,6 +183,8 @@ class Clipper:
         """Remove the hooks the per-sample engine installed on the model."""
         if self.engine is not None:
             self.engine.detach()
+        if self._fsdp is not None:
+            self._fsdp.close()
 
     @property
     def params(self) -> list[Tensor]:
@@ -205,20 +216,25 @@ class Clipper:
         if not self._checked_unused:
             self._check_unused(losses)
         first = self._count == 0
-        if first:
-            # a new step: the previous gradients go, as with zero_grad(set_to_none=True), before
-            # this step's are computed (not beside them)
-            for p in self.params:
-                p.grad = None
-        # None where a parameter has no gradient yet this step: the estimator puts a new tensor
-        # there, written once instead of added to a zero-filled buffer
-        out: list[Tensor | None] = [None] * len(self.params) if first else [p.grad for p in self.params]
-        if not est.writes_new_grads:
-            fill_missing(out, self.params)
-        contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)
-        if first:  # zeros for a parameter nothing reached
-            for p, o in zip(self.params, fill_missing(out, self.params)):
-                p.grad = o
+        if self._fsdp is not None:  # FSDP2: the sums go into the shards (_fsdp.py)
+            contrib, self._est_state = self._fsdp.contribute(
+                est, losses, self._est_state, self.layout, self.engine, first
+            )
+        else:
+            if first:
+                # a new step: the previous gradients go, as with zero_grad(set_to_none=True),
+                # before this step's are computed (not beside them)
+                for p in self.params:
+                    p.grad = None
+            # None where a parameter has no gradient yet this step: the estimator puts a new
+            # tensor there, written once instead of added to a zero-filled buffer
+            out: list[Tensor | None] = [None] * len(self.params) if first else [p.grad for p in self.params]
+            if not est.writes_new_grads:
+                fill_missing(out, self.params)
+            contrib, self._est_state = est.contribute(losses, self._est_state, self.layout, self.engine, out)
+            if first:  # zeros for a parameter nothing reached
+                for p, o in zip(self.params, fill_missing(out, self.params)):
+                    p.grad = o
         self._count += contrib.count
         # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
         # later in-place change of the caller's loss tensor cannot change the step's loss
@@ -290,7 +306,14 @@ class Clipper:
             raise RuntimeError("step() was called before any backward(losses) in this step.")
         grads = [p.grad for p in self.params]
         reports = bool(self._sample_norms or self._micro_norms)
-        if self._group is not None:
+        grad_norm: Tensor | None = None
+        if self._fsdp is not None:  # FSDP2: the local shards, and one all-reduce (_fsdp.py)
+            grads, count, loss, clipped_sum, grad_norm = self._fsdp.reduce(  # type: ignore[assignment]
+                self._count, self._sum_losses(), self._sum_clipped()
+            )
+            clipped_fraction = (clipped_sum / count).float() if reports else None
+            num = int(round(float(count)))
+        elif self._group is not None:
             count = self._count_tensor()
             # the scalars travel in float64: a count or loss sum in the gradients' dtype
             # (fp16, bf16) would round or overflow
@@ -315,8 +338,9 @@ class Clipper:
         # timed fastest, or BLAS rounding by memory alignment, they could round differently and
         # the replicas drift apart.
         fixed = _kernels.plain_kernels if self._group is not None else contextlib.nullcontext
-        with fixed():
-            grad_norm = global_norm(grads)  # type: ignore[arg-type]
+        if grad_norm is None:
+            with fixed():
+                grad_norm = global_norm(grads)  # type: ignore[arg-type]
         info = StepInfo(
             step=self.steps,
             skipped=False,
@@ -344,8 +368,12 @@ class Clipper:
             if self.method.transform.transforms:
                 num_t = self._count_tensor() if count is None else count
                 ctx = StepContext(self.params, self.layout.names, loss, num_t, self.layout.modules)
-                with fixed():
-                    _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)
+                if self._fsdp is not None:  # norms over the shards, spectral via owner ranks
+                    ctx = self._fsdp.context(ctx, grad_norm)
+                    _, self._tr_state = self._fsdp.transform(self.method.transform, grads, self._tr_state, ctx)  # type: ignore[arg-type]
+                else:
+                    with fixed():
+                        _, self._tr_state = self.method.transform.update(grads, self._tr_state, ctx)  # type: ignore[arg-type]
             self.optimizer.step()
             info.transforms = self.method.transform.readings(self._tr_state)
         self.steps += 1

@@ -56,7 +56,7 @@ class ClipByGlobalNorm(GradientTransform[ClipByGlobalNormState]):
     def update(
         self, grads: Grads, state: ClipByGlobalNormState, ctx: StepContext
     ) -> tuple[Grads, ClipByGlobalNormState]:
-        norm = global_norm(grads)
+        norm = ctx.global_norm(grads)  # over every shard under FSDP2
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
@@ -95,7 +95,7 @@ class ClipByTensorNorm(GradientTransform[ClipByTensorNormState]):
     def update(
         self, grads: Grads, state: ClipByTensorNormState, ctx: StepContext
     ) -> tuple[Grads, ClipByTensorNormState]:
-        norms = torch._foreach_norm(grads, 2.0)
+        norms = ctx.tensor_norms(grads)  # over every shard under FSDP2
         radii = [self.threshold.value(s) for s in state.thresholds]
         coefs = [clip_coefficient(n.to(torch.promote_types(n.dtype, torch.float32)), r) for n, r in zip(norms, radii)]
         torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs, grads)])
@@ -130,7 +130,7 @@ class Normalize(GradientTransform[NormalizeState]):
         return NormalizeState(torch.zeros((), device=dev))
 
     def update(self, grads: Grads, state: NormalizeState, ctx: StepContext) -> tuple[Grads, NormalizeState]:
-        norm = global_norm(grads)
+        norm = ctx.global_norm(grads)  # over every shard under FSDP2
         # where(), not a host-side test: safe at g = 0 without a sync.
         inv = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
         torch._foreach_mul_(grads, inv.to(grads[0].dtype))

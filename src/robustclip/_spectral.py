@@ -137,14 +137,18 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         self._plans: dict[Any, _Plan] = {}
 
     # -- selection ---------------------------------------------------------------------------------
-    def _auto_head(self, params: Sequence[Tensor], modules: Sequence[nn.Module | None]) -> int | None:
+    def _auto_head(
+        self, params: Sequence[Tensor], names: Sequence[str], modules: Sequence[nn.Module | None]
+    ) -> int | None:
         # The output head is the Linear that owns the last parameter (models register their
         # head last). A head tied to the embedding is owned by the embedding, so nothing
         # is taken for a head then, which is right: the embedding rule already skips it.
+        # Also by name: under FSDP2 the module holds a shard, not the parameter given.
         if modules and isinstance(modules[-1], nn.Linear):
             head_mod = modules[-1]
-            for i, (p, m) in enumerate(zip(params, modules)):
-                if m is head_mod and p is head_mod.weight:
+            head = names[-1].rsplit(".", 1)[0] + ".weight" if "." in names[-1] else "weight"
+            for i, (p, n, m) in enumerate(zip(params, names, modules)):
+                if m is head_mod and (p is head_mod.weight or n == head):
                     return i
         return None
 
@@ -166,7 +170,7 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         else:
             head_idx: set[int] = set()
             if self.head == "auto":
-                h = self._auto_head(params, mods)
+                h = self._auto_head(params, names, mods)
                 head_idx = set() if h is None else {h}
             elif self.head is not None:
                 patterns = self.head if isinstance(self.head, tuple) else (self.head,)

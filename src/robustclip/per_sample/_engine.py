@@ -52,6 +52,12 @@ class ParamLayout:
     #: set by the Clipper: autograd may accumulate into ``p.grad`` itself (single process; under
     #: DDP a ``backward()`` would fire the reducer's all-reduce on unclipped gradients)
     direct_backward: bool = False
+    #: set by the Clipper under FSDP2: ``params`` are the unsharded leaves of the autograd graph,
+    #: whose storage FSDP2 frees outside forward and backward (nothing may replay the model)
+    sharded: bool = False
+    #: set by the Clipper when several processes train: joins the processes' observed norms
+    #: (last dimension) so that adaptive radii stay identical on every process
+    gather_norms: Callable[[Tensor], Tensor] | None = None
 
     def group_index(self, device: torch.device) -> Tensor:
         """``group_of`` as a tensor on ``device``, made once: building a device tensor from
