@@ -186,7 +186,10 @@ def _checkpoint_case(rank: int, tmp: str) -> dict[str, Any]:
 
 def _adaptive_case(rank: int) -> dict[str, Any]:
     """Adaptive per-sample and micro-batch radii observe every rank's norms: the same state on
-    every rank."""
+    every rank, under FSDP2 and DDP. ``*_local`` runs each rank's radii on its own norms only
+    (the gathering switched off), which must differ: the check is not vacuous."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     out = {}
     for name, make in {
         "ps_ema": lambda: rc.per_sample_clip(EMA(0.9)),
@@ -194,14 +197,22 @@ def _adaptive_case(rank: int) -> dict[str, Any]:
         "mb_ema": lambda: rc.micro_batch_clip(EMA(0.9)),
         "spectral_ema": lambda: rc.chain(rc.mean(), rc.spectral_clip(EMA(0.9), rank=None)),
     }.items():
-        model = shard(model_of("gpt"), "gpt")
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        with rc.Clipper(model, opt, make()) as clipper:
-            for s in range(3):
-                for x, y in batches("gpt", s, rank):
-                    clipper.backward(loss_fn("gpt", model(x), y))
-                clipper.step()
-            out[name] = clipper.state_dict()
+        for wrap in ("fsdp", "ddp", "ddp_local"):
+            if wrap == "fsdp":
+                model: nn.Module = shard(model_of("gpt"), "gpt")
+            elif name == "spectral_ema":
+                continue
+            else:
+                model = DDP(model_of("gpt"))
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            with rc.Clipper(model, opt, make()) as clipper:
+                if wrap == "ddp_local":
+                    clipper.layout.gather_norms = None
+                for s in range(3):
+                    for x, y in batches("gpt", s, rank):
+                        clipper.backward(loss_fn("gpt", model(x), y))
+                    clipper.step()
+                out[f"{wrap}/{name}"] = clipper.state_dict()
     return out
 
 

@@ -73,12 +73,20 @@ def test_accumulation_hsdp_nan_checkpoint_thresholds(tmp_path, refs):
         assert _rel(mine[f"nan/mlp/{name}"], ref) < RTOL
     assert mine["checkpoint"]["resumed_equal"]
     for name, state in mine["adaptive"].items():
-        other = got[1]["adaptive"][name]
-        flat0, _ = torch.utils._pytree.tree_flatten(state)
-        flat1, _ = torch.utils._pytree.tree_flatten(other)
-        assert len(flat0) == len(flat1)
-        for a, b in zip(flat0, flat1):
-            if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)), name
-            else:
-                assert a == b, name
+        same = _same_state(state, got[1]["adaptive"][name])
+        # gathered norms: identical radii on every rank; each rank's own norms: they differ
+        assert same == (not name.startswith("ddp_local")), name
+
+
+def _same_state(a, b) -> bool:
+    flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(flat_a, flat_b):
+        if isinstance(x, torch.Tensor):
+            if not torch.equal(x.nan_to_num(123.0), y.nan_to_num(123.0)):
+                return False
+        elif x != y:
+            return False
+    return True

@@ -285,7 +285,7 @@ class Sharding:
                 widths.append(cols[-1].shape[1])
             flat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0].contiguous()
             mine = flat.new_empty(flat.shape[1])
-            dist.reduce_scatter_tensor(mine, flat.reshape(-1), group=self.shard_group)
+            _reduce_scatter(mine, flat.reshape(-1), self.shard_group)
             del flat, cols
             for g in self.replicate_groups:
                 dist.all_reduce(mine, group=g)
@@ -507,6 +507,16 @@ def _advance_sketch(gen: torch.Generator, grp: Any, params: Sequence[Tensor], t:
     if t.rank is None or t.q >= small:
         return
     torch.randn(len(grp.indices), t.q, small, generator=gen, device=gen.device, dtype=torch.promote_types(dtype, torch.float32))
+
+
+def _reduce_scatter(out: Tensor, inp: Tensor, group: Any) -> None:
+    """Sum ``inp`` over ``group`` and keep this rank's slice (``reduce_scatter_single`` where
+    this PyTorch has it; ``reduce_scatter_tensor``, its older name, otherwise)."""
+    fn = getattr(dist, "reduce_scatter_single", None)
+    if fn is not None:
+        fn(out, inp, group=group)
+    else:
+        dist.reduce_scatter_tensor(out, inp, group=group)
 
 
 def _group_settings(m: nn.Module) -> tuple[float | None, bool]:
