@@ -86,3 +86,13 @@ def test_hooks_attached_after_compiling_raise(other_instance):
     clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(0.05))
     with clipper, pytest.raises(RuntimeError, match="compiled with torch.compile before the Clipper"):
         clipper.backward(sequence_losses(forward(x), y))
+
+
+def test_clipper_given_the_compiled_module_uses_the_eager_names():
+    model = _model()
+    compiled = torch.compile(model, backend=BACKEND)
+    with rc.Clipper(compiled, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(0.05)) as clipper:
+        assert clipper.layout.names == [n for n, _ in model.named_parameters()]
+        x, y = (t[0, :4] for t in _data())
+        clipper.backward(sequence_losses(compiled(x), y))
+        assert not clipper.step().skipped

@@ -161,10 +161,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that holds the parameters, through DistributedDataParallel wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    """The module that holds the parameters, through DistributedDataParallel wrappers and
+    torch.compile's (``OptimizedModule._orig_mod``), so names are the eager model's."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def accumulate_into(
