@@ -216,6 +216,77 @@ def _adaptive_case(rank: int) -> dict[str, Any]:
     return out
 
 
+def _collectives_case(rank: int) -> dict[str, dict[str, int]]:
+    """The collectives robustclip adds to FSDP2's, per step (2 micro-batches; FSDP2 itself
+    issues no all-reduce on a 1-D mesh)."""
+    counts: dict[str, dict[str, int]] = {}
+    real_ar, real_rs = dist.all_reduce, dist.reduce_scatter_single
+    for name in ("mean", "clip_global", "clip_tensor", "per_sample", "micro_batch"):
+        model = shard(model_of("mlp"), "mlp")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        clipper = rc.Clipper(model, opt, methods()[name]())
+        n = {"all_reduce": 0, "reduce_scatter": 0}
+
+        def ar(*a: Any, _n: dict[str, int] = n, **k: Any) -> Any:
+            _n["all_reduce"] += 1
+            return real_ar(*a, **k)
+
+        def rs(*a: Any, _n: dict[str, int] = n, **k: Any) -> Any:
+            _n["reduce_scatter"] += 1
+            return real_rs(*a, **k)
+
+        dist.all_reduce, dist.reduce_scatter_single = ar, rs  # type: ignore[assignment]
+        try:
+            for x, y in batches("mlp", 0, rank):
+                clipper.backward(loss_fn("mlp", model(x), y))
+            clipper.step()
+        finally:
+            dist.all_reduce, dist.reduce_scatter_single = real_ar, real_rs  # type: ignore[assignment]
+            clipper.close()
+        counts[name] = n
+    return counts
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = MLP([6, 12, 3]).double()
+        self.unused = nn.Linear(2, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _errors_case(rank: int) -> dict[str, str]:
+    """What is refused, and the message."""
+    from torch.distributed.tensor import distribute_tensor, init_device_mesh
+
+    out = {}
+    # a parameter the loss never reaches: an error naming it, never a silent zero gradient
+    from torch.distributed.fsdp import fully_shard
+
+    model = WithUnused()
+    fully_shard(model)
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.1), rc.per_sample_clip(1.0))
+    x, y = batches("mlp", 0, rank)[0]
+    try:
+        clipper.backward(loss_fn("mlp", model(x), y))
+        out["unused"] = ""
+    except ValueError as e:
+        out["unused"] = str(e)
+    clipper.close()
+    # DTensor parameters without FSDP2 (tensor parallelism alone)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    lin = nn.Linear(4, 4).double()
+    lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh))
+    try:
+        rc.Clipper(lin, torch.optim.SGD([lin.weight], lr=0.1))
+        out["dtensor"] = ""
+    except ValueError as e:
+        out["dtensor"] = str(e)
+    return out
+
+
 def worker(rank: int, init_file: str, result_dir: str, which: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -242,6 +313,8 @@ def worker(rank: int, init_file: str, result_dir: str, which: str) -> None:
                 params, skipped = train("mlp", shard(model_of("mlp"), "mlp"), methods()[name](), rank, nan=True)
                 out[f"nan/mlp/{name}"] = params
                 out[f"nan_skipped/{name}"] = skipped
+            out["collectives"] = _collectives_case(rank)
+            out["errors"] = _errors_case(rank)
             out["checkpoint"] = _checkpoint_case(rank, result_dir)
             out["adaptive"] = _adaptive_case(rank)
         torch.save(out, os.path.join(result_dir, f"{which}{rank}.pt"))

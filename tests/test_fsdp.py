@@ -72,6 +72,18 @@ def test_accumulation_hsdp_nan_checkpoint_thresholds(tmp_path, refs):
         ref = refs("mlp", name, nan=True)
         assert _rel(mine[f"nan/mlp/{name}"], ref) < RTOL
     assert mine["checkpoint"]["resumed_equal"]
+    # one all-reduce per step (the norm of clip_by_global_norm comes with it); clip_by_tensor_norm
+    # adds one. mean(): FSDP2's own reduce-scatters, one per FSDP group (2) and micro-batch (2);
+    # clipped sums: robustclip's, one per backward() for all groups
+    assert mine["collectives"] == {
+        "mean": {"all_reduce": 1, "reduce_scatter": 4},
+        "clip_global": {"all_reduce": 1, "reduce_scatter": 4},
+        "clip_tensor": {"all_reduce": 2, "reduce_scatter": 4},
+        "per_sample": {"all_reduce": 1, "reduce_scatter": 2},
+        "micro_batch": {"all_reduce": 1, "reduce_scatter": 2},
+    }
+    assert "unused.weight" in mine["errors"]["unused"] and "got no gradient" in mine["errors"]["unused"]
+    assert "no FSDP2 module" in mine["errors"]["dtensor"]
     for name, state in mine["adaptive"].items():
         same = _same_state(state, got[1]["adaptive"][name])
         # gathered norms: identical radii on every rank; each rank's own norms: they differ
