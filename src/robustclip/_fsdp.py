@@ -419,8 +419,8 @@ class Sharding:
         # the full matrices this rank owns
         fulls: list[Tensor] = list(grads)
         rows_of = [[c.shape[0] for c in torch.empty(self.params[i].shape[0], 0).chunk(n)] for i in range(len(grads))]
-        for r in rows_of:
-            r += [0] * (n - len(r))
+        for counts in rows_of:
+            counts += [0] * (n - len(counts))
         pieces = recv.split(seg[me]) if seg[me] else [recv] * n
         off = 0
         for i in by_owner[me]:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, global_norm
+from robustclip._math import clip_coefficient
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_nonneg
 from robustclip.thresholds import Threshold, as_threshold
