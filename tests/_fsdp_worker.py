@@ -96,19 +96,22 @@ def batches(kind: str, step: int, rank: int | None, nan: bool = False) -> list[t
     return list(zip(x.chunk(WORLD * MICRO), y.chunk(WORLD * MICRO)))
 
 
-def train(kind: str, model: nn.Module, method: Any, rank: int | None, nan: bool = False, sync: str = "on") -> tuple[list[torch.Tensor], list[bool]]:
+def train(
+    kind: str, model: nn.Module, method: Any, rank: int | None, nan: bool = False, sync: str = "on", compiled: bool = False
+) -> tuple[list[torch.Tensor], list[bool]]:
     """5 SGD-momentum steps; ``sync``: 'on', 'last' (gradient sync only in the last
-    micro-batch) or 'off' (sync off for the whole step)."""
+    micro-batch) or 'off' (sync off for the whole step); ``compiled``: the forward through
+    ``torch.compile`` (aot_eager: no code generation), the Clipper created first."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     skipped = []
     with rc.Clipper(model, opt, method) as clipper:
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
         for s in range(STEPS):
             micro = batches(kind, s, rank, nan)
             for k, (x, y) in enumerate(micro):
                 if sync != "on":
                     model.set_requires_gradient_sync(sync == "last" and k == len(micro) - 1)  # type: ignore[operator]
-                xx = x if kind == "mlp" else x
-                clipper.backward(loss_fn(kind, model(xx), y))
+                clipper.backward(loss_fn(kind, forward(x), y))
             skipped.append(clipper.step().skipped)
     return full_params(model), skipped
 
@@ -304,6 +307,10 @@ def worker(rank: int, init_file: str, result_dir: str, which: str) -> None:
                 for sync in ("last", "off"):
                     params, _ = train(kind, shard(model_of(kind), kind), methods()[name](), rank, sync=sync)
                     out[f"sync_{sync}/{kind}/{name}"] = params
+            for name in ("mean", "per_sample", "spectral"):  # FSDP2 and torch.compile together
+                torch._dynamo.reset()
+                params, _ = train("gpt", shard(model_of("gpt"), "gpt"), methods()[name](), rank, compiled=True)
+                out[f"compiled/gpt/{name}"] = params
             for shape in ((2, 1), (1, 2)):
                 mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
                 for name in ("mean", "clip_tensor", "micro_batch", "per_sample", "spectral"):
