@@ -97,11 +97,20 @@ def batches(kind: str, step: int, rank: int | None, nan: bool = False) -> list[t
 
 
 def train(
-    kind: str, model: nn.Module, method: Any, rank: int | None, nan: bool = False, sync: str = "on", compiled: bool = False
+    kind: str,
+    model: nn.Module,
+    method: Any,
+    rank: int | None,
+    nan: bool = False,
+    sync: str = "on",
+    compiled: bool = False,
+    finish: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[bool]]:
     """5 SGD-momentum steps; ``sync``: 'on', 'last' (gradient sync only in the last
     micro-batch) or 'off' (sync off for the whole step); ``compiled``: the forward through
-    ``torch.compile`` (aot_eager: no code generation), the Clipper created first."""
+    ``torch.compile`` (aot_eager: no code generation), the Clipper created first; ``finish``:
+    ``clipper.finish(layer_norms=True)`` and the caller's ``optimizer.step()`` instead of
+    ``clipper.step()``, each step's layer norms appended to the list."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     skipped = []
     with rc.Clipper(model, opt, method) as clipper:
@@ -112,7 +121,15 @@ def train(
                 if sync != "on":
                     model.set_requires_gradient_sync(sync == "last" and k == len(micro) - 1)  # type: ignore[operator]
                 clipper.backward(loss_fn(kind, forward(x), y))
-            skipped.append(clipper.step().skipped)
+            if finish is None:
+                skipped.append(clipper.step().skipped)
+            else:
+                info = clipper.finish(layer_norms=True)
+                if not info.skipped:
+                    opt.step()
+                assert info.layer_norms is not None
+                finish.append(info.layer_norms.clone())
+                skipped.append(info.skipped)
     return full_params(model), skipped
 
 
@@ -287,6 +304,24 @@ def _errors_case(rank: int) -> dict[str, str]:
         out["dtensor"] = ""
     except ValueError as e:
         out["dtensor"] = str(e)
+    # what the FSDP2 path refuses: dropping samples, a GradScaler, a gradient from the user's own
+    # backward pass (FSDP2 is set to sum, so it would not be the mean)
+    model = shard(model_of("mlp"), "mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for key, kwargs in (("drop", {"nonfinite": "drop_sample"}), ("scaler", {"scaler": torch.amp.GradScaler("cpu")})):
+        try:
+            rc.Clipper(model, opt, rc.per_sample_clip(1.0), **kwargs)
+            out[key] = ""
+        except ValueError as e:
+            out[key] = str(e)
+    with rc.Clipper(model, opt, rc.clip_by_global_norm(1.0)) as clipper:
+        x, y = batches("mlp", 0, rank)[0]
+        loss_fn("mlp", model(x), y).mean().backward()
+        try:
+            clipper.finish()
+            out["external"] = ""
+        except RuntimeError as e:
+            out["external"] = str(e)
     return out
 
 
@@ -311,6 +346,12 @@ def worker(rank: int, init_file: str, result_dir: str, which: str) -> None:
                 torch._dynamo.reset()
                 params, _ = train("gpt", shard(model_of("gpt"), "gpt"), methods()[name](), rank, compiled=True)
                 out[f"compiled/gpt/{name}"] = params
+            for kind, name in (("mlp", "per_sample"), ("gpt", "spectral"), ("mlp", "micro_batch")):
+                # finish() and the caller's optimizer step (HF Trainer, Lightning) under FSDP2
+                norms: list[torch.Tensor] = []
+                params, _ = train(kind, shard(model_of(kind), kind), methods()[name](), rank, finish=norms)
+                out[f"finish/{kind}/{name}"] = params
+                out[f"finish_layer_norms/{kind}/{name}"] = norms
             for shape in ((2, 1), (1, 2)):
                 mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
                 for name in ("mean", "clip_tensor", "micro_batch", "per_sample", "spectral"):

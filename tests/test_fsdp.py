@@ -61,7 +61,7 @@ def test_accumulation_hsdp_nan_checkpoint_thresholds(tmp_path, refs):
     got = _run(tmp_path, "more")
     mine = got[0]
     for key, params in mine.items():
-        if key.startswith(("sync_", "hsdp", "compiled")):
+        if key.startswith(("sync_", "hsdp", "compiled", "finish/")):
             _, kind, name = key.split("/")
             err = _rel(params, refs(kind, name))
             assert err < RTOL, (key, err)
@@ -73,18 +73,29 @@ def test_accumulation_hsdp_nan_checkpoint_thresholds(tmp_path, refs):
         ref = refs("mlp", name, nan=True)
         assert _rel(mine[f"nan/mlp/{name}"], ref) < RTOL
     assert mine["checkpoint"]["resumed_equal"]
-    # one all-reduce per step (the norm of clip_by_global_norm comes with it); clip_by_tensor_norm
-    # adds one. mean(): FSDP2's own reduce-scatters, one per FSDP group (2) and micro-batch (2);
-    # clipped sums: robustclip's, one per backward() for all groups
+    # one all-reduce per step (the norm of clip_by_global_norm comes with it); a method with
+    # transforms adds one for the finite check after the chain (each rank's largest final entry),
+    # clip_by_tensor_norm one more. mean(): FSDP2's own reduce-scatters, one per FSDP group (2)
+    # and micro-batch (2); clipped sums: robustclip's, one per backward() for all groups
     assert mine["collectives"] == {
         "mean": {"all_reduce": 1, "reduce_scatter": 4},
-        "clip_global": {"all_reduce": 1, "reduce_scatter": 4},
-        "clip_tensor": {"all_reduce": 2, "reduce_scatter": 4},
-        "per_sample": {"all_reduce": 1, "reduce_scatter": 2},
+        "clip_global": {"all_reduce": 2, "reduce_scatter": 4},
+        "clip_tensor": {"all_reduce": 3, "reduce_scatter": 4},
+        "per_sample": {"all_reduce": 2, "reduce_scatter": 2},
         "micro_batch": {"all_reduce": 1, "reduce_scatter": 2},
     }
     assert "unused.weight" in mine["errors"]["unused"] and "got no gradient" in mine["errors"]["unused"]
     assert "no FSDP2 module" in mine["errors"]["dtensor"]
+    assert "drop_sample" in mine["errors"]["drop"] and "FSDP2" in mine["errors"]["drop"]
+    assert "GradScaler" in mine["errors"]["scaler"] and "FSDP2" in mine["errors"]["scaler"]
+    assert "clipper.backward(losses)" in mine["errors"]["external"]
+    # finish(layer_norms=True) over shards: the same norms on every rank, and (with the
+    # parameters above matching one process) the norm of the whole gradient, by layer group
+    for key, norms in mine.items():
+        if key.startswith("finish_layer_norms/"):
+            assert len(norms) == W.STEPS and all(torch.isfinite(n).all() and (n > 0).all() for n in norms)
+            for a, b in zip(norms, got[1][key]):
+                assert torch.equal(a, b), key
     for name, state in mine["adaptive"].items():
         same = _same_state(state, got[1]["adaptive"][name])
         # gathered norms: identical radii on every rank; each rank's own norms: they differ

@@ -383,7 +383,7 @@ class Clipper:
             self._micro_norms.append(contrib.micro_batch_norm)
         if self.nonfinite == "raise":
             self._loss_ok.append(torch.isfinite(losses.detach()).reshape(-1))
-        if kwargs.get("drop"):
+        if self.nonfinite == "drop_sample":  # (never under FSDP2: refused at construction)
             self._record_drops(losses, mean, contrib)
 
     def _record_drops(self, losses: Tensor, mean: Tensor, contrib: Contribution) -> None:

@@ -144,11 +144,6 @@ class Sharding:
                 f"'auto'), got engine={getattr(est, 'engine', None)!r}: the vmap and loop engines "
                 "replay the model with parameters FSDP2 has freed."
             )
-        if any(getattr(t, "vector_threshold", None) is not None for t in method.transform.transforms):
-            raise ValueError(
-                "spectral_clip(clip_vectors=...) is not supported under FSDP2 yet; clip 1-D "
-                "parameters with clip_by_tensor_norm, or leave clip_vectors=None."
-            )
         self.leaves = self._aliases()
         # robustclip's estimators add sums: FSDP2 must neither divide nor pre-multiply (with a
         # custom factor it would pick ReduceOp.PREMUL_SUM for float32/bf16, which gloo lacks)
@@ -443,6 +438,14 @@ class Sharding:
                     t._clip_group(fulls, grp, ths, gen, (before, after, taus, clipped, nonfinite))
                 elif gen is not None:
                     _advance_sketch(gen, grp, self.params, t, dtype)
+            if plan.vectors:
+                # 1-D gradients (clip_vectors) are clipped in place on every rank: their norms
+                # over the shards (overflow-safe, wide dtype, one all-reduce) are the same
+                # everywhere, and so are the thresholds and readings
+                vs = [grads[i] for i in plan.vectors]
+                sq = torch.stack(tensor_norms(vs, dtype=wide_dtype(dev))).square()
+                norms = self.sum_over_shards(sq).sqrt().float()
+                t._clip_vectors(grads, plan, ths, (before, after, taus, clipped, nonfinite), norms=norms)
         # rows back to their ranks: the reverse exchange
         back = torch.zeros(seg[me] * n, dtype=dtype, device=dev)
         off = 0
@@ -494,7 +497,10 @@ class Sharding:
             reads = buf[off:].reshape(5, len(sel))
             for row, tgt in zip(reads, (before, after, taus, clipped, nonfinite)):
                 tgt.index_copy_(0, idx, row.to(tgt.dtype))
-        frac = clipped.index_select(0, idx).mean() if sel else torch.zeros_like(state.clipped_fraction)
+        picked = [idx] if sel else []
+        if plan.vector_index is not None:
+            picked.append(plan.vector_index)
+        frac = clipped.index_select(0, torch.cat(picked)).mean() if picked else torch.zeros_like(state.clipped_fraction)
         rng = gen.get_state() if gen is not None else state.rng
         return SpectralClipState(tuple(ths), rng, before, after, taus, clipped, nonfinite, frac)
 
