@@ -570,7 +570,7 @@ class Clipper:
             ctx = StepContext(self.params, self.layout.names, loss_t, num_t, self.layout.modules)
             if self._fsdp is not None:  # norms over the shards, spectral via owner ranks
                 ctx = self._fsdp.context(ctx, norm_wide)
-                _, new_tr = self._fsdp.transform(self.method.transform, grads, self._tr_state, ctx)  # type: ignore[arg-type]
+                _, new_tr = self._fsdp.transform(self.method.transform, grads, self._tr_state, ctx)
             else:
                 with fixed():
                     _, new_tr = self.method.transform.update(grads, self._tr_state, ctx)

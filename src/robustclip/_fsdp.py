@@ -348,7 +348,8 @@ class Sharding:
         rank's sum over its shards."""
         t = local.to(torch.float64, copy=True)
         self.all_reduce(t)
-        return (t / self.replicas).to(local.dtype)
+        out: Tensor = (t / self.replicas).to(local.dtype)
+        return out
 
     def gather_padded(self, values: Tensor) -> Tensor:
         """Every rank's ``values`` (last dimension: the rank's samples, any length), joined along
