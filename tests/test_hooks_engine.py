@@ -501,9 +501,9 @@ def _requested_sources(model, x, losses_fn):
     asked = []
     orig = plan_module.source_edge
 
-    def spy(call):
+    def spy(call, *rest):
         asked.append(call.unit.name)
-        return orig(call)
+        return orig(call, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(plan_module, "source_edge", spy)

@@ -11,6 +11,7 @@ accelerate) call ``finish()`` and leave the optimizer to them. See ARCHITECTURE.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterable
@@ -21,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from robustclip import _distributed, _kernels
+from robustclip import _distributed, _fsdp, _kernels
 from robustclip._batchnorm import check_no_training_batchnorm
 from robustclip._estimators import Contribution, Mean
-from robustclip._math import global_norm, wide_dtype
+from robustclip._math import global_norm, tensor_norms, wide_dtype
 from robustclip._method import Method, as_method
 from robustclip._transform import StepContext
 from robustclip._validate import check_losses
@@ -243,6 +244,9 @@ class Clipper:
             params = [p for p in pool if p.requires_grad]
         if not params:
             raise ValueError(f"{source} has no parameters that require grad.")
+        self._fsdp = _fsdp.detect(model, params, self.method)  # FSDP2-sharded model, else None
+        if self._fsdp is not None:
+            _check_fsdp_modes(self.nonfinite, self.scaler)
         self.layout = ParamLayout.build(unwrap_model(model), params)
         sparse = [
             n for n, m in unwrap_model(model).named_modules()
@@ -257,13 +261,20 @@ class Clipper:
         self.layout.direct_backward = self._group is None and not isinstance(
             model, nn.parallel.DistributedDataParallel
         )
+        if self._fsdp is not None:  # FSDP2: autograd sees the unsharded leaves (_fsdp.py)
+            self.layout = self._fsdp.graph_layout(self.layout)
+        elif self._group is not None:  # adaptive radii observe every process's norms
+            self.layout.gather_norms = functools.partial(_distributed.all_gather_padded, group=self._group)
         self.device = params[0].device
         est = self.method.estimator
         if est.per_sample:
             check_no_training_batchnorm(unwrap_model(model), repr(est))
         # BatchNorms allowed now (eval mode) must still be in eval mode at each backward()
         self._batchnorms = [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm)]
-        self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
+        with self._fsdp.view() if self._fsdp is not None else contextlib.nullcontext():
+            self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
+        if self._fsdp is not None:
+            self._fsdp.check_engine(self.engine)
         if self.engine is not None:
             self.engine.set_verify_every(verify_every)
             self.engine.attach()
@@ -286,6 +297,8 @@ class Clipper:
         """Remove the hooks the per-sample engine installed on the model."""
         if self.engine is not None:
             self.engine.detach()
+        if self._fsdp is not None:
+            self._fsdp.close()
 
     @property
     def params(self) -> list[Tensor]:
@@ -324,30 +337,38 @@ class Clipper:
         if not self._checked_unused:
             self._check_unused(losses)
         first = self._count == 0
-        if first:
-            # a new step: the previous gradients go, as with zero_grad(set_to_none=True), before
-            # this step's are computed (not beside them)
-            for p in self.params:
-                p.grad = None
-        # None where a parameter has no gradient yet this step: the estimator puts a new tensor
-        # there, written once instead of added to a zero-filled buffer
-        out: list[Tensor | None] = [None] * len(self.params) if first else [p.grad for p in self.params]
-        if not est.writes_new_grads:
-            fill_missing(out, self.params)
-        kwargs: dict[str, Any] = {}
-        if self.nonfinite == "drop_sample":
-            kwargs["drop"] = True
-        scaled = losses
-        if self.scaler is not None and self.scaler.is_enabled():
-            # the scale as a device tensor (scaler.scale multiplies by it; get_scale() would
-            # read it on the host)
-            scale = self.scaler.scale(torch.ones((), dtype=torch.float32, device=losses.device))
-            scaled = losses * scale
-            kwargs["loss_scale"] = scale
-        contrib, self._est_state = est.contribute(scaled, self._est_state, self.layout, self.engine, out, **kwargs)
-        if first:  # zeros for a parameter nothing reached
-            for p, o in zip(self.params, fill_missing(out, self.params)):
-                p.grad = o
+        if self._fsdp is not None:  # FSDP2: the sums go into the shards (_fsdp.py)
+            # (nonfinite="drop_sample" and a scaler were refused under FSDP2 at construction)
+            contrib, self._est_state = self._fsdp.contribute(
+                est, losses, self._est_state, self.layout, self.engine, first
+            )
+        else:
+            if first:
+                # a new step: the previous gradients go, as with zero_grad(set_to_none=True),
+                # before this step's are computed (not beside them)
+                for p in self.params:
+                    p.grad = None
+            # None where a parameter has no gradient yet this step: the estimator puts a new
+            # tensor there, written once instead of added to a zero-filled buffer
+            out: list[Tensor | None] = [None] * len(self.params) if first else [p.grad for p in self.params]
+            if not est.writes_new_grads:
+                fill_missing(out, self.params)
+            kwargs: dict[str, Any] = {}
+            if self.nonfinite == "drop_sample":
+                kwargs["drop"] = True
+            scaled = losses
+            if self.scaler is not None and self.scaler.is_enabled():
+                # the scale as a device tensor (scaler.scale multiplies by it; get_scale() would
+                # read it on the host)
+                scale = self.scaler.scale(torch.ones((), dtype=torch.float32, device=losses.device))
+                scaled = losses * scale
+                kwargs["loss_scale"] = scale
+            contrib, self._est_state = est.contribute(
+                scaled, self._est_state, self.layout, self.engine, out, **kwargs
+            )
+            if first:  # zeros for a parameter nothing reached
+                for p, o in zip(self.params, fill_missing(out, self.params)):
+                    p.grad = o
         self._count += contrib.count
         # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
         # later in-place change of the caller's loss tensor cannot change the step's loss
@@ -362,7 +383,7 @@ class Clipper:
             self._micro_norms.append(contrib.micro_batch_norm)
         if self.nonfinite == "raise":
             self._loss_ok.append(torch.isfinite(losses.detach()).reshape(-1))
-        if kwargs.get("drop"):
+        if self.nonfinite == "drop_sample":  # (never under FSDP2: refused at construction)
             self._record_drops(losses, mean, contrib)
 
     def _record_drops(self, losses: Tensor, mean: Tensor, contrib: Contribution) -> None:
@@ -486,9 +507,24 @@ class Clipper:
                 transforms (``info.layer_norms``, one small kernel per dtype, no host read).
         """
         dropped: Tensor | None = None
+        grad_norm: Tensor | None = None
         if self._count == 0:
             grads, loss_t, count, num = self._external_gradient(loss)
             clipped_fraction = None
+        elif self._fsdp is not None:
+            if loss is not None:
+                raise ValueError(
+                    "finish(loss=...) is for gradients from your own backward pass; after "
+                    "clipper.backward(losses) the clipper already knows the loss."
+                )
+            # FSDP2: the local shards and ONE all-reduce of [count, loss sum, clipped count,
+            # local sum of squares], so every rank reads the same norm and loss (_fsdp.py)
+            reports = bool(self._sample_norms or self._micro_norms)
+            grads, count, loss_t, clipped_sum, grad_norm = self._fsdp.reduce(
+                self._count, self._sum_losses(), self._sum_clipped()
+            )
+            clipped_fraction = (clipped_sum / count).float() if reports else None
+            num = int(round(float(count)))
         else:
             if loss is not None:
                 raise ValueError(
@@ -505,9 +541,12 @@ class Clipper:
         # the replicas drift apart.
         fixed = _kernels.plain_kernels if self._group is not None else contextlib.nullcontext
         wide = wide_dtype(self.device)
-        with fixed():
-            # wide: a finite gradient of norm above the float32 maximum is clipped, not skipped
-            norm_wide = global_norm(grads, dtype=wide)
+        if grad_norm is not None:  # FSDP2: over every shard, in the wide dtype, from reduce()
+            norm_wide = grad_norm
+        else:
+            with fixed():
+                # wide: a finite gradient of norm above the float32 maximum is clipped, not skipped
+                norm_wide = global_norm(grads, dtype=wide)
         info = StepInfo(
             step=self.steps,
             skipped=False,
@@ -529,14 +568,23 @@ class Clipper:
         if transforms:
             num_t = count if count is not None else (self._count_tensor() if self._count else None)
             ctx = StepContext(self.params, self.layout.names, loss_t, num_t, self.layout.modules)
-            with fixed():
-                _, new_tr = self.method.transform.update(grads, self._tr_state, ctx)
+            if self._fsdp is not None:  # norms over the shards, spectral via owner ranks
+                ctx = self._fsdp.context(ctx, norm_wide)
+                _, new_tr = self._fsdp.transform(self.method.transform, grads, self._tr_state, ctx)
+            else:
+                with fixed():
+                    _, new_tr = self.method.transform.update(grads, self._tr_state, ctx)
         ok = True
         if self.check_finite:
             # each part is >= 0, a loss or NaN: the sum is finite exactly when all are
             check = norm_wide if loss_t is None else norm_wide + loss_t.to(wide)
             if transforms:  # the gradient the optimizer would get
-                check = check + _largest_entry(grads).to(wide)
+                largest = _largest_entry(grads).to(wide)
+                if self._fsdp is not None:
+                    # each rank holds other shards: summed over ranks (an inf or NaN anywhere
+                    # stays one), so every rank reads the same flag and skips alike
+                    largest = self._fsdp.sum_over_shards(largest)
+                check = check + largest
             if dropped is not None and count is not None:  # nothing finite left: skip
                 check = check + torch.where(count > 0, 0.0, math.nan).to(wide)
             if dropped is not None and self._group is None:
@@ -673,6 +721,13 @@ class Clipper:
     ) -> tuple[list[Tensor], Tensor | None, Tensor | None, int]:
         """The step's gradient as the caller's own backward pass left it in ``p.grad``."""
         est = self.method.estimator
+        if self._fsdp is not None:
+            raise RuntimeError(
+                "finish() was called before any backward(losses) in this step, but the model is "
+                "sharded with FSDP2: the clipper sets FSDP2 to sum gradients over ranks (not "
+                "average them), so a gradient from your own loss.backward() would be wrong. Call "
+                "clipper.backward(losses) for each (micro-)batch instead of loss.backward()."
+            )
         if not isinstance(est, Mean):
             raise RuntimeError(
                 f"finish() was called before any backward(losses) in this step, but {est!r} "
@@ -708,7 +763,11 @@ class Clipper:
 
     def _layer_norms(self, grads: list[Tensor]) -> Tensor:
         """Norm of each layer group's gradient (float32, aligned with ``layout.group_names``)."""
-        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square()
+        if self._fsdp is not None:  # local shards: their squares summed over ranks
+            wide = wide_dtype(grads[0].device)
+            sq = self._fsdp.sum_over_shards(torch.stack(tensor_norms(grads, dtype=wide)).square()).float()
+        else:
+            sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square()
         out = torch.zeros(self.layout.num_groups, device=sq.device, dtype=torch.float32)
         return out.index_add_(0, self.layout.group_index(sq.device), sq).sqrt()
 
@@ -750,6 +809,23 @@ def _reading_dtype(grads: list[Tensor]) -> torch.dtype:
     for g in grads:
         dtype = torch.promote_types(dtype, g.dtype.to_real())
     return dtype
+
+
+def _check_fsdp_modes(nonfinite: str, scaler: Any) -> None:
+    """What the FSDP2 path does not support yet, refused with what to do instead."""
+    if nonfinite == "drop_sample":
+        raise ValueError(
+            "nonfinite='drop_sample' is not supported with an FSDP2-sharded model (fully_shard): "
+            "dropping a sample would have to change the gradient that FSDP2 reduce-scatters. Use "
+            "nonfinite='skip_step' (the default: a non-finite loss or gradient on any rank skips "
+            "the step on every rank) or nonfinite='raise'."
+        )
+    if scaler is not None:
+        raise ValueError(
+            "scaler= (a GradScaler) is not supported with an FSDP2-sharded model (fully_shard). "
+            "Train in bfloat16 (FSDP2's MixedPrecisionPolicy or autocast), which needs no loss "
+            "scaling, or leave the model unsharded (DDP) to use a GradScaler."
+        )
 
 
 def _largest_entry(grads: list[Tensor]) -> Tensor:

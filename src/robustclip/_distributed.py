@@ -48,3 +48,21 @@ def all_reduce_sum(tensors: list[Tensor], scalars: Tensor, group: dist.ProcessGr
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         for t, r in zip(items, _unflatten_dense_tensors(flat, items)):
             t.copy_(r)
+
+
+def all_gather_padded(values: Tensor, group) -> Tensor:
+    """Every process's ``values`` joined along the last dimension, in rank order, the same on
+    every process. The last dimension (a process's samples or micro-batches) may differ in
+    length between processes: two small collectives, the lengths and then the values padded to
+    the longest. What an adaptive threshold observes, so that it stays identical everywhere."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([values.shape[-1]], dtype=torch.int64, device=values.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    lengths = [int(s) for s in sizes]
+    longest = max(lengths)
+    padded = values.new_full((*values.shape[:-1], longest), float("nan"))
+    padded[..., : values.shape[-1]] = values
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[..., :k] for p, k in zip(parts, lengths)], dim=-1)

@@ -49,7 +49,7 @@ from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
 from robustclip.per_sample._engine import accumulate_into, auto_engine
 from robustclip.per_sample._grads import add_into, gradients
-from robustclip.thresholds import NoClip, Threshold, as_threshold
+from robustclip.thresholds import Constant, NoClip, Threshold, as_threshold
 
 __all__ = [
     "Contribution",
@@ -270,7 +270,9 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
         add_into(out, g, layout.params, coefficient_as(coef, g[0].dtype), owned=owned)
         norm1 = norm.to(torch.promote_types(g[0].dtype, torch.float32)).reshape(1)
-        th = self.threshold.observe(state.threshold, norm1)
+        # every process's micro-batch norms, so an adaptive radius stays identical everywhere (a
+        # dropped micro-batch's non-finite norm is skipped by the threshold on every process)
+        th = self.threshold.observe(state.threshold, _gathered(norm1, layout, [self.threshold]))
         clipped = (coef < 1).reshape(1) if dropped is None else (coef < 1).reshape(1) & ~dropped
         contrib = Contribution(1, micro_batch_norm=norm1, clipped=clipped, dropped=dropped)
         return contrib, MicroBatchClipState(th)
@@ -467,11 +469,10 @@ class PerSample(Estimator[PerSampleState]):
         if self.rule == "clip":
             ths = self._group_thresholds(layout)
             if self.per_layer:
-                new = tuple(
-                    t.observe(s, group_norms[g]) for g, (t, s) in enumerate(zip(ths, state.thresholds))
-                )
+                seen = _gathered(group_norms, layout, ths)
+                new = tuple(t.observe(s, seen[g]) for g, (t, s) in enumerate(zip(ths, state.thresholds)))
             else:
-                new = (ths[0].observe(state.thresholds[0], flat),)
+                new = (ths[0].observe(state.thresholds[0], _gathered(flat, layout, ths)),)
             state = PerSampleState(new)
         contrib = Contribution(
             losses.shape[0],
@@ -487,6 +488,15 @@ class PerSample(Estimator[PerSampleState]):
             return f"per_sample_normalize(gamma={self.gamma})"
         radius = self._per_layer_map if self._per_layer_map is not None else self.threshold
         return f"per_sample_clip({radius!r}, per_layer={self.per_layer}, engine={self.engine!r})"
+
+
+def _gathered(values: Tensor, layout: ParamLayout, thresholds: Sequence[Threshold]) -> Tensor:
+    """What an adaptive threshold observes: with several processes, every process's norms (the
+    last dimension, joined in rank order), so the radii stay identical on every process; a
+    constant radius observes nothing and needs no collective."""
+    if layout.gather_norms is None or all(isinstance(t, (Constant, NoClip)) for t in thresholds):
+        return values
+    return layout.gather_norms(values)
 
 
 # -- public factories ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from robustclip._math import clip_coefficient, coefficient_as, global_norm, tensor_norms, wide_dtype
+from robustclip._math import clip_coefficient, coefficient_as
 from robustclip._transform import GradientTransform, StepContext
 from robustclip._validate import check_finite, check_nonneg
 from robustclip.thresholds import Threshold, as_threshold
@@ -56,8 +56,9 @@ class ClipByGlobalNorm(GradientTransform[ClipByGlobalNormState]):
     def update(
         self, grads: Grads, state: ClipByGlobalNormState, ctx: StepContext
     ) -> tuple[Grads, ClipByGlobalNormState]:
-        # the coefficient from a norm that does not overflow even above the float32 maximum
-        norm = global_norm(grads, dtype=wide_dtype(grads[0].device))
+        # over every shard under FSDP2, in the wide dtype: no overflow even above the float32
+        # maximum
+        norm = ctx.global_norm(grads)
         radius = self.threshold.value(state.threshold)
         coef = clip_coefficient(norm, radius)
         torch._foreach_mul_(grads, coefficient_as(coef, grads[0].dtype))
@@ -97,9 +98,9 @@ class ClipByTensorNorm(GradientTransform[ClipByTensorNormState]):
     def update(
         self, grads: Grads, state: ClipByTensorNormState, ctx: StepContext
     ) -> tuple[Grads, ClipByTensorNormState]:
-        # norms that neither overflow nor underflow, whatever the gradient's dtype: a tensor
-        # whose gradient is 0 (an unused parameter) keeps coefficient 1 and is not observed
-        norms = tensor_norms(grads, dtype=wide_dtype(grads[0].device)) if grads else []
+        # over every shard under FSDP2; norms that neither overflow nor underflow, whatever the
+        # gradient's dtype
+        norms = ctx.tensor_norms(grads)
         radii = [self.threshold.value(s) for s in state.thresholds]
         coefs = [clip_coefficient(n, r) for n, r in zip(norms, radii)]
         torch._foreach_mul_(grads, [coefficient_as(c, g.dtype) for c, g in zip(coefs, grads)])
@@ -134,7 +135,7 @@ class Normalize(GradientTransform[NormalizeState]):
         return NormalizeState(torch.zeros((), device=dev))
 
     def update(self, grads: Grads, state: NormalizeState, ctx: StepContext) -> tuple[Grads, NormalizeState]:
-        norm = global_norm(grads, dtype=wide_dtype(grads[0].device))
+        norm = ctx.global_norm(grads)  # over every shard under FSDP2, in the wide dtype
         # where(), not a host-side test: safe at g = 0 without a sync.
         inv = torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
         torch._foreach_mul_(grads, inv.to(grads[0].dtype))

@@ -396,11 +396,17 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         clipped.index_copy_(0, idx, (dec.sigma_before > tau).float())
         nonfinite.index_copy_(0, idx, (~dec.finite).float())
 
-    def _clip_vectors(self, grads: list[Tensor], plan: _Plan, ths: list[Any], out: tuple[Tensor, ...]) -> None:
+    def _clip_vectors(
+        self, grads: list[Tensor], plan: _Plan, ths: list[Any], out: tuple[Tensor, ...], norms: Tensor | None = None
+    ) -> None:
+        """Clip the selected 1-D gradients by their norms; ``norms`` (float32, one per vector)
+        when the caller has them: under FSDP2 ``grads`` are local shards and the norms are
+        taken over every shard."""
         vt = self.vector_threshold
         assert vt is not None and plan.vector_index is not None
         vs = [grads[i] for i in plan.vectors]
-        norms = torch.stack(tensor_norms(vs, dtype=torch.float32))  # no overflow above 1.8e19
+        if norms is None:
+            norms = torch.stack(tensor_norms(vs, dtype=torch.float32))  # no overflow above 1.8e19
         finite = torch.isfinite(norms)
         radii = torch.stack([vt.value(ths[i]) for i in plan.vectors]).float()
         coef = clip_coefficient(norms, radii)

@@ -18,12 +18,14 @@ in ``_method.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
+
+from robustclip._math import global_norm, tensor_norms, wide_dtype
 
 __all__ = ["Chain", "GradientTransform", "StepContext", "identity"]
 
@@ -43,6 +45,12 @@ class StepContext:
             averages, over all processes.
         modules: for each parameter, the module that owns it (``None`` for unknown), so a
             transform can tell an embedding from a linear layer.
+        sum_over_shards: under FSDP2, where each process holds a shard of every gradient:
+            turns a process's partial sum (of squares) into the whole gradient's, with one
+            all-reduce. ``None``: the gradients are whole.
+        grad_norm: the global norm of the gradients as the chain receives them, when the
+            clipper already has it (FSDP2: from its one all-reduce); dropped after the first
+            transform, which may change them.
     """
 
     params: Sequence[Tensor]
@@ -50,6 +58,37 @@ class StepContext:
     loss: Tensor | None = None
     num_samples: Tensor | None = None
     modules: Sequence[torch.nn.Module | None] = field(default_factory=list)
+    sum_over_shards: Callable[[Tensor], Tensor] | None = None
+    grad_norm: Tensor | None = None
+
+    def global_norm(self, grads: Sequence[Tensor]) -> Tensor:
+        """The L2 norm of the whole gradient (over every shard under FSDP2), in the wide dtype
+        (float64 where the device has it): finite for every finite gradient, even above the
+        float32 maximum."""
+        if self.grad_norm is not None:
+            return self.grad_norm
+        wide = wide_dtype(grads[0].device) if grads else torch.float64
+        if self.sum_over_shards is None:
+            return global_norm(grads, dtype=wide)
+        return self.sum_over_shards(self._shard_squares(grads, wide).sum()).sqrt()
+
+    def tensor_norms(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """The L2 norm of each gradient tensor (over its shards under FSDP2: one all-reduce),
+        in the wide dtype, overflow-safe as :meth:`global_norm`."""
+        if not grads:
+            return []
+        wide = wide_dtype(grads[0].device)
+        if self.sum_over_shards is None:
+            return tensor_norms(grads, dtype=wide)
+        return list(self.sum_over_shards(self._shard_squares(grads, wide)).sqrt().unbind())
+
+    @staticmethod
+    def _shard_squares(grads: Sequence[Tensor], wide: torch.dtype) -> Tensor:
+        # each local shard's squared norm from the overflow-safe norms: the square of a float32
+        # norm cannot overflow a float64
+        if not grads:
+            return torch.zeros(0, dtype=wide)
+        return torch.stack(tensor_norms(grads, dtype=wide)).square()
 
 
 class GradientTransform(Generic[S]):
@@ -154,6 +193,8 @@ class Chain(GradientTransform[tuple[Any, ...]]):
         new_states = []
         for t, s in zip(self.transforms, state):
             grads, s = t.update(grads, s, ctx)
+            if ctx.grad_norm is not None:  # t may have changed the gradient
+                ctx = replace(ctx, grad_norm=None)
             new_states.append(s)
         return grads, tuple(new_states)
 

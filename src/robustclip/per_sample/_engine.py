@@ -52,6 +52,12 @@ class ParamLayout:
     #: set by the Clipper: autograd may accumulate into ``p.grad`` itself (single process; under
     #: DDP a ``backward()`` would fire the reducer's all-reduce on unclipped gradients)
     direct_backward: bool = False
+    #: set by the Clipper under FSDP2: ``params`` are the unsharded leaves of the autograd graph,
+    #: whose storage FSDP2 frees outside forward and backward (nothing may replay the model)
+    sharded: bool = False
+    #: set by the Clipper when several processes train: joins the processes' observed norms
+    #: (last dimension) so that adaptive radii stay identical on every process
+    gather_norms: Callable[[Tensor], Tensor] | None = None
 
     def group_index(self, device: torch.device) -> Tensor:
         """``group_of`` as a tensor on ``device``, made once: building a device tensor from
@@ -205,10 +211,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that holds the parameters, through DistributedDataParallel wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
+    """The module that holds the parameters, through DistributedDataParallel wrappers and
+    torch.compile's (``OptimizedModule._orig_mod``), so names are the eager model's."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def accumulate_into(

@@ -76,6 +76,16 @@ from robustclip.per_sample.rules import DenseTerm, Term, broadcast, supported_la
 __all__ = ["HookEngine", "PerSampleFallbackWarning"]
 
 
+#: the error when a forward pass recorded nothing (see HookEngine._step)
+NO_CALLS = (
+    "robustclip: the model's forward pass ran without the per-sample engine's hooks, so no "
+    "layer call was recorded. A model compiled with torch.compile before the Clipper attached "
+    "its hooks keeps running the compiled code without them (dynamo does not re-check module "
+    "hooks). Create the Clipper before the first call of the compiled model, or call "
+    "torch._dynamo.reset() after creating it."
+)
+
+
 @dataclass
 class _Pass:
     """The backward pass in flight: the streamed calls still to come, and what came."""
@@ -167,6 +177,14 @@ class HookEngine(PerSampleEngine):
         batch = losses.shape[0]
         # 1. what to do, before any gradient is computed
         plan = make_plan(calls, walk(losses.grad_fn, calls, self._index), batch, self.layout)
+        if plan.problems and not calls:
+            # the losses reach parameters, yet no hook fired: the forward ran without them
+            raise RuntimeError(NO_CALLS)
+        if plan.problems and self.layout.sharded:
+            raise ValueError(
+                "robustclip: under FSDP2 the hook engine cannot fall back to torch.func (FSDP2 "
+                "frees the parameters it would read): " + "; ".join(plan.problems[:4])
+            )
         if plan.problems:
             return self._whole_model_fallback(plan.problems, losses, weight_fn, out)
         self.verifier.begin(plan.paths())

@@ -22,6 +22,7 @@ autograd, and changes nothing, so any objects with those attributes can stand in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -168,7 +169,7 @@ def make_plan(calls: list[Call], found: WalkResult, batch: int, layout: ParamLay
     for node, pos, idx in found.bare:
         _plan_bare(plan, node, pos, idx, tuple(layout.params[idx].shape), layout.names[idx], found.consumers)
     if not plan.problems:
-        _plan_streaming(plan, calls)
+        _plan_streaming(plan, calls, layout.params)
     return plan
 
 
@@ -306,7 +307,7 @@ def _plan_bare(plan: Plan, node: Node, pos: int, idx: int, shape: tuple[int, ...
         plan.bare.append(BareJob(x, idx, name))
 
 
-def _plan_streaming(plan: Plan, calls: list[Call]) -> None:
+def _plan_streaming(plan: Plan, calls: list[Call], params: Sequence[Tensor]) -> None:
     """Stream the batched rule calls whose parameters have no other use, and make sure the
     backward pass reaches each of them."""
     uses: dict[int, int] = {}
@@ -333,17 +334,20 @@ def _plan_streaming(plan: Plan, calls: list[Call]) -> None:
     for c in calls:
         job = jobs.get(id(c))
         if job is not None and not below.any(c.in_keys):
-            plan.requests.update(source_edge(c))
+            plan.requests.update(source_edge(c, params))
             job.requests = _source_name(c) or "output"
             below = _Reach(set(plan.requests))
 
 
-def source_edge(call: Call) -> dict[EdgeKey, GradientEdge]:
+def source_edge(call: Call, params: Sequence[Tensor] | None = None) -> dict[EdgeKey, GradientEdge]:
     """What to request so that autograd computes a first layer's output gradient: the output
-    itself, or the parameter its rule declares as ``source_param`` (a cheaper way there)."""
+    itself, or the parameter its rule declares as ``source_param`` (a cheaper way there).
+    ``params``: the layout's parameters, which the graph holds (under FSDP2 the module holds a
+    shard by now, not the parameter the forward pass used)."""
     name = _source_name(call)
     if name is not None:
-        edge = get_gradient_edge(getattr(call.unit.module, name))
+        p = getattr(call.unit.module, name) if params is None else params[call.unit.params[name]]
+        edge = get_gradient_edge(p)
         return {edge_key(edge): edge}
     return {call.keys[0]: call.out_edges[0]}
 
