@@ -272,7 +272,7 @@ class Clipper:
         # BatchNorms allowed now (eval mode) must still be in eval mode at each backward()
         self._batchnorms = [m for m in unwrap_model(model).modules() if isinstance(m, _BatchNorm)]
         with self._fsdp.view() if self._fsdp is not None else contextlib.nullcontext():
-            self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]
+            self.engine = est.make_engine(model, self.layout) if est.per_sample else None  # type: ignore[attr-defined]  # make_engine is defined by the per-sample estimators only, which est.per_sample selects
         if self._fsdp is not None:
             self._fsdp.check_engine(self.engine)
         if self.engine is not None:
@@ -682,7 +682,7 @@ class Clipper:
         the count as a number, the clipped fraction (per-sample and micro-batch methods), and
         the number of dropped units (``nonfinite="drop_sample"``, over all processes).
         """
-        grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        grads: list[Tensor] = [p.grad for p in self.params]  # type: ignore[misc]  # p.grad is typed Tensor | None; every entry is a tensor after backward (fill_missing)
         reports = bool(self._sample_norms or self._micro_norms)
         drop = bool(self._kept)
         if drop:
@@ -759,7 +759,7 @@ class Clipper:
                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}."
                 )
             loss = loss.detach().to(torch.float64, copy=True).reshape(())
-        return [p.grad for p in self.params], loss, None, 0  # type: ignore[misc]
+        return [p.grad for p in self.params], loss, None, 0  # type: ignore[misc]  # p.grad is typed Tensor | None; the loop above filled every entry
 
     def _layer_norms(self, grads: list[Tensor]) -> Tensor:
         """Norm of each layer group's gradient (float32, aligned with ``layout.group_names``)."""

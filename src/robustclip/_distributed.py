@@ -7,7 +7,7 @@ global sum by the global count gives the same update as one process on the globa
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ def all_reduce_sum(tensors: list[Tensor], scalars: Tensor, group: dist.ProcessGr
             t.copy_(r)
 
 
-def all_gather_padded(values: Tensor, group) -> Tensor:
+def all_gather_padded(values: Tensor, group: Any) -> Tensor:
     """Every process's ``values`` joined along the last dimension, in rank order, the same on
     every process. The last dimension (a process's samples or micro-batches) may differ in
     length between processes: two small collectives, the lengths and then the values padded to

@@ -343,7 +343,7 @@ class PerSample(Estimator[PerSampleState]):
         cls = ENGINES[name]
         if name == "loop":
             return cls(model, layout)
-        return cls(model, layout, max_chunk_elements=self.max_chunk_elements)  # type: ignore[call-arg]
+        return cls(model, layout, max_chunk_elements=self.max_chunk_elements)  # type: ignore[call-arg]  # ENGINES is typed by the base class; every engine but the loop takes max_chunk_elements
 
     def _group_thresholds(self, layout: ParamLayout) -> list[Threshold]:
         if self._per_layer_map is not None:

@@ -149,8 +149,8 @@ class Sharding:
         # custom factor it would pick ReduceOp.PREMUL_SUM for float32/bf16, which gloo lacks)
         self._saved = [(m, _group_settings(m)) for m in mods]
         for m in mods:
-            m.set_gradient_divide_factor(1.0)  # type: ignore[operator]
-            m.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
+            m.set_gradient_divide_factor(1.0)  # type: ignore[operator]  # FSDPModule method; the module is typed nn.Module, whose __getattr__ returns Tensor | Module
+            m.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  # FSDPModule method, as above
         self._acc: list[Tensor] | None = None  # local sums while gradient sync is off
 
     # -- the graph's leaves ------------------------------------------------------------------------
@@ -163,13 +163,13 @@ class Sharding:
         name_of = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         found: dict[str, Tensor] = {}
         for m in self.modules:
-            m.unshard()  # type: ignore[operator]
+            m.unshard()  # type: ignore[operator]  # FSDPModule method, as above
             try:
                 for n, p in model.named_parameters(remove_duplicate=False):
                     if not isinstance(p, DTensor) and n not in found:
                         found[n] = p
             finally:
-                m.reshard()  # type: ignore[operator]
+                m.reshard()  # type: ignore[operator]  # FSDPModule method, as above
         missing = [name_of[id(p)] for p in self.params if name_of[id(p)] not in found]
         if missing:
             raise ValueError(
@@ -189,7 +189,7 @@ class Sharding:
             for name, p in list(mod._parameters.items()):
                 if p is not None and id(p) in leaf_of:
                     swapped.append((mod, name, p))
-                    mod._parameters[name] = leaf_of[id(p)]  # type: ignore[assignment]
+                    mod._parameters[name] = leaf_of[id(p)]  # type: ignore[assignment]  # the unsharded leaf is an nn.Parameter at run time; FSDP2 types it as a Tensor
         try:
             yield
         finally:
@@ -215,15 +215,15 @@ class Sharding:
     def close(self) -> None:
         """Restore the FSDP modules' reduction settings."""
         for m, (factor, force) in self._saved:
-            m.set_gradient_divide_factor(factor)  # type: ignore[operator]
-            m.set_force_sum_reduction_for_comms(force)  # type: ignore[operator]
+            m.set_gradient_divide_factor(factor)  # type: ignore[operator]  # FSDPModule method, as above
+            m.set_force_sum_reduction_for_comms(force)  # type: ignore[operator]  # FSDPModule method, as above
         self._saved = []
 
     # -- backward ------------------------------------------------------------------------------------
     def sync_on(self) -> bool:
         """Whether the user left FSDP2's gradient sync on (``set_requires_gradient_sync``)."""
         for m in self.modules:
-            state = m._get_fsdp_state()  # type: ignore[operator]
+            state = m._get_fsdp_state()  # type: ignore[operator]  # FSDPModule's private state accessor, through nn.Module's __getattr__ typing
             for group in getattr(state, "_fsdp_param_groups", ()):
                 if not getattr(group, "reduce_grads", True):
                     return False
@@ -312,7 +312,7 @@ class Sharding:
             fulls = [self.leaves[i].grad if self.leaves[i].grad is not None else torch.zeros_like(self.leaves[i]) for i in range(len(self.leaves))]
             for leaf in self.leaves:
                 leaf.grad = None
-            self.scatter_add(fulls)  # type: ignore[arg-type]
+            self.scatter_add(fulls)  # type: ignore[arg-type]  # every entry is a tensor: zeros replace a missing .grad
 
     def reduce(self, count: int, loss_sum: Tensor, clipped_sum: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor]:
         """The step's one all-reduce: the local gradient shards divided by the global count,
@@ -531,7 +531,7 @@ def _reduce_scatter(out: Tensor, inp: Tensor, group: Any) -> None:
 def _group_settings(m: nn.Module) -> tuple[float | None, bool]:
     """An FSDP module's divide factor and forced-SUM switch, to restore on close (readable only
     from FSDP2's param groups)."""
-    state = m._get_fsdp_state()  # type: ignore[operator]
+    state = m._get_fsdp_state()  # type: ignore[operator]  # FSDPModule's private state accessor, through nn.Module's __getattr__ typing
     for g in getattr(state, "_fsdp_param_groups", ()):
         return getattr(g, "gradient_divide_factor", None), bool(getattr(g, "force_sum_reduction_for_comms", False))
     return None, False

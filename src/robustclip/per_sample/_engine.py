@@ -217,7 +217,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
+            model = model._orig_mod  # type: ignore[assignment]  # torch.compile's OptimizedModule keeps the eager module in _orig_mod (untyped)
         else:
             return model
 

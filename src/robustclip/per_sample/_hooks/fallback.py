@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -132,11 +133,13 @@ class Replay:
         ]
 
     # -- the vmapped replay ------------------------------------------------------------------------
-    def _per_sample(self, vals: tuple, xs: list, gs: list) -> tuple:
+    def _per_sample(
+        self, vals: tuple[Tensor, ...], xs: list[Tensor], gs: list[Tensor]
+    ) -> tuple[tuple[Tensor, ...], list[Tensor]]:
         call = self.call
         mod = call.unit.module
 
-        def f(v: tuple) -> list:
+        def f(v: tuple[Tensor, ...]) -> list[Tensor]:
             mapping = {n: t for idx, t in zip(self.idxs, v) for n in self.names_of[idx]}
             leaves = list(self.leaves)
             for i, x in zip(self.batched, xs):
@@ -148,7 +151,8 @@ class Replay:
             ol = pytree.tree_leaves(out)
             return [ol[i] for i in call.out_positions]
 
-        primal, pull = vjp(f, vals)
+        # vjp is typed to return a triple too, which only has_aux=True gives
+        primal, pull = cast(tuple[list[Tensor], Callable[..., Any]], vjp(f, vals))
         (g,) = pull([x.unsqueeze(0) for x in gs])
         return g, [p.squeeze(0) for p in primal]
 
@@ -197,7 +201,8 @@ class Replay:
         if self.stored is not None:
             g = self.stored[self.pos[idx]]
             w = self.weights[idx]
-            return torch.tensordot(w.to(g.dtype), zero_dropped(g, w), dims=1)
+            out: Tensor = torch.tensordot(w.to(g.dtype), zero_dropped(g, w), dims=1)
+            return out
         if self._weighted is None:
             # second replay, every parameter that wants a sum at once (all were told their
             # weights first; a parameter whose gradients the engine kept wants none)

@@ -210,6 +210,7 @@ def _positionwise(c: Call) -> bool:
     x = c.x
     return (
         rule is not None
+        and isinstance(rule.module_type, type)  # a rule matched by name is not position-wise
         and issubclass(rule.module_type, POSITIONWISE)
         and x is not None
         and x.dim() >= 2

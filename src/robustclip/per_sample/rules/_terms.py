@@ -98,7 +98,8 @@ class DenseTerm(Term):
         return self.g[sl]
 
     def weighted(self, w: Tensor) -> Tensor:
-        return torch.tensordot(w.to(self.g.dtype), zero_dropped(self.g, w), dims=1)
+        out: Tensor = torch.tensordot(w.to(self.g.dtype), zero_dropped(self.g, w), dims=1)
+        return out
 
     def add_weighted_(self, out: Tensor, w: Tensor) -> None:
         add_weighted_rows_(out, self.g, w)
@@ -259,7 +260,8 @@ def gram(x: Tensor, y: Tensor) -> Tensor:
 def self_gram(x: Tensor) -> Tensor:
     """``gram(x, x)``; for a single position (2-D inputs) the squared row norms, no temporary."""
     if x.is_floating_point() and x.shape[-2] == 1:
-        return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype(x.dtype)).square()
+        sq: Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype(x.dtype)).square()
+        return sq
     return gram(x, x)
 
 
