@@ -14,42 +14,42 @@ estimator              contribution of one micro-batch k           count
 ``micro_batch_clip(c)``  min(1, c/||gbar_k||) gbar_k                1
 =====================  ==========================================  =========
 
-``mean()`` computes its sum as ``B_k`` times the gradient of the mean loss: the backward pass
-then carries the same values a plain mean-loss backward does (the sum's would be ``B_k`` times
-larger in every activation and overflow float16 first).
-
 References: PS-Clip-SGD and micro-batch clipping, Nobile & Grohs, arXiv:2605.02701;
 per-sample normalization ("automatic clipping"), Bu et al., arXiv:2206.07136.
 
 :func:`per_sample_clip_sum` writes PS-Clip-SGD's sum out plainly, as the reference the fast
-engines are tested against. Who owns ``p.grad`` while a step accumulates, and how a first
-contribution becomes the gradient without a copy, is in ``per_sample/_grads.py``; pairing an
-estimator with transforms (``Method``, ``chain``) is one floor up, in ``_method.py``.
+engines are tested against. The floor below holds the machinery: the estimator contract
+(``_estimator_base.py``), the radius of each layer group (``_radii.py``), from an engine's
+squared norms to weights (``_sample_weights.py``), the engines and who owns ``p.grad``
+(``per_sample/``). Pairing an estimator with transforms (``Method``, ``chain``) is one floor
+up, in ``_method.py``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from robustclip._estimator_base import Contribution, Estimator
 from robustclip._math import (
     clip_coefficient,
     coefficient_as,
     combine_norms,
     global_norm,
+    holds_integer,
     wide_dtype,
 )
-from robustclip._transform import state_from_plain, state_to_plain
+from robustclip._radii import GroupRadii, gathered
+from robustclip._sample_weights import make_weight_fn, norms_from_squares, wide_norms
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
-from robustclip.per_sample._engine import accumulate_into, auto_engine
-from robustclip.per_sample._grads import add_into, gradients
-from robustclip.thresholds import Constant, NoClip, Threshold, as_threshold
+from robustclip.per_sample._engine import accumulate_into, check_engine_name, make_engine
+from robustclip.per_sample._grads import add_into, drop_if_nonfinite, gradients
+from robustclip.thresholds import Threshold, as_threshold
 
 __all__ = [
     "Contribution",
@@ -60,10 +60,6 @@ __all__ = [
     "per_sample_clip_sum",
     "per_sample_normalize",
 ]
-
-#: an estimator's state: a NamedTuple of threshold states (``()`` for a stateless one)
-S = TypeVar("S")
-
 
 def per_sample_clip_sum(per_sample_grads: Sequence[Sequence[Tensor]], c: float) -> tuple[list[Tensor], int]:
     """PS-Clip-SGD's box (Nobile & Grohs, arXiv:2605.02701), as plainly as it can be written:
@@ -81,99 +77,6 @@ def per_sample_clip_sum(per_sample_grads: Sequence[Sequence[Tensor]], c: float) 
         for acc, t in zip(clipped_sum, g_i):
             acc.add_(t * scale)
     return clipped_sum, num_clipped
-
-
-@dataclass
-class Contribution:
-    """What one ``backward()`` reports besides the gradient it added."""
-
-    count: int
-    per_sample_norms: Tensor | None = None  # (B,) flat norms, per-sample methods
-    group_norms: Tensor | None = None  # (G, B) per-layer norms, per-sample methods
-    micro_batch_norm: Tensor | None = None  # (1,) micro-batch clipping
-    clipped: Tensor | None = None  # (B,) or (1,) flags (bool or 0/1 float): scaled down or not
-    #: with ``drop=True``: which reported units got weight 0 because they were not finite, a
-    #: bool mask (B,) of samples (per-sample methods) or (1,) for the whole micro-batch
-    #: (``mean()``, micro-batch clipping), on the device
-    dropped: Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Estimator(Generic[S]):
-    """Base class of sample-level estimators, generic in their state type ``S``.
-
-    :meth:`contribute` sees the public types of :mod:`robustclip.per_sample`: the
-    :class:`~robustclip.per_sample.ParamLayout` (parameters, names, layer groups) and, for a
-    per-sample estimator, its :class:`~robustclip.per_sample.PerSampleEngine`; it reports a
-    :class:`Contribution`.
-    """
-
-    name = "estimator"
-    #: True if the estimator needs one loss per sample (and so a per-sample engine)
-    per_sample = False
-    #: True if :meth:`contribute` accepts ``None`` entries in ``out`` (no gradient yet this
-    #: step) and puts new tensors there; otherwise the clipper hands it zero-filled buffers
-    writes_new_grads = False
-    #: True if :meth:`contribute` takes the keywords ``drop`` (give a non-finite unit weight 0
-    #: and report it in ``Contribution.dropped``) and ``loss_scale`` (the losses were
-    #: multiplied by this 0-d tensor, a loss scaler's scale: norms and radii are compared in
-    #: unscaled units, the sum added to ``out`` stays scaled)
-    handles_nonfinite = False
-
-    def init(self, layout: ParamLayout, device: torch.device) -> S:
-        return cast(S, ())
-
-    def contribute(
-        self,
-        losses: Tensor,
-        state: S,
-        layout: ParamLayout,
-        engine: PerSampleEngine | None,
-        out: list[Tensor | None],
-    ) -> tuple[Contribution, S]:
-        """Add this (micro-)batch's contribution to ``out`` (aligned with ``layout.params``); a
-        ``None`` entry (no gradient yet this step) gets a new tensor laid out like its
-        parameter."""
-        raise NotImplementedError
-
-    def state_to_dict(self, state: S) -> Any:
-        return state_to_plain(state)
-
-    def state_from_dict(self, template: S, data: Any) -> S:
-        return cast(S, state_from_plain(template, data))
-
-
-def _holds_integer(dtype: torch.dtype, n: int) -> bool:
-    """Whether ``dtype`` represents the integer ``n > 0`` exactly (its odd part fits the mantissa)."""
-    info = torch.finfo(dtype)
-    odd = n >> ((n & -n).bit_length() - 1)
-    # eps = 2**-m for m stored mantissa bits (frexp gives exponent 1 - m); m + 1 significant bits
-    return n <= info.max and odd.bit_length() <= 2 - math.frexp(info.eps)[1]
-
-
-def _finite_all(g: Sequence[Tensor]) -> Tensor:
-    """0-d bool: every entry of every tensor is finite (one pass; the largest magnitude cannot
-    overflow where a norm could, and a NaN propagates through it)."""
-    nonempty = [t for t in g if t.numel()]
-    if not nonempty:
-        return torch.ones((), dtype=torch.bool, device=g[0].device if g else None)
-    return torch.stack([torch.isfinite(n) for n in torch._foreach_norm(nonempty, math.inf)]).all()
-
-
-def _drop_if_nonfinite(
-    g: list[Tensor], owned: bool, ok: Tensor, check: bool = True
-) -> tuple[list[Tensor], bool, Tensor]:
-    """A micro-batch's gradient, all zeros unless ``ok`` and (``check``) every entry is finite:
-    zeroed, not multiplied by 0 (``NaN * 0`` is NaN). Returns the gradients, whether they are
-    owned, and the (1,) dropped mask. No host read."""
-    if check:
-        ok = ok & _finite_all(g)
-    bad = ~ok
-    if owned:  # our own tensors: zeroed in place
-        for t in g:
-            t.masked_fill_(bad, 0)
-        return g, True, bad.reshape(1)
-    return [t.masked_fill(bad, 0) for t in g], False, bad.reshape(1)
 
 
 class Mean(Estimator[tuple[()]]):
@@ -194,25 +97,19 @@ class Mean(Estimator[tuple[()]]):
         drop: bool = False,
         loss_scale: Tensor | None = None,
     ) -> tuple[Contribution, tuple[()]]:
-        # the sum stays in the losses' (scaled) units: nothing here compares a norm
-        if losses.dim() == 0:
-            g, owned = gradients(losses, layout.params, layout.direct_backward, out)
-            dropped = None
-            if drop:
-                g, owned, dropped = _drop_if_nonfinite(g, owned, torch.isfinite(losses))
-            add_into(out, g, layout.params, owned=owned)
-            return Contribution(1, dropped=dropped), state
         # The backward pass runs on the mean loss, as a plain mean-loss backward does: the sum's
         # backward carries B times larger gradients through every activation, which overflows
         # float16 (autocast, GradScaler) where the mean's does not. The sum the contract asks for
-        # is then B times the mean gradient, scaled in the same pass that adds it.
-        count = losses.shape[0]
-        g, owned = gradients(losses.mean(), layout.params, layout.direct_backward, out)
+        # is then B times the mean gradient, scaled in the same pass that adds it. It stays in
+        # the losses' (scaled) units: nothing here compares a norm. (A 0-d loss counts as one.)
+        count = 1 if losses.dim() == 0 else losses.shape[0]
+        mean_loss = losses if losses.dim() == 0 else losses.mean()
+        g, owned = gradients(mean_loss, layout.params, layout.direct_backward, out)
         dropped = None
         if drop:
-            g, owned, dropped = _drop_if_nonfinite(g, owned, torch.isfinite(losses).all())
+            g, owned, dropped = drop_if_nonfinite(g, owned, torch.isfinite(losses).all())
         dtype = g[0].dtype
-        if not _holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
+        if not holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
             dtype = torch.promote_types(dtype, torch.float32)
         coef = None if count == 1 else torch.full((), count, dtype=dtype, device=g[0].device)
         add_into(out, g, layout.params, coef, owned=owned)
@@ -265,14 +162,14 @@ class MicroBatchClip(Estimator[MicroBatchClipState]):
         dropped = None
         if drop:
             ok = torch.isfinite(norm) & torch.isfinite(mean_loss.detach())
-            g, owned, dropped = _drop_if_nonfinite(g, owned, ok, check=False)  # a finite norm: finite g
+            g, owned, dropped = drop_if_nonfinite(g, owned, ok, check=False)  # a finite norm: finite g
             coef = torch.where(ok, coef, 0.0)
         # out += coef * g in one fused pass; coef stays a device tensor (no host sync)
         add_into(out, g, layout.params, coefficient_as(coef, g[0].dtype), owned=owned)
         norm1 = norm.to(torch.promote_types(g[0].dtype, torch.float32)).reshape(1)
         # every process's micro-batch norms, so an adaptive radius stays identical everywhere (a
         # dropped micro-batch's non-finite norm is skipped by the threshold on every process)
-        th = self.threshold.observe(state.threshold, _gathered(norm1, layout, [self.threshold]))
+        th = self.threshold.observe(state.threshold, gathered(norm1, layout, [self.threshold]))
         clipped = (coef < 1).reshape(1) if dropped is None else (coef < 1).reshape(1) & ~dropped
         contrib = Contribution(1, micro_batch_norm=norm1, clipped=clipped, dropped=dropped)
         return contrib, MicroBatchClipState(th)
@@ -314,83 +211,15 @@ class PerSample(Estimator[PerSampleState]):
         self.per_layer = bool(per_layer)
         self.gamma = check_nonneg(gamma, "gamma")
         self.max_chunk_elements = check_positive_int(max_chunk_elements, "max_chunk_elements")
-        if engine != "auto" and engine not in ENGINES:
-            raise ValueError(
-                f"unknown per-sample engine {engine!r}; choose one of "
-                f"{['auto', *sorted(ENGINES)]}."
-            )
-        self.engine = engine
-        self._per_layer_map: Mapping[str, Any] | None = None
-        if rule == "clip":
-            if isinstance(max_norm, Mapping):
-                if not per_layer:
-                    raise ValueError(
-                        "a mapping of radii per layer needs per_layer=True; with per_layer=False "
-                        "pass one number."
-                    )
-                self._per_layer_map = {k: as_threshold(v, f"max_norm[{k!r}]") for k, v in max_norm.items()}
-                self.threshold: Threshold | None = None
-            else:
-                self.threshold = as_threshold(max_norm)
-        else:
-            self.threshold = None
+        self.engine = check_engine_name(engine, ENGINES)
+        # the radius per layer group (or one for the flat norm); normalizing has none
+        self.radii = GroupRadii(max_norm, self.per_layer) if rule == "clip" else None
 
-    # -- engine and state -----------------------------------------------------------------------
     def make_engine(self, model: torch.nn.Module, layout: ParamLayout) -> PerSampleEngine:
-        name = self.engine
-        if name == "auto":
-            name = auto_engine(ENGINES)
-        cls = ENGINES[name]
-        if name == "loop":
-            return cls(model, layout)
-        return cls(model, layout, max_chunk_elements=self.max_chunk_elements)  # type: ignore[call-arg]  # ENGINES is typed by the base class; every engine but the loop takes max_chunk_elements
-
-    def _group_thresholds(self, layout: ParamLayout) -> list[Threshold]:
-        if self._per_layer_map is not None:
-            missing = [g for g in layout.group_names if g not in self._per_layer_map]
-            unknown = [k for k in self._per_layer_map if k not in layout.group_names]
-            if missing or unknown:
-                raise ValueError(
-                    "per-layer radii must name every layer group exactly. "
-                    f"Layer groups of this model: {layout.group_names}. "
-                    f"Missing: {missing}. Unknown: {unknown}."
-                )
-            return [self._per_layer_map[g] for g in layout.group_names]
-        assert self.threshold is not None
-        n = layout.num_groups if self.per_layer else 1
-        return [self.threshold] * n
+        return make_engine(ENGINES, self.engine, model, layout, self.max_chunk_elements)
 
     def init(self, layout: ParamLayout, device: torch.device) -> PerSampleState:
-        if self.rule == "normalize":
-            return PerSampleState(())
-        return PerSampleState(tuple(t.init(device) for t in self._group_thresholds(layout)))
-
-    def _radii(self, state: PerSampleState, layout: ParamLayout) -> Tensor:
-        ths = self._group_thresholds(layout)
-        radii = torch.stack([t.value(s) for t, s in zip(ths, state.thresholds)]).reshape(-1, 1)
-        return radii.to(wide_dtype(radii.device))
-
-    def weights(self, group_sq: Tensor, radii: Tensor | None, scale: Tensor | None = None) -> Tensor:
-        """Weights (G or 1, b) from the squared per-group norms (G, b) an engine reports.
-
-        The engine's side of the contract: for every finite gradient ``group_sq`` is finite and
-        accurate, which float32 squares are not above 1.8e19 or below 1e-19. An engine either
-        reports float64 squared norms (exact for float32, bfloat16 and float16 gradients), or
-        the squared norms of its gradients divided by ``scale`` (broadcastable to (G, b), e.g.
-        each sample's largest entry), so that ``||g|| = scale * sqrt(group_sq)``. Both are
-        combined in float64 here (float32 on MPS).
-        """
-        sq = group_sq.to(wide_dtype(group_sq.device))
-        if scale is not None:
-            return self.weights_from_norms(sq.sqrt() * scale.to(sq.dtype), radii)
-        # a sum of float64 squares overflows only for float64 gradients of norm above 1e154
-        return self._weights(sq.sqrt() if self.per_layer else sq.sum(0, keepdim=True).sqrt(), radii)
-
-    def weights_from_norms(self, norms: Tensor, radii: Tensor | None) -> Tensor:
-        """Weights (G or 1, b) from per-group norms (G, b), computed in float64 (float32 on MPS),
-        the flat norm over the groups without squaring them into an overflow."""
-        norms = norms.to(wide_dtype(norms.device))
-        return self._weights(norms if self.per_layer else combine_norms(norms, 0, keepdim=True), radii)
+        return PerSampleState(() if self.radii is None else self.radii.init(layout, device))
 
     def _weights(self, norm: Tensor, radii: Tensor | None) -> Tensor:
         """The rule applied to wide norms, (G, b) per layer, else (1, b).
@@ -403,10 +232,19 @@ class PerSample(Estimator[PerSampleState]):
         if self.rule == "normalize":
             denom = norm.nan_to_num(nan=math.nan, posinf=math.nan) + self.gamma
             return torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)  # NaN stays NaN
-        assert radii is not None
-        if isinstance(self.threshold, NoClip):  # weight 1 whatever the norm: nothing unknown
+        assert radii is not None and self.radii is not None
+        if self.radii.never_clips:  # weight 1 whatever the norm: nothing unknown
             return torch.ones_like(norm[:1])
         return clip_coefficient(norm.nan_to_num(nan=math.nan, posinf=math.nan), radii.to(norm.device))
+
+    def weights(self, group_sq: Tensor, radii: Tensor | None, scale: Tensor | None = None) -> Tensor:
+        """Weights (G or 1, b) from the squared per-group norms (G, b) an engine reports, read
+        as norms in float64 (float32 on MPS) (see ``_sample_weights.norms_from_squares``)."""
+        return self._weights(norms_from_squares(group_sq, scale, self.per_layer), radii)
+
+    def weights_from_norms(self, norms: Tensor, radii: Tensor | None) -> Tensor:
+        """Weights (G or 1, b) from per-group norms (G, b), in float64 (float32 on MPS)."""
+        return self._weights(wide_norms(norms, self.per_layer), radii)
 
     def contribute(
         self,
@@ -430,25 +268,12 @@ class PerSample(Estimator[PerSampleState]):
         holds NaN (``NaN * 0`` is NaN): the loop engine does.
         """
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
-        radii = None if self.rule == "normalize" else self._radii(state, layout)
-
-        dtypes = {p.dtype for p in layout.params}
-        grad_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        radii = None if self.radii is None else self.radii.values(state.thresholds, layout)
         # the engine sees the scaled losses' gradients: their norms divided by the loss scale
         # are the true norms the radii and gamma refer to; the weights then apply to the
         # scaled gradients, whose sum stays scaled until the clipper unscales it
         inv = None if loss_scale is None else 1.0 / loss_scale.to(wide_dtype(loss_scale.device))
-
-        def weight_fn(sq: Tensor, scale: Tensor | None = None) -> Tensor:
-            if inv is not None:
-                scale = inv.to(sq.device) if scale is None else scale.to(inv.dtype) * inv.to(scale.device)
-            w = self.weights(sq, radii, scale)
-            if drop:
-                bad = torch.isnan(w).any(0, keepdim=True) | ~torch.isfinite(sq).all(0, keepdim=True)
-                w = torch.where(bad, 0.0, w)
-            # rounded toward zero into the gradients' dtype, so the engine's cast never rounds a
-            # weight up and a clipped contribution never exceeds its radius
-            return w if grad_dtype is None else coefficient_as(w, grad_dtype).to(w.dtype)
+        weight_fn = make_weight_fn(lambda sq, scale: self.weights(sq, radii, scale), layout.params, inv, drop)
 
         loss_ok = torch.isfinite(losses.detach()) if drop else None
         if loss_ok is not None:
@@ -466,14 +291,8 @@ class PerSample(Estimator[PerSampleState]):
         if loss_ok is not None:
             dropped = ~loss_ok.reshape(-1) | ~torch.isfinite(wide).all(0)
             clipped = clipped & ~dropped
-        if self.rule == "clip":
-            ths = self._group_thresholds(layout)
-            if self.per_layer:
-                seen = _gathered(group_norms, layout, ths)
-                new = tuple(t.observe(s, seen[g]) for g, (t, s) in enumerate(zip(ths, state.thresholds)))
-            else:
-                new = (ths[0].observe(state.thresholds[0], _gathered(flat, layout, ths)),)
-            state = PerSampleState(new)
+        if self.radii is not None:  # adaptive radii observe every process's norms
+            state = PerSampleState(self.radii.observe(state.thresholds, layout, group_norms if self.per_layer else flat))
         contrib = Contribution(
             losses.shape[0],
             per_sample_norms=flat,
@@ -486,17 +305,7 @@ class PerSample(Estimator[PerSampleState]):
     def __repr__(self) -> str:
         if self.rule == "normalize":
             return f"per_sample_normalize(gamma={self.gamma})"
-        radius = self._per_layer_map if self._per_layer_map is not None else self.threshold
-        return f"per_sample_clip({radius!r}, per_layer={self.per_layer}, engine={self.engine!r})"
-
-
-def _gathered(values: Tensor, layout: ParamLayout, thresholds: Sequence[Threshold]) -> Tensor:
-    """What an adaptive threshold observes: with several processes, every process's norms (the
-    last dimension, joined in rank order), so the radii stay identical on every process; a
-    constant radius observes nothing and needs no collective."""
-    if layout.gather_norms is None or all(isinstance(t, (Constant, NoClip)) for t in thresholds):
-        return values
-    return layout.gather_norms(values)
+        return f"per_sample_clip({self.radii!r}, per_layer={self.per_layer}, engine={self.engine!r})"
 
 
 # -- public factories ------------------------------------------------------------------------------

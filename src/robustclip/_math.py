@@ -31,7 +31,15 @@ from torch import Tensor
 
 from robustclip import _kernels
 
-__all__ = ["clip_coefficient", "coefficient_as", "combine_norms", "global_norm", "tensor_norms", "wide_dtype"]
+__all__ = [
+    "clip_coefficient",
+    "coefficient_as",
+    "combine_norms",
+    "global_norm",
+    "holds_integer",
+    "tensor_norms",
+    "wide_dtype",
+]
 
 
 def wide_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -176,6 +184,15 @@ def coefficient_as(coef: Tensor, dtype: torch.dtype) -> Tensor:
     if torch.finfo(dtype).eps <= torch.finfo(coef.dtype).eps:
         return out  # as wide as coef: nothing was rounded
     return torch.where(out.to(coef.dtype) > coef, torch.nextafter(out, torch.zeros_like(out)), out)
+
+
+def holds_integer(dtype: torch.dtype, n: int) -> bool:
+    """Whether ``dtype`` represents the integer ``n > 0`` exactly (its odd part fits the
+    mantissa): a count that scales a sum, such as a batch size of 257, is not exact in bfloat16."""
+    info = torch.finfo(dtype)
+    odd = n >> ((n & -n).bit_length() - 1)
+    # eps = 2**-m for m stored mantissa bits (frexp gives exponent 1 - m); m + 1 significant bits
+    return n <= info.max and odd.bit_length() <= 2 - math.frexp(info.eps)[1]
 
 
 def clip_coefficient(norm: Tensor, radius: Tensor) -> Tensor:

@@ -71,6 +71,12 @@ def check_positive_int(value: object, name: str) -> int:
     return value
 
 
+def check_nonneg_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    return value
+
+
 def check_losses(losses: object, *, per_sample: bool, method: object) -> Tensor:
     """Check the losses handed to :meth:`robustclip.Clipper.backward`.
 

@@ -205,6 +205,30 @@ def auto_engine(engines: Mapping[str, type]) -> str:
     return "hooks" if "hooks" in engines else "vmap"
 
 
+def check_engine_name(name: str, engines: Mapping[str, type]) -> str:
+    """``name`` if it is ``"auto"`` or one of ``engines``, else an error listing the choices."""
+    if name != "auto" and name not in engines:
+        raise ValueError(f"unknown per-sample engine {name!r}; choose one of {['auto', *sorted(engines)]}.")
+    return name
+
+
+def make_engine(
+    engines: Mapping[str, type[PerSampleEngine]],
+    name: str,
+    model: nn.Module,
+    layout: ParamLayout,
+    max_chunk_elements: int,
+) -> PerSampleEngine:
+    """The engine called ``name`` in ``engines`` (``"auto"``: :func:`auto_engine`) for ``model``;
+    every engine but the loop takes the memory cap ``max_chunk_elements``."""
+    if name == "auto":
+        name = auto_engine(engines)
+    cls = engines[name]
+    if name == "loop":
+        return cls(model, layout)
+    return cls(model, layout, max_chunk_elements=max_chunk_elements)  # type: ignore[call-arg]  # ENGINES is typed by the base class; every engine but the loop takes max_chunk_elements
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms accumulate in float32 at least (bf16/fp16 gradients), float64 stays float64."""
     return torch.promote_types(dtype, torch.float32)

@@ -10,17 +10,29 @@ the model. This module holds the rules that keep that safe:
 * :func:`gradients`: a micro-batch's gradients, written by autograd straight into ``p.grad``
   where that is allowed (:func:`direct_grads`), else from ``torch.autograd.grad``;
 * :func:`add_into`: ``out += coef * values``, taking ownership of what may be owned;
-* :func:`fill_missing`: zeros for code that only adds.
+* :func:`fill_missing`: zeros for code that only adds;
+* :func:`drop_if_nonfinite`: a micro-batch's gradients zeroed when they are not finite, in
+  place where they are owned.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["add_into", "autograd_grads", "direct_grads", "fill_missing", "gradients", "new_grad"]
+__all__ = [
+    "add_into",
+    "all_finite",
+    "autograd_grads",
+    "direct_grads",
+    "drop_if_nonfinite",
+    "fill_missing",
+    "gradients",
+    "new_grad",
+]
 
 
 def new_grad(p: Tensor, value: Tensor | None = None) -> Tensor:
@@ -129,3 +141,28 @@ def add_into(
     new = torch._foreach_mul(todo, coef) if coef is not None else [v.clone() for v in todo]
     for i, v in zip(missing, new):
         out[i] = new_grad(params[i], v)
+
+
+def all_finite(g: Sequence[Tensor]) -> Tensor:
+    """0-d bool: every entry of every tensor is finite (one pass; the largest magnitude cannot
+    overflow where a norm could, and a NaN propagates through it)."""
+    nonempty = [t for t in g if t.numel()]
+    if not nonempty:
+        return torch.ones((), dtype=torch.bool, device=g[0].device if g else None)
+    return torch.stack([torch.isfinite(n) for n in torch._foreach_norm(nonempty, math.inf)]).all()
+
+
+def drop_if_nonfinite(
+    g: list[Tensor], owned: bool, ok: Tensor, check: bool = True
+) -> tuple[list[Tensor], bool, Tensor]:
+    """A micro-batch's gradient, all zeros unless ``ok`` and (``check``) every entry is finite:
+    zeroed, not multiplied by 0 (``NaN * 0`` is NaN). Returns the gradients, whether they are
+    owned (see :func:`gradients`), and the (1,) dropped mask. No host read."""
+    if check:
+        ok = ok & all_finite(g)
+    bad = ~ok
+    if owned:  # our own tensors: zeroed in place
+        for t in g:
+            t.masked_fill_(bad, 0)
+        return g, True, bad.reshape(1)
+    return [t.masked_fill(bad, 0) for t in g], False, bad.reshape(1)
