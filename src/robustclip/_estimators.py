@@ -294,11 +294,7 @@ class PerSample(Estimator[PerSampleState]):
         if self.radii is not None:  # adaptive radii observe every process's norms
             state = PerSampleState(self.radii.observe(state.thresholds, layout, group_norms if self.per_layer else flat))
         contrib = Contribution(
-            losses.shape[0],
-            per_sample_norms=flat,
-            group_norms=group_norms,
-            clipped=clipped.float(),
-            dropped=dropped,
+            losses.shape[0], per_sample_norms=flat, group_norms=group_norms, clipped=clipped.float(), dropped=dropped
         )
         return contrib, state
 

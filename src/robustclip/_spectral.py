@@ -81,12 +81,10 @@ class SpectralClip(GradientTransform[SpectralClipState]):
         seed: int = 0,
     ) -> None:
         self.threshold = as_threshold(tau, "tau")
-        if rank is not None:
-            rank = check_positive_int(rank, "rank")
-        if oversample is not None:
-            oversample = check_nonneg_int(oversample, "oversample")
-        self.rank, self.oversample, self.niter = rank, oversample, check_nonneg_int(niter, "niter")
-        self.q = sketch_columns(rank, oversample)
+        self.rank = None if rank is None else check_positive_int(rank, "rank")
+        self.oversample = None if oversample is None else check_nonneg_int(oversample, "oversample")
+        self.niter = check_nonneg_int(niter, "niter")
+        self.q = sketch_columns(self.rank, self.oversample)
         # which parameters (_spectral_select.py); 1-D ones at tau by default, as in the
         # authors' code, or at their own radius, or (None) left alone
         self.select = check_select(select)
