@@ -256,14 +256,19 @@ class HookEngine(PerSampleEngine):
         lay = self.layout
         sq_list: list[Tensor] = []
         for idx, p in enumerate(lay.params):
-            if idx not in got.sq and got.terms.get(idx):
-                got.take_norms(idx, p, batch, self.transient_elements, self._plan_override)
             sq = got.sq.get(idx)
+            if sq is None and got.terms.get(idx):
+                got.take_norms(idx, p, batch, self.transient_elements, self._plan_override)
+                sq = got.sq[idx]
             dt = acc_dtype(p.dtype)
-            sq_list.append(torch.zeros(batch, dtype=dt, device=device) if sq is None else sq.to(dt))
+            if sq is None:
+                sq = torch.zeros(batch, dtype=dt, device=device)
+            sq_list.append(sq if sq.dtype == dt else sq.to(dt))
         gsq = self.group_sq_norms(sq_list)
         w = weight_fn(gsq)
-        w = w.to(torch.promote_types(lay.params[0].dtype, torch.float32))  # once, not per parameter
+        wdt = acc_dtype(lay.params[0].dtype)
+        if w.dtype != wdt:
+            w = w.to(wdt)  # once, not per parameter
         weights = expand_weights(w, lay.group_of)
         for idx, wp in enumerate(weights):
             for t in got.terms.get(idx, ()):
