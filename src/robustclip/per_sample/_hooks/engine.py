@@ -208,7 +208,7 @@ class HookEngine(PerSampleEngine):
         # 4-5. the norms of the other parameters, the weights, the weighted sums
         return self._weighted_sums(got, batch, weight_fn, out, losses.device)
 
-    def _plan(self, calls: list[Call], losses: Tensor, batch: int) -> tuple[Plan, set[str] | frozenset[str]]:
+    def _plan(self, calls: list[Call], losses: Tensor, batch: int) -> tuple[Plan, set[str]]:
         """Phase 1: this step's plan and its paths. Rebuilt from the template of an earlier
         step whose graph had the same signature (the same labelled graph, call shapes and
         dtypes: then :func:`make_plan` would decide the same), else made from the graph."""
@@ -219,7 +219,7 @@ class HookEngine(PerSampleEngine):
                 key = (batch, sig)
                 tmpl = self._plans.get(key)
                 if tmpl is not None:
-                    return tmpl.plan(calls, self.layout.params), tmpl.paths
+                    return tmpl.plan(calls, self.layout.params), set(tmpl.paths)
         plan = make_plan(calls, walk(losses.grad_fn, calls, self._index), batch, self.layout)
         self.plans_made += 1
         tmpl = None if key is None else PlanTemplate.of(plan, calls, self.layout.params)
@@ -230,7 +230,7 @@ class HookEngine(PerSampleEngine):
             if len(self._plans) >= _PLANS_MAX:  # graphs that change every step: start over
                 self._plans.clear()
             self._plans[key] = tmpl  # type: ignore[index]  # key is set whenever tmpl is
-            return plan, tmpl.paths
+            return plan, set(tmpl.paths)
         return plan, plan.paths()
 
     def _backward(self, plan: Plan, losses: Tensor, retain: bool) -> Gathered:
