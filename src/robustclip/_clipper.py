@@ -277,6 +277,15 @@ class Clipper:
             self._fsdp.check_engine(self.engine)
         if self.engine is not None:
             self.engine.set_verify_every(verify_every)
+        # fold the mean's 1/count into the per-sample weights (one process, float32/float64
+        # gradients: a half-precision weight divided by the batch could underflow)
+        self._fold_count = (
+            self.engine is not None
+            and self._fsdp is None
+            and self._group is None
+            and all(p.dtype in (torch.float32, torch.float64) for p in params)
+        )
+        if self.engine is not None:
             self.engine.attach()
         self._est_state = est.init(self.layout, self.device)
         self._tr_state = self.method.transform.init(params)
@@ -319,6 +328,10 @@ class Clipper:
         self._loss_sums: list[Tensor] = []
         self._loss_ok: list[Tensor] = []
         self._state_at_cycle_start = self._est_state
+        # the per-sample engine folds 1/_sum_den (the first backward's batch size) into its
+        # weights, so the step's sum arrives divided by it: step() then divides by
+        # count/_sum_den, and not at all for a single backward() (0: nothing folded)
+        self._sum_den = 0
 
     # -- stage 1: sample level ----------------------------------------------------------------------
     def backward(self, losses: Tensor) -> None:
@@ -363,9 +376,29 @@ class Clipper:
                 scale = self.scaler.scale(torch.ones((), dtype=torch.float32, device=losses.device))
                 scaled = losses * scale
                 kwargs["loss_scale"] = scale
-            contrib, self._est_state = est.contribute(
-                scaled, self._est_state, self.layout, self.engine, out, **kwargs
-            )
+            engine = self.engine
+            if engine is not None and self._fold_count:
+                if first:
+                    self._sum_den = losses.shape[0] if losses.dim() == 1 and losses.shape[0] else 0
+                engine.sum_scale = 1.0 / self._sum_den if self._sum_den else 1.0
+                applied = engine.scaled_calls
+                try:
+                    contrib, self._est_state = est.contribute(
+                        scaled, self._est_state, self.layout, engine, out, **kwargs
+                    )
+                finally:
+                    engine.sum_scale = 1.0
+                if self._sum_den and engine.scaled_calls == applied:  # the estimator bypassed the engine
+                    if not first:
+                        raise RuntimeError(
+                            f"robustclip: {est!r} did not compute its sum through the per-sample "
+                            "engine (accumulate_into); the step's gradient cannot be averaged."
+                        )
+                    self._sum_den = 0
+            else:
+                contrib, self._est_state = est.contribute(
+                    scaled, self._est_state, self.layout, self.engine, out, **kwargs
+                )
             if first:  # zeros for a parameter nothing reached
                 for p, o in zip(self.params, fill_missing(out, self.params)):
                     p.grad = o
@@ -707,12 +740,15 @@ class Clipper:
             return grads, loss_sum / count, count, n, clipped_fraction, rest[0] if drop else None
         if drop:
             # 0 kept: 0/0 is NaN, and the check skips the step
-            torch._foreach_div_(grads, kept)
+            torch._foreach_div_(grads, kept / self._sum_den if self._sum_den else kept)
             clipped_fraction = (self._sum_clipped() / kept).float() if reports else None
             return grads, kept_losses / kept, kept, self._count, clipped_fraction, dropped
         # one process: the count is a host number, and the readings take as few small
         # operations as they can (each costs microseconds, a step of a small model a few ms)
-        torch._foreach_div_(grads, float(self._count))
+        if not self._sum_den:
+            torch._foreach_div_(grads, float(self._count))
+        elif self._count != self._sum_den:  # several backward() calls: the rest of the mean
+            torch._foreach_div_(grads, self._count / self._sum_den)
         clipped_fraction = self._clipped_fraction() if reports else None
         return grads, self._mean_loss(), None, self._count, clipped_fraction, None
 

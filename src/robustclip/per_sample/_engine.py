@@ -163,6 +163,12 @@ class PerSampleEngine:
         self.layout = layout
         #: when the result is compared with autograd (:func:`accumulate_into`, or the engine)
         self.checks = PathCheck()
+        #: set by the Clipper: :func:`accumulate_into` multiplies every weight by it, so the sum
+        #: added to ``out`` is ``sum_scale * sum_i w_i g_i`` (the step's ``1/count`` folded
+        #: into the weights instead of a pass over every gradient afterwards)
+        self.sum_scale = 1.0
+        #: :func:`accumulate_into` calls that applied ``sum_scale`` (the Clipper checks it)
+        self.scaled_calls = 0
 
     def set_verify_every(self, every: int | None) -> None:
         """Re-run the check against autograd every ``every`` steps, besides first uses."""
@@ -194,10 +200,11 @@ class PerSampleEngine:
         lay = self.layout
         chunk = per_param_sq[0].shape[0]
         dtype = acc_dtype(functools.reduce(torch.promote_types, (s.dtype for s in per_param_sq)))
-        out = per_param_sq[0].new_zeros((lay.num_groups, chunk), dtype=dtype)
-        idx = lay.group_index(out.device)
-        out.index_add_(0, idx, torch.stack([s.to(dtype) for s in per_param_sq]))
-        return out
+        stacked = torch.stack([s if s.dtype == dtype else s.to(dtype) for s in per_param_sq])
+        if lay.num_groups == len(per_param_sq) and lay.group_of == sorted(lay.group_of):
+            return stacked  # one parameter per group, in group order: nothing to add
+        out = stacked.new_zeros((lay.num_groups, chunk))
+        return out.index_add_(0, lay.group_index(out.device), stacked)
 
 
 def auto_engine(engines: Mapping[str, type]) -> str:
@@ -255,6 +262,10 @@ def accumulate_into(
     that do not check themselves)."""
     if not engine.writes_new_grads:
         fill_missing(out, engine.layout.params)
+    scale = engine.sum_scale
+    if scale != 1.0:
+        engine.scaled_calls += 1
+        weight_fn = functools.partial(_scaled_weights, weight_fn, scale)
     if engine.checks_itself or not engine.checks.due({engine.name}) or losses.grad_fn is None:
         return engine.accumulate(losses, weight_fn, out)
     lay = engine.layout
@@ -267,6 +278,10 @@ def accumulate_into(
     check_norms(norms[:, 0], ref_sq.sqrt(), lay.group_names, engine.name, _half_precision(engine, losses))
     engine.checks.passed({engine.name})
     return norms
+
+
+def _scaled_weights(weight_fn: WeightFn, scale: float, sq: Tensor) -> Tensor:
+    return weight_fn(sq) * scale
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -66,9 +66,9 @@ from robustclip.per_sample._hooks import views
 from robustclip.per_sample._hooks.capture import Call, EdgeKey, Recorder, Unit, plan_units, release
 from robustclip.per_sample._hooks.fallback import DROPOUT, Fallbacks, PerSampleFallbackWarning
 from robustclip.per_sample._hooks.norms import Gathered
-from robustclip.per_sample._hooks.plan import Plan, RuleJob, Site, make_plan
+from robustclip.per_sample._hooks.plan import SHAPED, Plan, PlanTemplate, RuleJob, Site, make_plan
 from robustclip.per_sample._hooks.verify import Verifier, check_input_unchanged
-from robustclip.per_sample._hooks.walk import walk
+from robustclip.per_sample._hooks.walk import Signature, signature, walk
 from robustclip.per_sample._loop import LoopEngine
 from robustclip.per_sample._vmap import VmapEngine
 from robustclip.per_sample.rules import DenseTerm, Term, broadcast, supported_layers
@@ -135,6 +135,14 @@ class HookEngine(PerSampleEngine):
         self._pass: _Pass | None = None
         #: tests force a norm strategy (``norms.STRATEGIES``) where it applies
         self._plan_override: str | None = None
+        #: plans by the signature of their step's graph (``walk.signature``); None: a plan that
+        #: is made afresh every step (it holds its step's nodes)
+        self._plans: dict[tuple[int, Signature], PlanTemplate | None] = {}
+        #: steps in a row whose plan could not be templated: past a few, the signature is no
+        #: longer taken (a model with broadcast sites or fallbacks plans every step anyway)
+        self._untemplated = 0
+        #: plans made from the graph (not rebuilt from a template), for tests and diagnostics
+        self.plans_made = 0
 
     # -- observing the forward pass ----------------------------------------------------------------
     def attach(self) -> None:
@@ -176,7 +184,7 @@ class HookEngine(PerSampleEngine):
             raise ValueError("the losses have no autograd graph; compute them from the model's output.")
         batch = losses.shape[0]
         # 1. what to do, before any gradient is computed
-        plan = make_plan(calls, walk(losses.grad_fn, calls, self._index), batch, self.layout)
+        plan, paths = self._plan(calls, losses, batch)
         if plan.problems and not calls:
             # the losses reach parameters, yet no hook fired: the forward ran without them
             raise RuntimeError(NO_CALLS)
@@ -187,7 +195,7 @@ class HookEngine(PerSampleEngine):
             )
         if plan.problems:
             return self._whole_model_fallback(plan.problems, losses, weight_fn, out)
-        self.verifier.begin(plan.paths())
+        self.verifier.begin(paths)
         retain = self.fallbacks.prepare(plan.fallbacks)
         ref = self.verifier.reference(losses, self.recorder.replaying)
         # 2-3. the one backward pass, and every call's terms (streamed layers' norms too)
@@ -199,6 +207,31 @@ class HookEngine(PerSampleEngine):
         self.verifier.check(ref, got.terms, got.kept)
         # 4-5. the norms of the other parameters, the weights, the weighted sums
         return self._weighted_sums(got, batch, weight_fn, out, losses.device)
+
+    def _plan(self, calls: list[Call], losses: Tensor, batch: int) -> tuple[Plan, set[str]]:
+        """Phase 1: this step's plan and its paths. Rebuilt from the template of an earlier
+        step whose graph had the same signature (the same labelled graph, call shapes and
+        dtypes: then :func:`make_plan` would decide the same), else made from the graph."""
+        key: tuple[int, Signature] | None = None
+        if self._untemplated < _UNTEMPLATED_MAX:
+            sig = signature(losses.grad_fn, calls, self._index, SHAPED)
+            if sig is not None:
+                key = (batch, sig)
+                tmpl = self._plans.get(key)
+                if tmpl is not None:
+                    return tmpl.plan(calls, self.layout.params), set(tmpl.paths)
+        plan = make_plan(calls, walk(losses.grad_fn, calls, self._index), batch, self.layout)
+        self.plans_made += 1
+        tmpl = None if key is None else PlanTemplate.of(plan, calls, self.layout.params)
+        if tmpl is None:
+            self._untemplated += 1
+        else:
+            self._untemplated = 0
+            if len(self._plans) >= _PLANS_MAX:  # graphs that change every step: start over
+                self._plans.clear()
+            self._plans[key] = tmpl  # type: ignore[index]  # key is set whenever tmpl is
+            return plan, set(tmpl.paths)
+        return plan, plan.paths()
 
     def _backward(self, plan: Plan, losses: Tensor, retain: bool) -> Gathered:
         """Phases 2 and 3: the one backward pass over the plan's requests, during which the
@@ -256,14 +289,19 @@ class HookEngine(PerSampleEngine):
         lay = self.layout
         sq_list: list[Tensor] = []
         for idx, p in enumerate(lay.params):
-            if idx not in got.sq and got.terms.get(idx):
-                got.take_norms(idx, p, batch, self.transient_elements, self._plan_override)
             sq = got.sq.get(idx)
+            if sq is None and got.terms.get(idx):
+                got.take_norms(idx, p, batch, self.transient_elements, self._plan_override)
+                sq = got.sq[idx]
             dt = acc_dtype(p.dtype)
-            sq_list.append(torch.zeros(batch, dtype=dt, device=device) if sq is None else sq.to(dt))
+            if sq is None:
+                sq = torch.zeros(batch, dtype=dt, device=device)
+            sq_list.append(sq if sq.dtype == dt else sq.to(dt))
         gsq = self.group_sq_norms(sq_list)
         w = weight_fn(gsq)
-        w = w.to(torch.promote_types(lay.params[0].dtype, torch.float32))  # once, not per parameter
+        wdt = acc_dtype(lay.params[0].dtype)
+        if w.dtype != wdt:
+            w = w.to(wdt)  # once, not per parameter
         weights = expand_weights(w, lay.group_of)
         for idx, wp in enumerate(weights):
             for t in got.terms.get(idx, ()):
@@ -308,6 +346,12 @@ class HookEngine(PerSampleEngine):
         super().set_verify_every(every)
         if self._delegate is not None:
             self._delegate.set_verify_every(every)
+
+
+#: plan templates kept at most (graph signatures seen); past it the cache starts over
+_PLANS_MAX = 16
+#: steps in a row without a template after which the engine stops taking signatures
+_UNTEMPLATED_MAX = 4
 
 
 def _output_grad(job: RuleJob, grads: Mapping[EdgeKey, Tensor | None]) -> Tensor | None:

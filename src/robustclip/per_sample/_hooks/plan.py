@@ -413,3 +413,57 @@ class _Reach:
             stack.append((node, True))
             stack.extend((n, False) for n, _ in nexts if n not in memo)
         return memo[root]
+
+
+#: node names whose output shapes :func:`make_plan` reads (``_sites``): part of a step's
+#: signature (``walk.signature``)
+SHAPED: frozenset[str] = frozenset(views_mod.SHAPE_ONLY) | frozenset(broadcast.CONSUMERS)
+
+
+@dataclass(frozen=True)
+class PlanTemplate:
+    """A plan with this step's objects replaced by positions, to rebuild on a later step whose
+    graph has the same signature (``walk.signature``). Only plans whose every job and request
+    is named by a recorded call are templated: rule calls with a batch-first output (streamed
+    or not, sequence-first included). Plans with broadcast sites, bare parameters or fallback
+    calls hold nodes and tensors of their own step (a site's factor) and are made afresh."""
+
+    batch: int
+    #: per rule job: (call position, streamed, batch_dim, what it requests)
+    jobs: tuple[tuple[int, bool, int, str | None], ...]
+    #: the requests in order: (call position, True for the rule's source edge, else its output)
+    requests: tuple[tuple[int, bool], ...]
+    #: ``Plan.paths()`` of the plan (the first-use checks read them every step)
+    paths: frozenset[str]
+
+    @staticmethod
+    def of(plan: Plan, calls: list[Call], params: Sequence[Tensor]) -> PlanTemplate | None:
+        """The template of ``plan``, or None if it holds anything but calls."""
+        if plan.problems or plan.fallbacks or plan.bare:
+            return None
+        if any(j.consumers is not None for j in plan.rules):
+            return None
+        pos = {id(c): i for i, c in enumerate(calls)}
+        by_key: dict[EdgeKey, tuple[int, bool]] = {}
+        for j in plan.rules:
+            i = pos[id(j.call)]
+            by_key[j.call.keys[0]] = (i, False)
+            name = j.requests
+            if name is not None and name != "output":  # the parameter source_edge requested
+                by_key.setdefault(edge_key(get_gradient_edge(params[j.call.unit.params[name]])), (i, True))
+        if any(k not in by_key for k in plan.requests):
+            return None
+        jobs = tuple((pos[id(j.call)], j.streamed, j.batch_dim, j.requests) for j in plan.rules)
+        return PlanTemplate(plan.batch, jobs, tuple(by_key[k] for k in plan.requests), frozenset(plan.paths()))
+
+    def plan(self, calls: list[Call], params: Sequence[Tensor]) -> Plan:
+        """This step's plan: the template's jobs and requests on this step's calls."""
+        plan = Plan(self.batch)
+        plan.rules = [RuleJob(calls[i], None, streamed, bd, req) for i, streamed, bd, req in self.jobs]
+        for i, source in self.requests:
+            c = calls[i]
+            if source:
+                plan.requests.update(source_edge(c, params))
+            else:
+                plan.requests[c.keys[0]] = c.out_edges[0]
+        return plan

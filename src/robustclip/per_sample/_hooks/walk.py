@@ -93,3 +93,70 @@ def walk(root: Any, calls: list[Call], param_index: dict[int, int]) -> WalkResul
             stack.append((nxt, nctx))
     res.reached = list(reached.values())
     return res
+
+
+#: a graph's shape as :func:`signature` reads it; equal signatures, equal plans
+Signature = tuple[Any, ...]
+
+
+def signature(root: Any, calls: list[Call], param_index: dict[int, int], shaped: frozenset[str]) -> Signature | None:
+    """Everything the plan of a step without fallback calls depends on, as a hashable value:
+    the losses' graph as far as :func:`walk` goes (every node's name and its edges, nodes
+    numbered in the order a breadth-first visit finds them, so two graphs have the same
+    signature exactly when they are the same labelled graph), the output shape of the nodes
+    named in ``shaped`` (those the planner reads shapes of), and every recorded call: its unit,
+    output shapes, input shape and dtype, and where its inputs join the graph.
+
+    Parameters and other leaves are named by their layout index (None: not trained). The
+    walk jumps over rule calls as :func:`walk` does, and gives up (None) at a fallback call,
+    whose replay the plan does not cache. One pass over the nodes :func:`walk` visits,
+    without its bookkeeping: the check that a cached plan still fits this step's graph.
+    """
+    by_node: dict[Any, list[int]] = {}
+    for i, c in enumerate(calls):
+        for e in c.out_edges:
+            lst = by_node.setdefault(e.node, [])
+            if i not in lst:
+                lst.append(i)
+    ids: dict[Any, int] = {root: 0}
+    order: list[Any] = [root]
+    sig: list[Any] = [
+        tuple(
+            (id(c.unit), tuple(c.out_shapes), None if c.x is None else (tuple(c.x.shape), c.x.dtype))
+            for c in calls
+        )
+    ]
+    k = 0
+    while k < len(order):
+        node = order[k]
+        k += 1
+        here = by_node.get(node)
+        if here:
+            ins: list[tuple[int, int]] = []
+            for i in here:
+                if calls[i].unit.rule is None:
+                    return None
+                for n, nr in calls[i].in_keys:
+                    if n not in ids:
+                        ids[n] = len(order)
+                        order.append(n)
+                    ins.append((ids[n], nr))
+            sig.append((tuple(here), tuple(ins)))
+            continue
+        name = node.name()
+        edges: list[Any] = []
+        for nxt, nr in node.next_functions:
+            if nxt is None:
+                edges.append(None)
+                continue
+            var = getattr(_through_casts(nxt), "variable", None)
+            if var is not None:
+                edges.append(("leaf", param_index.get(id(var)), nxt.name(), nr))
+                continue
+            if nxt not in ids:
+                ids[nxt] = len(order)
+                order.append(nxt)
+            edges.append((ids[nxt], nr))
+        meta = getattr(node, "_input_metadata", None) if name in shaped else None
+        sig.append((name, tuple(edges), None if meta is None else tuple(tuple(m.shape) for m in meta)))
+    return tuple(sig)
