@@ -12,7 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import robustclip.diagnostics as rcd
-from robustclip.diagnostics._pilot import Arm, Candidate, extrapolate, matched_progress, rung_lengths, steps_to_reach
+from robustclip.diagnostics._pilot import (
+    Arm,
+    Candidate,
+    extrapolate,
+    matched_progress,
+    rung_lengths,
+    steps_to_reach,
+)
 from robustclip.diagnostics._verdict import without_spikes
 
 D = 5

@@ -629,12 +629,12 @@ def _diagnose(
             "is the verdict."
         )
     if best.caught_up is not None:
-        lead, need, horizon = best.caught_up
+        leader, need, horizon = best.caught_up
         conf = "medium"
         reason = (
-            f"In the final rung {lead} led, but {best.candidate.label}, a smaller radius under "
-            f"heavy-tailed per-sample noise (α̂ = {alpha:.2f}), descended steadily at a rate that "
-            f"reaches {lead}'s level in about {need:.0f} steps, within half of the {horizon} "
+            f"In the final rung {leader} led, but {best.candidate.label}, a smaller radius under "
+            f"heavy-tailed per-sample noise (α̂ = {alpha:.2f}), descended at a rate that "
+            f"reaches {leader}'s level in about {need:.0f} steps, within half of the {horizon} "
             "planned steps still to come; a smaller radius settles lower, so it is the verdict "
             "(matched progress, not the race's last reading)."
         )
