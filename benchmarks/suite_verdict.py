@@ -302,6 +302,8 @@ def measure(bench: Bench, seed: int, engine: str) -> dict[str, Any]:
         "rho_hat": d.statistics.get("rho"),
         "batch_size": bench.batch_size,
         "raced": [c["label"] for c in d.candidates],
+        # set when the radius was chosen at matched progress (diagnostics._pilot.matched_progress)
+        "matched_progress": d.candidates[0].get("caught_up") if d.candidates else None,
         "structure": bench.structure,
         "seconds_diagnose": round(t_diag, 2),
         "seconds_full_runs": round(t_full, 2),
@@ -391,16 +393,23 @@ def to_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     notes = _notes(records)
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    lines += [
+        "",
+        "Why the verdicts come out this way (the matched-progress radius rule for per-sample "
+        "clipping under heavy tails, spike-free radii for spectral and global-norm clipping, the "
+        "race's stages): docs/diagnostics.md, *How well it works (measured)*.",
+    ]
     if args.also is not None:
         other = json.loads(args.also.read_text())
         agree2 = sum(r["agree"] for r in other)
         cost2 = max((r["pilot_cost_frac"] for r in other), default=0.0)
         seeds = sorted({r.get("seed") for r in other if r.get("seed") is not None})
         which = f"seed {', '.join(map(str, seeds))}" if seeds else "another run"
+        subset = {r["problem"] for r in other} != {r["problem"] for r in records}
         lines += [
             "",
-            f"The same measurement on {which}, for a subset of the problems: **agreement {agree2} of "
-            f"{len(other)}**; largest pilot cost {cost2:.1%}.",
+            f"The same measurement on {which}{', for a subset of the problems' if subset else ''}: "
+            f"**agreement {agree2} of {len(other)}**; largest pilot cost {cost2:.1%}.",
             "",
             *_table(other),
         ]
