@@ -12,11 +12,14 @@ Three stages, all within a budget the user sets (a fraction of the planned train
    tails; spectral and global-norm clipping for spikes in the aggregated gradient; global-norm
    clipping for smoothness growing with the gradient). Methods with strong evidence race alone
    (at most two); otherwise all three race. Each races at three radii read off the
-   distribution of the quantity it clips (its 0.1-, 0.5- and 0.9-quantile), beside the
-   baseline: at most 3 methods x 3 radii.
+   distribution of the quantity it clips (its 0.1-, 0.5- and 0.9-quantile; spikes left out
+   for spectral and global-norm clipping), beside the baseline: at most 3 methods x 3 radii.
 3. **Pilot.** The arms branch from the trunk and race (:func:`._pilot.staged_race`: method
    first, then radius; or successive halving); the winner is the verdict, and the race's margin,
-   measured against the step-to-step noise of paired losses, is its confidence.
+   measured against the step-to-step noise of paired losses, is its confidence. Under
+   heavy-tailed noise the radius of per-sample clipping is chosen at matched progress
+   (:func:`._pilot.matched_progress`): a smaller radius that catches up with the leader within
+   the planned run settles lower.
 """
 
 from __future__ import annotations
