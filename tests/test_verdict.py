@@ -12,7 +12,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import robustclip.diagnostics as rcd
-from robustclip.diagnostics._pilot import extrapolate, rung_lengths
+from robustclip.diagnostics._pilot import (
+    Arm,
+    Candidate,
+    extrapolate,
+    matched_progress,
+    rung_lengths,
+    steps_to_reach,
+)
+from robustclip.diagnostics._verdict import without_spikes
 
 D = 5
 
@@ -143,3 +151,73 @@ def test_diagnose_errors_are_clear():
         rcd.diagnose(lambda: nn.Linear(D, 1), loss_fn, loader, planned_steps=1500, pilot="random")
     with pytest.raises(TypeError, match="nn.Module"):
         rcd.diagnose(lambda: "not a model", loss_fn, loader, planned_steps=1500)
+
+
+def test_steps_to_reach_reads_a_significant_descent():
+    # readings every 10 steps of a 60-step rung, falling by 1% per step in log space, end at
+    # -0.6: the target exp(-1.6) lies 1.0 further, 100 steps
+    r = [math.exp(-0.01 * s) for s in (10, 20, 30, 40, 50, 60)]
+    assert steps_to_reach(r, 60, math.exp(-1.6)) == pytest.approx(100.0)
+    # with noise around the line: the least-squares rate, still about 100 steps
+    wobble = [v * math.exp(e) for v, e in zip(r, (0.01, -0.01, 0.01, -0.01, 0.01, -0.01))]
+    assert steps_to_reach(wobble, 60, math.exp(-1.6)) == pytest.approx(100.0, rel=0.1)
+    # a metric that can be negative is read linearly: -0.01 per step, 1.0 more to go
+    lin = [0.5 - 0.01 * s for s in (10, 20, 30, 40, 50, 60)]
+    assert steps_to_reach(lin, 60, -0.1 - 1.0) == pytest.approx(100.0)
+    assert steps_to_reach(r, 60, 1.0) == 0.0  # already below the target
+    # no significant descent (flat, noisy, rising, diverged): it never gets there
+    assert math.isinf(steps_to_reach([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 60, 0.5))
+    assert math.isinf(steps_to_reach([0.6, 0.5, 0.55, 0.45, 0.6, 0.48], 60, 0.3))
+    assert math.isinf(steps_to_reach([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], 60, 0.3))
+    assert math.isinf(steps_to_reach([1.0, 0.9, 0.8, 0.7, 0.6, math.inf], 60, 0.5))
+
+
+def _arm(radius: float, readings: list[float]) -> Arm:
+    m = nn.Linear(1, 1)
+    a = Arm(Candidate("per_sample_clip", radius), m, torch.optim.SGD(m.parameters(), lr=0.1), None, torch.get_rng_state())
+    a.readings.append(readings)
+    return a
+
+
+def test_matched_progress_prefers_the_smallest_radius_that_catches_up_in_time():
+    steps = [10, 20, 30, 40, 50, 60]
+    lead = _arm(9.0, [0.5, 0.4, 0.3, 0.25, 0.2, 0.2])  # level: the last third, 0.2
+    larger = _arm(30.0, [0.6, 0.5, 0.4, 0.3, 0.25, 0.21])
+    # falls 1% per step to exp(-0.6) = 0.55: 0.2 after (-0.6 - log 0.2)/0.01 ~ 101 steps
+    small = _arm(1.5, [math.exp(-0.01 * s) for s in steps])
+    need = (-0.6 - math.log(0.2)) / 0.01
+    # a still smaller radius, falling at a tenth of the rate: about 1550 steps
+    tiny = _arm(0.3, [math.exp(-0.001 * s) for s in steps])
+    arms = [lead, larger, small, tiny]
+    got = matched_progress(arms, 60, horizon=1000)
+    assert got is not None and got[0] is small and got[1] == pytest.approx(need)
+    # with a long enough run the smallest radius that catches up within half of it wins
+    got = matched_progress(arms, 60, horizon=10_000)
+    assert got is not None and got[0] is tiny
+    # too short a run: the leader stays (None), and a larger radius is never preferred
+    assert matched_progress(arms, 60, horizon=2 * int(need) - 10) is None
+    assert matched_progress([lead, larger], 60, horizon=10**9) is None
+    # a smaller radius whose curve does not fall steadily is not preferred either
+    noisy = _arm(1.5, [0.6, 0.5, 0.55, 0.45, 0.6, 0.48])
+    assert matched_progress([lead, noisy], 60, horizon=10**9) is None
+
+
+def test_radii_leave_out_spikes():
+    h = [1.0, 1.1, 0.9, 1.0, 50.0, 1.05, 0.95, 2.9, 1.0, 40.0]
+    kept = without_spikes(h)
+    assert kept.tolist() == [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 2.9, 1.0]
+    # the median of the readings before it, not including earlier spikes' weight beyond one vote
+    assert without_spikes([1.0, 1.0, 1.0, 3.0]).tolist() == [1.0, 1.0, 1.0]
+    assert without_spikes([float("nan"), 1.0, 2.0]).tolist() == [1.0, 2.0]
+
+
+def test_heavy_tails_pick_the_radius_that_catches_up():
+    # Cauchy per-sample noise: whenever the matched-progress rule picks a radius over the
+    # rung's leader, it is a smaller one that reaches the leader's level within half the run
+    d = _diagnose("cauchy")
+    chosen = d.candidates[0]
+    if chosen["caught_up"] is not None:
+        lead = next(c for c in d.candidates if c["label"] == chosen["caught_up"]["leader"])
+        assert chosen["radius"] < lead["radius"]
+        assert chosen["caught_up"]["steps_to_leader_level"] <= 0.5 * chosen["caught_up"]["steps_left"]
+        assert "matched progress" in d.confidence_reason

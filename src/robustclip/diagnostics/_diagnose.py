@@ -12,11 +12,14 @@ Three stages, all within a budget the user sets (a fraction of the planned train
    tails; spectral and global-norm clipping for spikes in the aggregated gradient; global-norm
    clipping for smoothness growing with the gradient). Methods with strong evidence race alone
    (at most two); otherwise all three race. Each races at three radii read off the
-   distribution of the quantity it clips (its 0.1-, 0.5- and 0.9-quantile), beside the
-   baseline: at most 3 methods x 3 radii.
+   distribution of the quantity it clips (its 0.1-, 0.5- and 0.9-quantile; spikes left out
+   for spectral and global-norm clipping), beside the baseline: at most 3 methods x 3 radii.
 3. **Pilot.** The arms branch from the trunk and race (:func:`._pilot.staged_race`: method
    first, then radius; or successive halving); the winner is the verdict, and the race's margin,
-   measured against the step-to-step noise of paired losses, is its confidence.
+   measured against the step-to-step noise of paired losses, is its confidence. Under
+   heavy-tailed noise the radius of per-sample clipping is chosen at matched progress
+   (:func:`._pilot.matched_progress`): a smaller radius that catches up with the leader within
+   the planned run settles lower.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from robustclip.diagnostics._verdict import (
     LOW_RANK_SHARE,
     SPIKE_RATIO,
     spike_ratio,
+    without_spikes,
 )
 
 _T = TypeVar("_T")
@@ -547,10 +551,14 @@ def _diagnose(
     norms_hist = diag.per_sample_norm_history()
     ps = np.concatenate(norms_hist) if norms_hist else np.zeros(0)
     eligible = {n for n, sh in summary["layer_shapes"].items() if min(sh) >= 2}
-    sig = np.asarray(
-        [v for n, h in diag.sigma_max_history().items() if n in eligible for _, v in h], dtype=np.float64
+    # spectral and global-norm clipping are raced to remove spikes: their radii are read from
+    # the readings without the spikes (per layer for sigma_max), so that no radius sits at
+    # spike level, where it would clip nothing the method is there for
+    sig = np.concatenate(
+        [without_spikes([v for _, v in h]) for n, h in diag.sigma_max_history().items() if n in eligible]
+        or [np.zeros(0)]
     )
-    source = {"per_sample_clip": ps, "clip_by_global_norm": bn, "spectral_clip": sig}
+    source = {"per_sample_clip": ps, "clip_by_global_norm": without_spikes(bn.tolist()), "spectral_clip": sig}
     all_radii = {m: _quantiles(v) for m, v in source.items()}
     summary["radii"] = all_radii
     cands: list[Candidate] = [Candidate("none")] if "none" in chosen else []
@@ -579,10 +587,15 @@ def _diagnose(
     favoured = max(clip_methods, key=lambda m: scores[m]) if clip_methods else "none"
     if scores.get(favoured, 0.0) < STRONG_EVIDENCE:
         favoured = "none"
+    # heavy-tailed per-sample noise: a smaller per-sample radius that catches up with the
+    # leader within the planned run settles lower (see _pilot.matched_progress)
+    alpha = summary.get("tail_index")
+    heavy = alpha is not None and alpha < HEAVY_TAIL_ALPHA
     if pilot == "staged":
         ranked, plan = staged_race(
             trainer, trunk, cands, race_steps, metric_fn=metric_fn, extrapolate_curve=extrapolate,
             forbid_baseline=catastrophe, prior=None if favoured == "none" else favoured,
+            match_radius=heavy, steps_left=planned_steps - trunk.steps,
         )
         arms = list(ranked)
     else:
@@ -618,6 +631,16 @@ def _diagnose(
             f"such jumps, which a short race may not. The best clipping arm, {best.candidate.label}, "
             "is the verdict."
         )
+    if best.caught_up is not None:
+        leader, need, horizon = best.caught_up
+        conf = "medium"
+        reason = (
+            f"In the final rung {leader} led, but {best.candidate.label}, a smaller radius under "
+            f"heavy-tailed per-sample noise (α̂ = {alpha:.2f}), descended at a rate that "
+            f"reaches {leader}'s level in about {need:.0f} steps, within half of the {horizon} "
+            "planned steps still to come; a smaller radius settles lower, so it is the verdict "
+            "(matched progress, not the race's last reading)."
+        )
     if best.candidate.method != favoured:
         reason += (
             f" The statistics alone pointed to {favoured}; the pilot overrules them, as it "
@@ -634,6 +657,9 @@ def _diagnose(
             "steps": a.steps,
             "eliminated_at_rung": a.eliminated_at,
             "diverged": a.diverged,
+            "caught_up": None if a.caught_up is None else {
+                "leader": a.caught_up[0], "steps_to_leader_level": a.caught_up[1], "steps_left": a.caught_up[2],
+            },
             "losses": a.losses,
         }
         for a in ranked

@@ -46,6 +46,8 @@ __all__ = [
     "successive_halving",
     "rung_lengths",
     "extrapolate",
+    "steps_to_reach",
+    "matched_progress",
     "METHODS",
 ]
 
@@ -124,6 +126,9 @@ class Arm:
     readings: list[list[float]] = field(default_factory=list)
     eliminated_at: int | None = None
     diverged: bool = False
+    #: set when :func:`matched_progress` preferred this arm to the rung's leader: the leader's
+    #: label, the steps this arm needs to reach its level, and the planned steps still to come
+    caught_up: tuple[str, float, int] | None = None
 
 
 class PilotTrainer:
@@ -246,6 +251,9 @@ OVERRULE_Z = 2.0
 READINGS = 6
 #: how far ahead a rung's curve may be extrapolated, in thirds of the rung
 LOOKAHEAD = 6
+#: a smaller per-sample radius takes the verdict when, at its own rate, it reaches the leader's
+#: level within this share of the planned steps still to come (:func:`matched_progress`)
+MATCH_SHARE = 0.5
 
 
 def _metric(arm: Arm, metric_fn: Callable[[nn.Module], float]) -> float:
@@ -312,6 +320,78 @@ def extrapolate(readings: Sequence[float], lookahead: float = LOOKAHEAD) -> floa
         # averages can fake a fast approach to a low floor
         pred = max(m_inf + (m3 - m_inf) * x**lookahead, m3 - (m1 - m3))
     return float(math.exp(pred)) if log else float(pred)
+
+
+def steps_to_reach(readings: Sequence[float], rung_steps: int, target: float) -> float:
+    """Steps a curve needs, descending at the rate it showed over the rung, to reach ``target``.
+
+    ``readings`` are taken at equal intervals over a rung of ``rung_steps`` steps (the last at
+    its end). A least-squares line through them (in log space when they and ``target`` are
+    positive, so that the rate is a rate of relative descent) gives the rate; only a
+    significant descent counts, a slope at least :data:`OVERRULE_Z` standard errors below zero.
+    The answer is the steps from the rung's end until the line reaches ``target``: ``0`` when
+    the line's end is already at or below it, ``inf`` for a curve that does not descend
+    significantly (flat, noisy, rising or not finite). A constant rate in log space is
+    conservative for clipped SGD far from its floor: while most samples are clipped the
+    distance to the optimum falls by a roughly fixed amount per step, so the relative descent
+    speeds up as the distance shrinks.
+    """
+    r = np.asarray(readings, dtype=np.float64)
+    if r.size < 3 or rung_steps < 1 or not np.all(np.isfinite(r)) or not math.isfinite(target):
+        return math.inf
+    log = bool(np.all(r > 0) and target > 0)
+    t = np.log(r) if log else r
+    goal = math.log(target) if log else target
+    steps = np.arange(1, r.size + 1, dtype=np.float64) * (rung_steps / r.size)
+    slope, icpt = np.polyfit(steps, t, 1)
+    end = float(slope * steps[-1] + icpt)
+    if end <= goal:
+        return 0.0
+    resid = t - (slope * steps + icpt)
+    se = math.sqrt(float(resid @ resid) / (r.size - 2) / float(((steps - steps.mean()) ** 2).sum()))
+    if not slope < -OVERRULE_Z * se:
+        return math.inf
+    return (end - goal) / float(-slope)
+
+
+def matched_progress(arms: Sequence[Arm], rung_steps: int, horizon: int, share: float = MATCH_SHARE) -> tuple[Arm, float] | None:
+    """The smallest-radius arm that catches up with the leader within the planned run, if any.
+
+    ``arms`` are one method's radii after the same rung, best score first (the leader). For
+    per-sample clipping under heavy-tailed noise at a constant step size, the level a run
+    settles at grows with the radius: the clipped noise's variance per unit of mean gradient it
+    keeps, ``E[min(|xi|, c)^2] / E[min(1, c/|xi|)]``, grows with ``c``, without bound when the
+    noise has no variance. A smaller radius is slower at first but settles lower, so once it
+    has reached the level a larger radius stands at, it keeps going below. A rung of a few
+    percent of the run cannot show that crossing; what it can show is the rate at which the
+    smaller radius descends. This rule compares the arms at matched progress: an arm with a
+    smaller radius than the leader whose significant descent (:func:`steps_to_reach`) reaches
+    the leader's level (the mean of its last third of readings) within ``share`` of the
+    ``horizon`` (planned steps still to come after the rung) is preferred, the smallest such
+    first, so that at least the rest of the run is spent below the leader's level.
+
+    Returns the arm and its steps to reach the leader's level, or ``None`` (keep the leader).
+    """
+    if len(arms) < 2 or horizon <= 0:
+        return None
+    lead = arms[0]
+    if lead.candidate.radius is None or not lead.readings or lead.diverged:
+        return None
+    last = np.asarray(lead.readings[-1], dtype=np.float64)
+    tail = last[last.size - max(1, last.size // 3) :]
+    if not np.all(np.isfinite(tail)):
+        return None
+    level = float(np.exp(np.log(tail).mean())) if np.all(tail > 0) else float(tail.mean())
+    smaller = sorted(
+        (a for a in arms[1:] if a.candidate.radius is not None and a.candidate.radius < lead.candidate.radius
+         and a.readings and not a.diverged),
+        key=lambda a: float(a.candidate.radius or 0.0),
+    )
+    for arm in smaller:
+        need = steps_to_reach(arm.readings[-1], rung_steps, level)
+        if need <= share * horizon:
+            return arm, need
+    return None
 
 
 def rung_score(readings: Sequence[float], extrapolate_curve: bool) -> float:
@@ -463,6 +543,8 @@ def staged_race(
     extrapolate_curve: bool = True,
     forbid_baseline: bool = False,
     prior: str | None = None,
+    match_radius: bool = False,
+    steps_left: int | None = None,
 ) -> tuple[list[Arm], list[tuple[int, int]]]:
     """Method first, then radius: two rungs of equal length within ``budget_steps``.
 
@@ -475,14 +557,33 @@ def staged_race(
     clearly (:data:`OVERRULE_GAP` and :data:`OVERRULE_Z`); the baseline still wins a tie within
     :data:`BASELINE_TIE` of the best (no clipping unless clipping measurably helps).
 
-    When the baseline wins stage 1 there is no radius to choose, and stage 2 instead repeats
-    stage 1 over a second, later stretch (all arms restart from the baseline's point): a
-    clipping method whose advantage shows late gets a second chance (then at its middle
-    radius).
+    ``match_radius`` (``diagnose`` sets it for per-sample clipping under heavy-tailed noise)
+    lets a smaller radius that catches up with stage 2's leader within the planned run take the
+    verdict (:func:`matched_progress`); ``steps_left`` is the planned run's steps after the
+    branch point.
+
+    When the baseline wins stage 1, stage 2 instead repeats stage 1 over a second, later
+    stretch (all arms restart from the baseline's point), so that a clipping method whose
+    advantage shows late gets a second chance; the method the statistics favour (``prior``,
+    else stage 1's best clipping method) races all its radii there, so that if it wins, its
+    radius is chosen as in stage 2 (another clipping winner keeps its middle radius).
 
     Returns every arm, best first (stage-2 arms by their score, then stage-1 losers), and the
     rungs ``[(arms, cumulative steps), ...]``.
     """
+    def _match(ranked: list[Arm], rung: int, end: int) -> None:
+        # heavy-tailed per-sample noise: a smaller radius that catches up with the leader
+        # within the planned run takes its place (matched_progress), in place
+        if not (match_radius and steps_left is not None and ranked[0].candidate.method == "per_sample_clip"):
+            return
+        horizon = steps_left - end
+        found = matched_progress(ranked, rung, horizon)
+        if found is not None:
+            arm, need = found
+            arm.caught_up = (ranked[0].candidate.label, need, horizon)
+            ranked.remove(arm)
+            ranked.insert(0, arm)
+
     by_method: dict[str, list[Candidate]] = {}
     for c in candidates:
         by_method.setdefault(c.method, []).append(c)
@@ -492,13 +593,13 @@ def staged_race(
     length = max(1, budget_steps // (len(first) + n_second))
     arms1 = [trainer.branch(trunk, c) for c in first]
 
-    def stage1(end: int, stretch: int) -> Arm:
-        for arm in arms1:
+    def stage1(arms: list[Arm], end: int, stretch: int) -> Arm:
+        for arm in arms:
             readings = run_rung(trainer, arm, end, metric_fn)
             arm.readings.append(readings)
             arm.scores.append(rung_score(readings, extrapolate_curve))
-        index = {id(a): i for i, a in enumerate(arms1)}
-        order = sorted(arms1, key=lambda a: (_tie(a.scores[-1]), index[id(a)]))
+        index = {id(a): i for i, a in enumerate(arms)}
+        order = sorted(arms, key=lambda a: (_tie(a.scores[-1]), index[id(a)]))
         best = order[0]
         base = next((a for a in order if a.candidate.method == "none"), None)
         if base is not None and base is not best and math.isfinite(best.scores[-1]) and not forbid_baseline:
@@ -515,20 +616,49 @@ def staged_race(
             best = next((a for a in order if a.candidate.method != "none" and not a.diverged), best)
         return best
 
-    best = stage1(length, length)
+    best = stage1(arms1, length, length)
     plan = [(len(arms1), length)]
-    again = min(length, n_second * length // len(arms1))  # stage 2's share of the budget
-    if best.candidate.method == "none" and len(arms1) > 1 and again >= 3:
-        # the baseline leads: there is no radius to choose, so stage 2 asks stage 1's question
-        # again over a second, later stretch (every arm restarts from the baseline's point)
-        _restart_from_leader([best] + [a for a in arms1 if a is not best])
-        best = stage1(length + again, again)
-        plan.append((len(arms1), length + again))
-    order = [best] + [a for a in sorted(arms1, key=lambda a: (_tie(a.scores[-1]), arms1.index(a))) if a is not best]
-    if len(plan) > 1 or best.candidate.method == "none" or len(by_method[best.candidate.method]) == 1:
-        # (after a repeated stage 1 the budget is spent: a clipping winner keeps its middle radius)
+    again, extra = 0, list[Candidate]()
+    if best.candidate.method == "none" and len(arms1) > 1:
+        # the baseline leads: stage 2 asks stage 1's question again over a second, later
+        # stretch (every arm restarts from the baseline's point), and the method the
+        # statistics favour (else stage 1's best clipping method) races all its radii there,
+        # so that a clipping winner of the repeat still gets its radius chosen
+        focus = prior if prior in by_method else min(
+            (a for a in arms1 if a.candidate.method != "none"), key=lambda a: (_tie(a.scores[-1]), arms1.index(a))
+        ).candidate.method
+        extra = [c for c in by_method[focus] if c not in first]
+        again = min(length, n_second * length // (len(arms1) + len(extra)))  # stage 2's share
+        if again < 3:
+            extra = []
+            again = min(length, n_second * length // len(arms1))
+    if again >= 3:
+        arms_rep = list(arms1)
+        for c in extra:
+            arm = trainer.branch(best, c)
+            arm.steps = best.steps
+            arm.losses = [math.nan] * best.steps
+            arm.padded = best.steps
+            arms_rep.append(arm)
+        _restart_from_leader([best] + [a for a in arms_rep if a is not best])
+        best = stage1(arms_rep, length + again, again)
+        plan.append((len(arms_rep), length + again))
+        ranked_rep = sorted(arms_rep, key=lambda a: (_tie(a.scores[-1]), arms_rep.index(a)))
+        if best.candidate.method == focus and extra:
+            # the radius among the focus method's arms, as in stage 2
+            mine = [a for a in ranked_rep if a.candidate.method == focus]
+            mine.remove(best)
+            mine.insert(0, best)
+            _match(mine, again, length + again)
+            best = mine[0]
+        order = [best] + [a for a in ranked_rep if a is not best]
         for a in order[1:]:
-            a.eliminated_at = len(plan) - 1
+            a.eliminated_at = 1
+        return order, plan
+    order = [best] + [a for a in sorted(arms1, key=lambda a: (_tie(a.scores[-1]), arms1.index(a))) if a is not best]
+    if best.candidate.method == "none" or len(by_method[best.candidate.method]) == 1:
+        for a in order[1:]:
+            a.eliminated_at = 0
         return order, plan
     # stage 2: the winner continues; its other radii branch from where it stands
     others = [c for c in by_method[best.candidate.method] if c != best.candidate]
@@ -550,4 +680,5 @@ def staged_race(
     plan.append((len(arms2), end))
     idx2 = {id(a): i for i, a in enumerate(arms2)}
     ranked2 = sorted(arms2, key=lambda a: (_tie(a.scores[-1]), idx2[id(a)]))
+    _match(ranked2, length, end)
     return ranked2 + order[1:], plan

@@ -29,7 +29,7 @@ from typing import TypeGuard
 
 import numpy as np
 
-__all__ = ["Verdict", "verdict", "spike_ratio", "HEAVY_TAIL_ALPHA", "SPIKE_RATIO", "LOW_RANK_SHARE"]
+__all__ = ["Verdict", "verdict", "spike_ratio", "without_spikes", "HEAVY_TAIL_ALPHA", "SPIKE_RATIO", "LOW_RANK_SHARE"]
 
 #: alpha_hat below this reads as heavy-tailed
 HEAVY_TAIL_ALPHA = 1.8
@@ -80,6 +80,25 @@ def spike_ratio(history: Sequence[float], window: int = SPIKE_WINDOW) -> float |
             r = float(h[t] / med)
             best = r if best is None else max(best, r)
     return best
+
+
+def without_spikes(history: Sequence[float], window: int = SPIKE_WINDOW, ratio: float = SPIKE_RATIO) -> np.ndarray:
+    """The finite values of ``history`` that are not spikes: a value at or above ``ratio``
+    times the median of the ``window`` finite values before it (the rule of
+    :func:`spike_ratio`) is left out; the first three values are kept (no median yet).
+
+    The radius of a method that clips spikes is read from what is left: a quantile that
+    includes the spikes can land among them, and a radius at spike level clips nothing the
+    method is there for.
+    """
+    h = np.asarray(list(history), dtype=np.float64)
+    h = h[np.isfinite(h)]
+    keep = np.ones(h.size, dtype=bool)
+    for t in range(3, h.size):
+        med = float(np.median(h[max(0, t - window) : t]))
+        if med > 0 and h[t] >= ratio * med:
+            keep[t] = False
+    return h[keep]
 
 
 def _finite(x: float | None) -> TypeGuard[float]:

@@ -103,8 +103,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
             return total / xt.shape[0]
 
     d = diagnose(
-        problem.model, problem.loss_fn, loader, planned_steps=planned, budget=args.budget, lr=lr,
-        metric_fn=metric_fn, methods=args.methods, noise_fn=getattr(problem, "grad_noise", None),
+        problem.model, problem.loss_fn, loader, planned_steps=planned, budget=args.budget,
+        metric_fn=metric_fn, methods=args.methods, noise_fn=problem.grad_noise,
+        optimizer_fn=lambda params: torch.optim.SGD(params, lr=lr, momentum=problem.momentum),
         probe_size=args.probe_size, seed=args.seed, device=device, engine=args.engine,
     )
     paths = d.save(args.out, plots=not args.no_plots)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -20,6 +21,11 @@ class Problem:
         loss_fn: ``loss_fn(outputs, targets) -> per-sample losses`` of shape ``(B,)``.
         batch_size: the experiment's default batch size.
         lr: the experiment's default learning rate for SGD.
+        momentum: the momentum of the experiment's SGD (0 for plain SGD).
+        grad_noise: ``() -> GradientTransform`` that adds the gradient noise the experiment
+            injects after aggregation (a fresh transform, seeded as the experiment's first
+            run), or ``None`` when the noise is all in the data. ``robustclip diagnose``
+            passes it as ``noise_fn``, so the verdict is for the problem the experiment trains.
     """
 
     name: str
@@ -29,3 +35,5 @@ class Problem:
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     batch_size: int
     lr: float
+    momentum: float = 0.0
+    grad_noise: Callable[[], Any] | None = None

@@ -188,7 +188,12 @@ def _loss(out: Tensor, y: Tensor) -> Tensor:
 def problem(cfg: Config) -> Problem:
     x, y, xt, yt = _data(cfg, cfg.seed)
     torch.manual_seed(cfg.seed)
-    return Problem("spectral-mlp", _model(cfg), (x, y), (xt, yt), _loss, cfg.batch_size, cfg.lr)
+    return Problem(
+        "spectral-mlp", _model(cfg), (x, y), (xt, yt), _loss, cfg.batch_size, cfg.lr, cfg.momentum,
+        # the rank-1 spikes are injected into the gradient, not present in the data: the same
+        # transform (and seed) as the experiment's first run, applied after aggregation
+        grad_noise=lambda: Rank1HeavyTailedNoise(cfg.noise_prob, cfg.noise_alpha, cfg.noise_scale, cfg.seed),
+    )
 
 
 def _method(arm: str, cfg: Config, seed: int) -> Any:
