@@ -90,7 +90,7 @@ def problem(cfg: Config) -> Problem:
     g = torch.Generator().manual_seed(cfg.seed)
     x, y = c.batch("train", 512, cfg.block_size, g)
     xv, yv = c.batch("val", 256, cfg.block_size, g)
-    return Problem("accumulation", _model(cfg, c.vocab_size), (x, y), (xv, yv), sequence_losses, cfg.micro_batch, cfg.lr)
+    return Problem("accumulation", _model(cfg, c.vocab_size), (x, y), (xv, yv), sequence_losses, cfg.micro_batch, cfg.lr, cfg.momentum)
 
 
 @torch.no_grad()

@@ -337,7 +337,7 @@ def problem(cfg: Config) -> Problem:
     return Problem(
         f"{cfg.dataset}-{cfg.model}", build_model(cfg, split.num_classes),
         (normalize_images(split.x_train), split.y_train), (normalize_images(split.x_test), split.y_test),
-        _loss, cfg.batch_size, cfg.lr,
+        _loss, cfg.batch_size, cfg.lr, cfg.momentum,
     )
 
 

@@ -105,6 +105,7 @@ def problem(cfg: Config) -> Problem:
         loss_fn=_loss,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        momentum=cfg.momentum,
     )
 
 
