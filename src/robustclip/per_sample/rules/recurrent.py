@@ -28,11 +28,13 @@ found on the losses' graph outside any call: the engine falls back for the whole
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
@@ -47,16 +49,130 @@ def _unsupported(m: nn.RNNBase) -> str | None:
     return None
 
 
-def _repack(m: nn.RNNBase, output: Any) -> tuple[Tensor, Any] | None:
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _pack(m: nn.RNNBase, seq: Tensor, states: list[Tensor]) -> Tensor:
+    """The sequence (batch first) and the final states, ``(layers * dirs, B, H)`` each, as one
+    ``(B, n)`` tensor: the layout of the output gradient the rule gets."""
+    b = seq.shape[0]
+    return torch.cat([seq.reshape(b, -1)] + [s.transpose(0, 1).reshape(b, -1) for s in states], 1)
+
+
+class _Record:
+    """One recorded call, held by its backward node: the call's arguments and, once the rule
+    has solved the recurrence for an output gradient in the engine's pass, that gradient and
+    the gradients of the layer's input and initial states."""
+
+    __slots__ = ("__weakref__", "autocast", "call", "grads")
+
+    def __init__(self, call: Call, autocast: tuple[str, bool, torch.dtype]) -> None:
+        self.call = call
+        self.autocast = autocast
+        self.grads: tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None = None
+
+
+#: the records of the calls whose graph is alive, by the identity of their (args, kwargs)
+_RECORDS: weakref.WeakValueDictionary[tuple[int, int], _Record] = weakref.WeakValueDictionary()
+
+
+def _record_of(call: Call) -> _Record | None:
+    rec = _RECORDS.get((id(call[0]), id(call[1])))
+    return rec if rec is not None and rec.call[0] is call[0] and rec.call[1] is call[1] else None
+
+
+def _arguments(m: nn.RNNBase, call: Call) -> tuple[Tensor, list[Tensor]]:
+    """The call's input and initial states (an empty list for none)."""
+    a = inspect.signature(type(m).forward).bind(m, *call[0], **call[1]).arguments
+    hx = a.get("hx")
+    return a["input"], [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+
+
+def _native(m: nn.RNNBase, inp: Tensor, hx: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The layer's own computation (torch's kernel) from its input, states and weights."""
+    dirs = 2 if m.bidirectional else 1
+    b = inp.shape[0] if m.batch_first else inp.shape[1]
+    if not hx:
+        zeros = inp.new_zeros((m.num_layers * dirs, b, m.hidden_size))
+        hx = [zeros, zeros] if isinstance(m, nn.LSTM) else [zeros]
+    rest = (weights, m.bias, m.num_layers, 0.0, m.training, m.bidirectional, m.batch_first)
+    if isinstance(m, nn.LSTM):
+        out, h, c = torch.lstm(inp, (hx[0], hx[1]), *rest)
+        return out, [h, c]
+    fn = torch.gru if isinstance(m, nn.GRU) else torch.rnn_tanh if m.nonlinearity == "tanh" else torch.rnn_relu
+    out, h = fn(inp, hx[0], *rest)
+    return out, [h]
+
+
+def _engine_needs(t: Tensor) -> bool:
+    """Whether the running backward pass wants a gradient for leaf ``t`` (torch answers only
+    for leaves it does not capture; otherwise: yes)."""
+    try:
+        return bool(torch._C._will_engine_execute_node(get_gradient_edge(t).node))
+    except RuntimeError:
+        return True
+
+
+class _Recurrence(torch.autograd.Function):
+    """The packed outputs of one call, with a backward that reuses the rule's work.
+
+    In the engine's backward pass the rule gets the packed output gradient first (the tensor
+    hook on the output fires before the node that produced it) and solves the recurrence for
+    its terms, which gives the gradients of the layer's input and initial states on the way:
+    this node then returns those (one matmul for the input, done by the rule) instead of
+    running the layer's backward again. Any other backward pass (autograd's reference check,
+    a plain ``backward()``, a call the rule did not solve, parameter gradients requested) runs
+    torch's own backward of the layer, recomputed from the saved inputs.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]  # torch's signature is (ctx, *args)
+        ctx: Any, rec: _Record, m: nn.RNNBase, seq: Tensor, states: list[Tensor], n_hx: int, inp: Tensor, *rest: Tensor
+    ) -> Tensor:
+        ctx.rec, ctx.m, ctx.n_hx = rec, m, n_hx
+        ctx.save_for_backward(inp, *rest)
+        return _pack(m, seq, states)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inp, *rest = ctx.saved_tensors
+        m, n_hx, rec = ctx.m, ctx.n_hx, ctx.rec
+        hx, weights = rest[:n_hx], rest[n_hx:]
+        needs = ctx.needs_input_grad[5:]
+        head: tuple[None, ...] = (None,) * 5
+        got = rec.grads
+        if got is not None and got[0] is grad and not any(n and _engine_needs(w) for n, w in zip(needs[1 + n_hx :], weights)):
+            rec.grads = None
+            _, d_in, dh0, dc0 = got
+            dx = None if d_in is None or not needs[0] else (d_in if m.batch_first else d_in.transpose(0, 1)).to(inp.dtype)
+            dstates = [dh0, dc0][:n_hx]
+            d_hx = [d.to(h.dtype) if n and d is not None else None for d, h, n in zip(dstates, hx, needs[1:])]
+            return (*head, dx, *d_hx, *(None,) * len(weights))
+        dev, enabled, dtype = rec.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip([inp, *rest], needs)]
+            out, states = _native(m, leaves[0], leaves[1 : 1 + n_hx], leaves[1 + n_hx :])
+            packed = _pack(m, out if m.batch_first else out.transpose(0, 1), states)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(packed, wanted, grad.to(packed.dtype), allow_unused=True))
+        return (*head, *(next(grads) if t.requires_grad else None for t in leaves))
+
+
+def _repack(m: nn.RNNBase, output: Any, call: Call) -> tuple[Tensor, Any] | None:
     out, hidden = output
     if not isinstance(out, Tensor) or out.dim() != 3:
         return None  # a PackedSequence, or an unbatched input
     states = list(hidden) if isinstance(hidden, tuple) else [hidden]
     seq = out if m.batch_first else out.transpose(0, 1)
+    inp, hx = _arguments(m, call)
+    dev = out.device.type
+    rec = _Record(call, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+    _RECORDS[(id(call[0]), id(call[1]))] = rec
+    weights = [getattr(m, n) for n in m._flat_weights_names]
+    packed = _Recurrence.apply(rec, m, seq.detach(), [s.detach() for s in states], len(hx), inp, *hx, *weights)
     b = seq.shape[0]
-    parts = [seq.reshape(b, -1)] + [s.transpose(0, 1).reshape(b, -1) for s in states]
-    packed = torch.cat(parts, 1)
-    pieces = packed.split([p.shape[1] for p in parts], 1)
+    pieces = packed.split([seq[0].numel()] + [s[:, 0].numel() for s in states], 1)
     seq2 = pieces[0].reshape(seq.shape)
     out2 = (seq2 if m.batch_first else seq2.transpose(0, 1)).contiguous()
     st2 = [p.reshape(b, s.shape[0], s.shape[2]).transpose(0, 1).contiguous() for p, s in zip(pieces[1:], states)]
@@ -299,26 +415,24 @@ def recurrent_terms(
     call: tuple[tuple[Any, ...], dict[str, Any]],
 ) -> dict[str, Term]:
     m = module
-    a = inspect.signature(type(m).forward).bind(m, *call[0], **call[1]).arguments
+    raw, hx_list = _arguments(m, call)
     # computed in the parameters' precision (float32 at least), as for attention
     w0 = m.weight_ih_l0
     assert isinstance(w0, Tensor)
-    cd = torch.promote_types(acc_dtype(a["input"].dtype), w0.dtype)
-    inp = a["input"].detach().to(cd)
+    cd = torch.promote_types(acc_dtype(raw.dtype), w0.dtype)
+    inp = raw.detach().to(cd)
     if not m.batch_first:
         inp = inp.transpose(0, 1)
     inp = inp.contiguous()
     b = inp.shape[0]
     dirs, hid, layers = 2 if m.bidirectional else 1, m.hidden_size, m.num_layers
-    hx = a.get("hx")
     zeros = inp.new_zeros((layers * dirs, b, hid))
-    if hx is None:
-        h0, c0 = zeros, zeros
-    elif isinstance(m, nn.LSTM):
-        h0, c0 = hx[0].detach().to(cd), hx[1].detach().to(cd)
-    else:
-        h0, c0 = hx.detach().to(cd), zeros
-    solved = _solve(m, inp, h0, c0, grad_out, cd, input_grad=False)
+    h0 = hx_list[0].detach().to(cd) if hx_list else zeros
+    c0 = hx_list[1].detach().to(cd) if len(hx_list) > 1 else zeros
+    rec = _record_of(call)
+    solved = _solve(m, inp, h0, c0, grad_out, cd, input_grad=rec is not None and raw.requires_grad)
+    if rec is not None:  # for the call's backward node, which runs next (see _Recurrence)
+        rec.grads = (grad_out, solved.d_input, solved.dh0, solved.dc0)
     terms: dict[str, Term] = {}
     dt = grad_out.dtype
     for s, (x_in, h_prev, dgi, dgh) in solved.parts.items():
