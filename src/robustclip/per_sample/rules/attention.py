@@ -8,13 +8,16 @@ projection ``y = o W_o^T + b_o`` of the attention output ``o``. Given ``dL/dq``,
 ``dL/dv`` and ``o``, every weight is an outer-product term as for ``nn.Linear`` (``u`` = the
 projection's output gradient, ``v`` = its input), every bias a sum over positions. Those come
 from ONE batched recomputation of the attention from the recorded inputs: the projections are
-applied here, the attention core runs through ``F.multi_head_attention_forward`` itself (with
-identity projections, so masks mean exactly what they mean to the layer) and one backward pass
-of ``dL/do = dL/dy W_o`` through it gives ``dL/dq, dL/dk, dL/dv``. No per-sample work; the
-extra cost is about one forward and one backward of the attention core.
+applied here (self-attention: one matmul with the packed weight), the attention core runs
+through ``F.scaled_dot_product_attention`` with the masks applied as
+``F.multi_head_attention_forward`` applies them, and one backward pass of ``dL/do = dL/dy W_o``
+through the core gives ``dL/dq``, ``dL/dk``, ``dL/dv``. No per-sample work; the extra cost is
+the input projections and one forward and one backward of the attention core.
 
-The input projection weight ``in_proj_weight`` (``3E x E``) is one term in three blocks (query,
-key, value rows), with the shorter of query and key padded by zero positions. ``bias_k`` and
+The input projection weight ``in_proj_weight`` (``3E x E``) is, for self-attention (one tensor
+as query, key and value), one Linear term: ``u`` = ``(dq, dk, dv)`` side by side, ``v`` = the
+input. Otherwise it is one term in three blocks (query, key, value rows), with the shorter of
+query and key padded by zero positions. ``bias_k`` and
 ``bias_v`` are appended to each sample's keys and values here, as one row per sample, so that
 their gradients stay per sample.
 

@@ -7,11 +7,18 @@ the layer's input and ``gh_t = h_{t-1} W_hh^T + b_hh`` on the previous hidden st
 them apart because its candidate gate multiplies ``gh`` by the reset gate). Given ``dL/dgi_t``
 and ``dL/dgh_t``, per sample, ``grad W_ih_i = sum_t dgi_{i,t} (x) x_{i,t}`` and ``grad W_hh_i =
 sum_t dgh_{i,t} (x) h_{i,t-1}``: outer-product terms over the time steps, as for ``nn.Linear``
-over positions; the biases are sums over time. Those gradients come from ONE batched
-recomputation of the recurrence from the recorded input (and initial state), with the cell's
-equations written out (gate order and equations as in torch's documentation), and one backward
-pass of the output gradients through it. No per-sample work; the extra cost is about one
-forward and one backward of the layer, run step by step.
+over positions; the biases are sums over time (for RNN and LSTM ``dgi_t == dgh_t``: one
+tensor serves both weights). Those gradients come from the recurrence recomputed batched over
+samples, with the cells' equations (gate order as in torch's documentation) and their
+derivatives written out: a forward loop that keeps the gate activations and states, and a
+backward loop of a few fused ops per time step. No per-sample work.
+
+The solution also holds the gradients of the layer's input and initial states. The rule's
+``repack`` routes the call's outputs through a backward node (:class:`_Recurrence`) that,
+in the engine's pass, returns those instead of running the layer's backward again (the rule
+sees the output gradient first: the tensor hook fires before the node). Every other backward
+pass through that node (autograd's reference check, a plain ``backward()``) runs torch's own
+backward of the layer, so the check compares the rule with torch, not with itself.
 
 A recurrent layer returns the sequence and the final state(s), and the losses may use any of
 them (a classifier often reads only ``h_n``). The rule's ``repack`` makes the engine see them
@@ -32,7 +39,6 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
@@ -69,7 +75,7 @@ class _Record:
     def __init__(self, call: Call, autocast: tuple[str, bool, torch.dtype]) -> None:
         self.call = call
         self.autocast = autocast
-        self.grads: tuple[Tensor, Tensor | None, Tensor, Tensor | None] | None = None
+        self.grads: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None] | None = None
 
 
 #: the records of the calls whose graph is alive, by the identity of their (args, kwargs)
@@ -126,7 +132,7 @@ class _Recurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]  # torch's signature is (ctx, *args)
+    def forward(
         ctx: Any, rec: _Record, m: nn.RNNBase, seq: Tensor, states: list[Tensor], n_hx: int, inp: Tensor, *rest: Tensor
     ) -> Tensor:
         ctx.rec, ctx.m, ctx.n_hx = rec, m, n_hx
@@ -135,7 +141,7 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         inp, *rest = ctx.saved_tensors
         m, n_hx, rec = ctx.m, ctx.n_hx, ctx.rec
         hx, weights = rest[:n_hx], rest[n_hx:]
@@ -170,7 +176,10 @@ def _repack(m: nn.RNNBase, output: Any, call: Call) -> tuple[Tensor, Any] | None
     rec = _Record(call, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
     _RECORDS[(id(call[0]), id(call[1]))] = rec
     weights = [getattr(m, n) for n in m._flat_weights_names]
-    packed = _Recurrence.apply(rec, m, seq.detach(), [s.detach() for s in states], len(hx), inp, *hx, *weights)
+    # Function.apply is untyped in torch's stubs; it returns forward's Tensor
+    packed: Tensor = _Recurrence.apply(  # type: ignore[no-untyped-call]
+        rec, m, seq.detach(), [s.detach() for s in states], len(hx), inp, *hx, *weights
+    )
     b = seq.shape[0]
     pieces = packed.split([seq[0].numel()] + [s[:, 0].numel() for s in states], 1)
     seq2 = pieces[0].reshape(seq.shape)
