@@ -415,6 +415,9 @@ class AttentionCall(nn.Module):
         if self.mask in ("causal", "both"):
             kw["attn_mask"] = torch.ones(length, src, dtype=torch.bool, device=x.device).triu(1)
             kw["attn_mask"][:, 0] = False
+        if self.mask == "causal_hint":  # the exact causal mask, declared with is_causal
+            kw["attn_mask"] = torch.ones(length, src, dtype=torch.bool, device=x.device).triu(1)
+            kw["is_causal"] = True
         if self.mask == "additive":
             kw["attn_mask"] = torch.linspace(-1, 1, length * src, dtype=x.dtype).reshape(length, src)
         if not mha.batch_first:
@@ -457,7 +460,7 @@ def attention_cases(draw: st.DrawFn) -> Case:
     length = draw(st.integers(1, 4))
     split = length if cross else None
     total = length + (draw(st.integers(1, 4)) if cross else 0)
-    mask = draw(st.sampled_from(["none", "padding", "causal", "both", "additive"]))
+    mask = draw(st.sampled_from(["none", "padding", "causal", "both", "additive", "causal_hint"]))
     layer = AttentionCall(mha, split, mask, draw(st.booleans()))
     return layer, torch.randn(draw(st.integers(1, 3)), total, e), False
 

@@ -420,6 +420,95 @@ def test_recurrent_classifiers_end_to_end(cls, layers, bidirectional, batch_firs
     check_three_steps(model, torch.randint(0, 11, (5, 4)), [model.emb, model.rnn, model.head])
 
 
+class StatefulRecurrent(nn.Module):
+    """A recurrent layer whose input and initial state(s) both come from trained layers below
+    it, and a head reading the whole output and every final state: the gradients of the
+    layer's input and initial states (which the rule hands the layer's backward node) reach
+    trained parameters."""
+
+    def __init__(self, cls: type, layers: int, bidirectional: bool, batch_first: bool, **kw: str) -> None:
+        super().__init__()
+        dirs = 2 if bidirectional else 1
+        self.emb = nn.Embedding(11, 4)
+        self.init = nn.Linear(4, layers * dirs * 5)
+        self.rnn = cls(4, 5, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        b = idx.shape[0]
+        h0 = torch.tanh(self.init(h.mean(1))).reshape(b, -1, 5).transpose(0, 1).contiguous()
+        hx = (h0, 0.5 * h0) if isinstance(self.rnn, nn.LSTM) else h0
+        out, hidden = self.rnn(h if self.rnn.batch_first else h.transpose(0, 1), hx)
+        out = out if self.rnn.batch_first else out.transpose(0, 1)
+        states = list(hidden) if isinstance(hidden, tuple) else [hidden]
+        return self.head(torch.cat([out.flatten(1), *(s.transpose(0, 1).flatten(1) for s in states)], 1))
+
+
+@pytest.mark.parametrize(
+    ("cls", "layers", "bidirectional", "batch_first", "kw"),
+    [
+        (nn.LSTM, 1, False, True, {}),
+        (nn.LSTM, 2, True, False, {}),
+        (nn.GRU, 2, True, True, {}),
+        (nn.GRU, 1, False, False, {}),
+        (nn.RNN, 2, True, True, {"nonlinearity": "relu"}),
+        (nn.RNN, 1, False, False, {}),
+    ],
+)
+def test_recurrent_input_and_state_gradients_reach_the_layers_below(cls, layers, bidirectional, batch_first, kw):
+    torch.manual_seed(3)
+    model = StatefulRecurrent(cls, layers, bidirectional, batch_first, **kw)
+    x = torch.randint(0, 11, (5, 4))
+    model(x)  # materialises the lazy head
+    check_three_steps(model, x, [model.emb, model.init, model.rnn, model.head])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recorded_recurrent_call_keeps_torch_gradients_for_a_plain_backward(cls):
+    """A call recorded by the engine but differentiated by a plain ``backward()`` (no rule
+    solution for it) gets torch's own gradients, the layer's parameters included."""
+    from robustclip.per_sample._engine import ParamLayout
+    from robustclip.per_sample._hooks.engine import HookEngine
+
+    torch.manual_seed(4)
+    model = StatefulRecurrent(cls, 2, True, False).double()
+    x = torch.randint(0, 11, (5, 4))
+    model(x)
+    ref = copy.deepcopy(model)
+    engine = HookEngine(model, ParamLayout.build(model, list(model.parameters())))
+    engine.attach()
+    try:
+        model(x).pow(2).sum().backward()
+    finally:
+        engine.detach()
+    ref(x).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_recurrent_backward_reuses_the_rule_solution(monkeypatch):
+    """After the first step (whose reference check runs torch's own backward of the layer), the
+    layer's backward node takes the input and state gradients the rule computed: torch's
+    recurrence is not run again."""
+    from robustclip.per_sample.rules import recurrent
+
+    native = []
+    orig = recurrent._native
+    monkeypatch.setattr(recurrent, "_native", lambda *a: (native.append(1), orig(*a))[1])
+    model = StatefulRecurrent(nn.LSTM, 2, True, True).double()
+    x = torch.randint(0, 11, (5, 4))
+    model(x)
+    clipper = rc.Clipper(model, torch.optim.SGD(model.parameters(), lr=0.01), rc.per_sample_clip(1.0))
+    counts = []
+    for _ in range(3):
+        clipper.backward(_losses(model(x), torch.ones(5, 3, dtype=torch.float64)))
+        clipper.step()
+        counts.append(len(native))
+    assert counts[0] >= 1 and counts[1] == counts[0] and counts[2] == counts[0]
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
 def test_recurrent_layer_with_dropout_between_layers_takes_a_correct_fallback():

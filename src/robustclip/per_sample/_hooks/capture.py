@@ -217,7 +217,7 @@ class Recorder:
             # several outputs the losses may use (a recurrent layer's sequence and final
             # states): the rule packs them into one batch-first tensor, and the module returns
             # views of it, so that one output gradient holds them all
-            packed = unit.rule.repack(module, output)
+            packed = unit.rule.repack(module, output, (args, kwargs))
             if packed is None:
                 return None
             output, replaced = packed

@@ -48,10 +48,12 @@ A rule also declares its own special cases, as keywords of :func:`register`:
   first tensor;
 * ``out_batch_dim(module)``: the dimension of the output that holds the batch, when not 0
   (sequence-first layers); the output gradient the rule gets is as the layer returned it;
-* ``repack(module, output)``: for layers with several outputs the losses may use: returns
+* ``repack(module, output, call)``: for layers with several outputs the losses may use: returns
   ``(packed, new_output)``, a batch-first tensor computed from all the outputs and a
   replacement output made of views of it (values unchanged), or None to leave the call
-  unrecorded; the rule then gets the gradient of ``packed``.
+  unrecorded; the rule then gets the gradient of ``packed``. ``call`` is ``(args, kwargs)``
+  of the call, the same objects the rule's ``terms`` later gets (a rule may key what it keeps
+  of the call on them).
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ UnsupportedFn = Callable[[nn.Module], str | None]
 SourceFn = Callable[[nn.Module, frozenset[str]], str | None]
 #: out_batch_dim(module) -> the dimension of the output that holds the batch
 BatchDimFn = Callable[[nn.Module], int]
-#: repack(module, output) -> (one batch-first tensor of all outputs, the output made of its views)
-RepackFn = Callable[[nn.Module, Any], tuple[Tensor, Any] | None]
+#: repack(module, output, (args, kwargs)) -> (one batch-first tensor of all outputs, the output
+#: made of its views)
+RepackFn = Callable[[nn.Module, Any, tuple[tuple[Any, ...], dict[str, Any]]], tuple[Tensor, Any] | None]
 F = TypeVar("F", bound=Callable[..., dict[str, Term]])
 
 
@@ -124,7 +127,7 @@ def register(
     source_param: Callable[[M, frozenset[str]], str | None] | None = None,
     full_call: bool = False,
     out_batch_dim: Callable[[M], int] | None = None,
-    repack: Callable[[M, Any], tuple[Tensor, Any] | None] | None = None,
+    repack: Callable[[M, Any, tuple[tuple[Any, ...], dict[str, Any]]], tuple[Tensor, Any] | None] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the rule of ``module_type`` (exact type and subclasses that
     keep its ``forward``), with its declared special cases."""

@@ -7,11 +7,18 @@ the layer's input and ``gh_t = h_{t-1} W_hh^T + b_hh`` on the previous hidden st
 them apart because its candidate gate multiplies ``gh`` by the reset gate). Given ``dL/dgi_t``
 and ``dL/dgh_t``, per sample, ``grad W_ih_i = sum_t dgi_{i,t} (x) x_{i,t}`` and ``grad W_hh_i =
 sum_t dgh_{i,t} (x) h_{i,t-1}``: outer-product terms over the time steps, as for ``nn.Linear``
-over positions; the biases are sums over time. Those gradients come from ONE batched
-recomputation of the recurrence from the recorded input (and initial state), with the cell's
-equations written out (gate order and equations as in torch's documentation), and one backward
-pass of the output gradients through it. No per-sample work; the extra cost is about one
-forward and one backward of the layer, run step by step.
+over positions; the biases are sums over time (for RNN and LSTM ``dgi_t == dgh_t``: one
+tensor serves both weights). Those gradients come from the recurrence recomputed batched over
+samples, with the cells' equations (gate order as in torch's documentation) and their
+derivatives written out: a forward loop that keeps the gate activations and states, and a
+backward loop of a few fused ops per time step. No per-sample work.
+
+The solution also holds the gradients of the layer's input and initial states. The rule's
+``repack`` routes the call's outputs through a backward node (:class:`_Recurrence`) that,
+in the engine's pass, returns those instead of running the layer's backward again (the rule
+sees the output gradient first: the tensor hook fires before the node). Every other backward
+pass through that node (autograd's reference check, a plain ``backward()``) runs torch's own
+backward of the layer, so the check compares the rule with torch, not with itself.
 
 A recurrent layer returns the sequence and the final state(s), and the losses may use any of
 them (a classifier often reads only ``h_n``). The rule's ``repack`` makes the engine see them
@@ -28,11 +35,12 @@ found on the losses' graph outside any call: the engine falls back for the whole
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from robustclip.per_sample._engine import acc_dtype
 from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
@@ -47,36 +55,362 @@ def _unsupported(m: nn.RNNBase) -> str | None:
     return None
 
 
-def _repack(m: nn.RNNBase, output: Any) -> tuple[Tensor, Any] | None:
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _pack(m: nn.RNNBase, seq: Tensor, states: list[Tensor]) -> Tensor:
+    """The sequence (batch first) and the final states, ``(layers * dirs, B, H)`` each, as one
+    ``(B, n)`` tensor: the layout of the output gradient the rule gets."""
+    b = seq.shape[0]
+    return torch.cat([seq.reshape(b, -1)] + [s.transpose(0, 1).reshape(b, -1) for s in states], 1)
+
+
+class _Record:
+    """One recorded call, held by its backward node: the call's arguments and, once the rule
+    has solved the recurrence for an output gradient in the engine's pass, that gradient and
+    the gradients of the layer's input and initial states."""
+
+    __slots__ = ("__weakref__", "autocast", "call", "grads")
+
+    def __init__(self, call: Call, autocast: tuple[str, bool, torch.dtype]) -> None:
+        self.call = call
+        self.autocast = autocast
+        self.grads: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None] | None = None
+
+
+#: the records of the calls whose graph is alive, by the identity of their (args, kwargs)
+_RECORDS: weakref.WeakValueDictionary[tuple[int, int], _Record] = weakref.WeakValueDictionary()
+
+
+def _record_of(call: Call) -> _Record | None:
+    rec = _RECORDS.get((id(call[0]), id(call[1])))
+    return rec if rec is not None and rec.call[0] is call[0] and rec.call[1] is call[1] else None
+
+
+def _arguments(m: nn.RNNBase, call: Call) -> tuple[Tensor, list[Tensor]]:
+    """The call's input and initial states (an empty list for none)."""
+    a = inspect.signature(type(m).forward).bind(m, *call[0], **call[1]).arguments
+    hx = a.get("hx")
+    return a["input"], [] if hx is None else list(hx) if isinstance(hx, tuple) else [hx]
+
+
+def _native(m: nn.RNNBase, inp: Tensor, hx: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The layer's own computation (torch's kernel) from its input, states and weights."""
+    dirs = 2 if m.bidirectional else 1
+    b = inp.shape[0] if m.batch_first else inp.shape[1]
+    if not hx:
+        zeros = inp.new_zeros((m.num_layers * dirs, b, m.hidden_size))
+        hx = [zeros, zeros] if isinstance(m, nn.LSTM) else [zeros]
+    rest = (weights, m.bias, m.num_layers, 0.0, m.training, m.bidirectional, m.batch_first)
+    if isinstance(m, nn.LSTM):
+        out, h, c = torch.lstm(inp, (hx[0], hx[1]), *rest)
+        return out, [h, c]
+    fn = torch.gru if isinstance(m, nn.GRU) else torch.rnn_tanh if m.nonlinearity == "tanh" else torch.rnn_relu
+    out, h = fn(inp, hx[0], *rest)
+    return out, [h]
+
+
+def _engine_needs(t: Tensor) -> bool:
+    """Whether the running backward pass wants a gradient for leaf ``t`` (torch answers only
+    for leaves it does not capture; otherwise: yes)."""
+    try:
+        return bool(torch._C._will_engine_execute_node(get_gradient_edge(t).node))
+    except RuntimeError:
+        return True
+
+
+class _Recurrence(torch.autograd.Function):
+    """The packed outputs of one call, with a backward that reuses the rule's work.
+
+    In the engine's backward pass the rule gets the packed output gradient first (the tensor
+    hook on the output fires before the node that produced it) and solves the recurrence for
+    its terms, which gives the gradients of the layer's input and initial states on the way:
+    this node then returns those (one matmul for the input, done by the rule) instead of
+    running the layer's backward again. Any other backward pass (autograd's reference check,
+    a plain ``backward()``, a call the rule did not solve, parameter gradients requested) runs
+    torch's own backward of the layer, recomputed from the saved inputs.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, rec: _Record, m: nn.RNNBase, seq: Tensor, states: list[Tensor], n_hx: int, inp: Tensor, *rest: Tensor
+    ) -> Tensor:
+        ctx.rec, ctx.m, ctx.n_hx = rec, m, n_hx
+        ctx.save_for_backward(inp, *rest)
+        return _pack(m, seq, states)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        inp, *rest = ctx.saved_tensors
+        m, n_hx, rec = ctx.m, ctx.n_hx, ctx.rec
+        hx, weights = rest[:n_hx], rest[n_hx:]
+        needs = ctx.needs_input_grad[5:]
+        head: tuple[None, ...] = (None,) * 5
+        got = rec.grads
+        if got is not None and got[0] is grad and not any(n and _engine_needs(w) for n, w in zip(needs[1 + n_hx :], weights)):
+            rec.grads = None
+            _, d_in, dh0, dc0 = got
+            dx = None if d_in is None or not needs[0] else (d_in if m.batch_first else d_in.transpose(0, 1)).to(inp.dtype)
+            dstates = [dh0, dc0][:n_hx]
+            d_hx = [d.to(h.dtype) if n and d is not None else None for d, h, n in zip(dstates, hx, needs[1:])]
+            return (*head, dx, *d_hx, *(None,) * len(weights))
+        dev, enabled, dtype = rec.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip([inp, *rest], needs)]
+            out, states = _native(m, leaves[0], leaves[1 : 1 + n_hx], leaves[1 + n_hx :])
+            packed = _pack(m, out if m.batch_first else out.transpose(0, 1), states)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(packed, wanted, grad.to(packed.dtype), allow_unused=True))
+        return (*head, *(next(grads) if t.requires_grad else None for t in leaves))
+
+
+def _repack(m: nn.RNNBase, output: Any, call: Call) -> tuple[Tensor, Any] | None:
     out, hidden = output
     if not isinstance(out, Tensor) or out.dim() != 3:
         return None  # a PackedSequence, or an unbatched input
     states = list(hidden) if isinstance(hidden, tuple) else [hidden]
     seq = out if m.batch_first else out.transpose(0, 1)
+    inp, hx = _arguments(m, call)
+    dev = out.device.type
+    rec = _Record(call, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+    _RECORDS[(id(call[0]), id(call[1]))] = rec
+    weights = [getattr(m, n) for n in m._flat_weights_names]
+    # Function.apply is untyped in torch's stubs; it returns forward's Tensor
+    packed: Tensor = _Recurrence.apply(  # type: ignore[no-untyped-call]
+        rec, m, seq.detach(), [s.detach() for s in states], len(hx), inp, *hx, *weights
+    )
     b = seq.shape[0]
-    parts = [seq.reshape(b, -1)] + [s.transpose(0, 1).reshape(b, -1) for s in states]
-    packed = torch.cat(parts, 1)
-    pieces = packed.split([p.shape[1] for p in parts], 1)
+    pieces = packed.split([seq[0].numel()] + [s[:, 0].numel() for s in states], 1)
     seq2 = pieces[0].reshape(seq.shape)
     out2 = (seq2 if m.batch_first else seq2.transpose(0, 1)).contiguous()
     st2 = [p.reshape(b, s.shape[0], s.shape[2]).transpose(0, 1).contiguous() for p, s in zip(pieces[1:], states)]
     return packed, (out2, tuple(st2) if isinstance(hidden, tuple) else st2[0])
 
 
-def _cell(m: nn.RNNBase, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+# -- the recurrence and its backward, by hand ---------------------------------------------------------------
+#
+# Each direction of each layer runs in *processing order* (a reverse direction sees its input
+# flipped in time), batch first. The forward loop keeps what the backward needs (gate
+# activations, cell states, hidden states); the backward loop is the cells' derivative written
+# out, a few fused ops per step. Pairs (u_t, v_t) of a term may come in any order of t, so the
+# terms of a reverse direction use its flipped input as it is.
+
+
+class _Weights:
+    """One direction of one layer's parameters, detached, in the computation dtype."""
+
+    def __init__(self, m: nn.RNNBase, sfx: str, cd: torch.dtype) -> None:
+        def get(name: str) -> Tensor | None:
+            w = getattr(m, name + sfx, None)
+            return w.detach().to(cd) if isinstance(w, Tensor) else None
+
+        w_ih, w_hh = get("weight_ih"), get("weight_hh")
+        assert w_ih is not None and w_hh is not None
+        self.w_ih, self.w_hh = w_ih, w_hh
+        self.b_ih, self.b_hh = get("bias_ih"), get("bias_hh")
+
+
+def _project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x W^T + b`` over every (sample, step) at once: ``(B, T, n) -> (B, T, rows)``."""
+    b_, t_ = x.shape[:2]
+    x2 = x.reshape(b_ * t_, -1)
+    out = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+    return out.view(b_, t_, -1)
+
+
+def _both_biases(w: _Weights) -> Tensor | None:
+    if w.b_ih is None or w.b_hh is None:
+        return None
+    return w.b_ih + w.b_hh
+
+
+class _Direction:
+    """The forward pass of one direction, what its backward needs, and its gate gradients."""
+
+    def __init__(self, kind: str, x: Tensor, h0: Tensor, c0: Tensor, w: _Weights) -> None:
+        self.kind, self.x, self.w = kind, x, w
+        b, t_len = x.shape[:2]
+        hid = h0.shape[-1]
+        self.hbuf = x.new_empty((b, t_len + 1, hid))  # h_0 .. h_T
+        self.hbuf[:, 0] = h0
+        w_hh_t = w.w_hh.t()
+        if kind == "LSTM":
+            pre = _project(x, w.w_ih, _both_biases(w))
+            act = torch.empty_like(pre)  # sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
+            cbuf = x.new_empty((b, t_len + 1, hid))
+            cbuf[:, 0] = c0
+            tc = x.new_empty((b, t_len, hid))  # tanh(c_t)
+            for t in range(t_len):
+                a = act[:, t]
+                z = torch.addmm(pre[:, t], self.hbuf[:, t], w_hh_t)
+                torch.sigmoid(z, out=a)
+                torch.tanh(z[:, 2 * hid : 3 * hid], out=a[:, 2 * hid : 3 * hid])
+                torch.addcmul(a[:, : hid] * a[:, 2 * hid : 3 * hid], a[:, hid : 2 * hid], cbuf[:, t], out=cbuf[:, t + 1])
+                torch.tanh(cbuf[:, t + 1], out=tc[:, t])
+                torch.mul(a[:, 3 * hid :], tc[:, t], out=self.hbuf[:, t + 1])
+            self.act, self.cbuf, self.tc = act, cbuf, tc
+        elif kind == "GRU":
+            gi = _project(x, w.w_ih, w.b_ih)
+            gh = torch.empty_like(gi)
+            rz = x.new_empty((b, t_len, 2 * hid))
+            n = x.new_empty((b, t_len, hid))
+            for t in range(t_len):
+                h = self.hbuf[:, t]
+                g = torch.mm(h, w_hh_t) if w.b_hh is None else torch.addmm(w.b_hh, h, w_hh_t)
+                gh[:, t] = g
+                torch.sigmoid(gi[:, t, : 2 * hid] + g[:, : 2 * hid], out=rz[:, t])
+                torch.tanh(torch.addcmul(gi[:, t, 2 * hid :], rz[:, t, :hid], g[:, 2 * hid :]), out=n[:, t])
+                torch.addcmul(n[:, t], rz[:, t, hid:], h - n[:, t], out=self.hbuf[:, t + 1])
+            self.gh, self.rz, self.n = gh, rz, n
+        else:
+            pre = _project(x, w.w_ih, _both_biases(w))
+            for t in range(t_len):
+                z = torch.addmm(pre[:, t], self.hbuf[:, t], w_hh_t)
+                if kind == "RNN_TANH":
+                    torch.tanh(z, out=self.hbuf[:, t + 1])
+                else:
+                    torch.clamp_min(z, 0, out=self.hbuf[:, t + 1])
+
+    @property
+    def out(self) -> Tensor:
+        """``h_1 .. h_T`` in processing order."""
+        return self.hbuf[:, 1:]
+
+    def backward(self, d_seq: Tensor, dh_n: Tensor, dc_n: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Given ``dL/dh_t`` from outside the recurrence (processing order) and the final
+        states' gradients: ``dL/dgi``, ``dL/dgh`` (``(B, T, gates)``, one tensor for both where
+        they are equal) and the initial states' gradients."""
+        b, t_len, _ = self.x.shape
+        hid = self.hbuf.shape[-1]
+        w_hh = self.w.w_hh
+        h_prev = self.hbuf[:, :-1]
+        if self.kind == "LSTM":
+            act = self.act
+            i, f, g, o = act.split(hid, -1)
+            tc = self.tc
+            p = torch.empty_like(act)  # dL/dgate = (dc, dc, dc, dh) * p
+            torch.mul(g, i * (1 - i), out=p[..., :hid])
+            torch.mul(self.cbuf[:, :-1], f * (1 - f), out=p[..., hid : 2 * hid])
+            torch.mul(i, 1 - g * g, out=p[..., 2 * hid : 3 * hid])
+            torch.mul(tc, o * (1 - o), out=p[..., 3 * hid :])
+            k = o * (1 - tc * tc)  # dc_t += dh_t * k_t
+            dg = torch.empty_like(act)
+            dh = d_seq[:, -1] + dh_n
+            dc = dc_n if dc_n is not None else torch.zeros_like(dh)
+            for t in reversed(range(t_len)):
+                if t < t_len - 1:
+                    dh = torch.addmm(d_seq[:, t], dg[:, t + 1], w_hh)
+                    dc = dc * f[:, t + 1]
+                dc = torch.addcmul(dc, dh, k[:, t])
+                torch.mul(p[:, t, : 3 * hid].view(b, 3, hid), dc.unsqueeze(1), out=dg[:, t, : 3 * hid].view(b, 3, hid))
+                torch.mul(p[:, t, 3 * hid :], dh, out=dg[:, t, 3 * hid :])
+            return dg, dg, dg[:, 0] @ w_hh, dc * f[:, 0]
+        if self.kind == "GRU":
+            r, z = self.rz.split(hid, -1)
+            n = self.n
+            qn = (1 - z) * (1 - n * n)
+            p = torch.empty_like(self.gh)  # dL/dgi = dh * p
+            torch.mul(qn, self.gh[..., 2 * hid :] * r * (1 - r), out=p[..., :hid])
+            torch.mul(h_prev - n, z * (1 - z), out=p[..., hid : 2 * hid])
+            p[..., 2 * hid :] = qn
+            rfull = torch.ones_like(p)  # dL/dgh = dL/dgi * (1, 1, r)
+            rfull[..., 2 * hid :] = r
+            dgi, dgh = torch.empty_like(p), torch.empty_like(p)
+            dh = d_seq[:, -1] + dh_n
+            for t in reversed(range(t_len)):
+                if t < t_len - 1:
+                    dh = torch.addcmul(torch.addmm(d_seq[:, t], dgh[:, t + 1], w_hh), dh, z[:, t + 1])
+                torch.mul(p[:, t].view(b, 3, hid), dh.unsqueeze(1), out=dgi[:, t].view(b, 3, hid))
+                torch.mul(dgi[:, t], rfull[:, t], out=dgh[:, t])
+            return dgi, dgh, torch.addcmul(dgh[:, 0] @ w_hh, dh, z[:, 0]), None
+        out = self.hbuf[:, 1:]
+        deriv = 1 - out * out if self.kind == "RNN_TANH" else (out > 0).to(out.dtype)
+        dg = torch.empty_like(out)
+        dh = d_seq[:, -1] + dh_n
+        for t in reversed(range(t_len)):
+            if t < t_len - 1:
+                dh = torch.addmm(d_seq[:, t], dg[:, t + 1], w_hh)
+            torch.mul(dh, deriv[:, t], out=dg[:, t])
+        return dg, dg, dg[:, 0] @ w_hh, None
+
+
+class _Solved:
+    """Per (layer, direction) suffix: the input, previous hidden states and gate gradients,
+    in processing order; and the gradients of the layer's input and initial states."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.d_input: Tensor | None = None
+        self.dh0: Tensor | None = None
+        self.dc0: Tensor | None = None
+
+
+def _kind(m: nn.RNNBase) -> str:
     if isinstance(m, nn.LSTM):
-        assert c is not None
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        return "LSTM"
     if isinstance(m, nn.GRU):
-        ir, iz, in_ = gi.chunk(3, -1)
-        hr, hz, hn = gh.chunk(3, -1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        return (1 - z) * n + z * h, None
-    a = gi + gh
-    return (torch.tanh(a) if m.nonlinearity == "tanh" else torch.relu(a)), None
+        return "GRU"
+    return "RNN_TANH" if m.nonlinearity == "tanh" else "RNN_RELU"
+
+
+def _solve(
+    m: nn.RNNBase, inp: Tensor, h0: Tensor, c0: Tensor, grad: Tensor, cd: torch.dtype, input_grad: bool
+) -> _Solved:
+    """The recurrence forward (bottom up) and backward (top down) for a batch-first input
+    ``inp`` ``(B, T, in)``, initial states ``(layers * dirs, B, H)`` and the packed output
+    gradient ``grad`` (see :func:`_repack`), in dtype ``cd``."""
+    kind = _kind(m)
+    b, t_len = inp.shape[:2]
+    dirs, hid, layers = 2 if m.bidirectional else 1, m.hidden_size, m.num_layers
+    n_states = 2 if kind == "LSTM" else 1
+    sizes = [t_len * dirs * hid] + [layers * dirs * hid] * n_states
+    g_parts = [g.to(cd) for g in grad.split(sizes, 1)]
+    g_seq = g_parts[0].reshape(b, t_len, dirs * hid)
+    g_h = g_parts[1].reshape(b, layers * dirs, hid)
+    g_c = g_parts[2].reshape(b, layers * dirs, hid) if kind == "LSTM" else None
+    # forward, bottom up
+    runs: list[list[_Direction]] = []
+    layer_in = inp
+    for layer in range(layers):
+        run = []
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            x = layer_in.flip(1) if d else layer_in
+            run.append(_Direction(kind, x, h0[layer * dirs + d], c0[layer * dirs + d], _Weights(m, sfx, cd)))
+        runs.append(run)
+        if layer + 1 < layers:
+            outs = [r.out.flip(1) if d else r.out for d, r in enumerate(run)]
+            layer_in = torch.cat(outs, 2) if dirs == 2 else outs[0].contiguous()
+    # backward, top down: the sequence gradient of a layer below comes from the layer above
+    solved = _Solved()
+    dh0s: list[Tensor] = [g_h[:, 0]] * (layers * dirs)
+    dc0s: list[Tensor] = [g_h[:, 0]] * (layers * dirs)
+    seq_grad = g_seq
+    for layer in reversed(range(layers)):
+        d_in: Tensor | None = None
+        for d, r in enumerate(runs[layer]):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            idx = layer * dirs + d
+            ds = seq_grad[..., d * hid : (d + 1) * hid]
+            ds = ds.flip(1) if d else ds
+            dgi, dgh, dh0, dc0 = r.backward(ds, g_h[:, idx], g_c[:, idx] if g_c is not None else None)
+            solved.parts[sfx] = (r.x, r.hbuf[:, :-1], dgi, dgh)
+            dh0s[idx] = dh0
+            if dc0 is not None:
+                dc0s[idx] = dc0
+            if layer > 0 or input_grad:
+                dx = _project(dgi, r.w.w_ih.t(), None)
+                dx = dx.flip(1) if d else dx
+                d_in = dx if d_in is None else d_in + dx
+        if layer > 0:
+            assert d_in is not None
+            seq_grad = d_in
+        else:
+            solved.d_input = d_in
+    solved.dh0 = torch.stack(dh0s)
+    solved.dc0 = torch.stack(dc0s) if kind == "LSTM" else None
+    return solved
 
 
 @register(nn.GRU, _unsupported, full_call=True, repack=_repack)
@@ -90,82 +424,36 @@ def recurrent_terms(
     call: tuple[tuple[Any, ...], dict[str, Any]],
 ) -> dict[str, Term]:
     m = module
-    a = inspect.signature(type(m).forward).bind(m, *call[0], **call[1]).arguments
-    # recomputed in the parameters' precision (float32 at least), as for attention
+    raw, hx_list = _arguments(m, call)
+    # computed in the parameters' precision (float32 at least), as for attention
     w0 = m.weight_ih_l0
     assert isinstance(w0, Tensor)
-    cd = torch.promote_types(acc_dtype(a["input"].dtype), w0.dtype)
-    inp = a["input"].detach().to(cd)
+    cd = torch.promote_types(acc_dtype(raw.dtype), w0.dtype)
+    inp = raw.detach().to(cd)
     if not m.batch_first:
         inp = inp.transpose(0, 1)
-    b, t_len = inp.shape[:2]
+    inp = inp.contiguous()
+    b = inp.shape[0]
     dirs, hid, layers = 2 if m.bidirectional else 1, m.hidden_size, m.num_layers
-    lstm = isinstance(m, nn.LSTM)
-    hx = a.get("hx")
     zeros = inp.new_zeros((layers * dirs, b, hid))
-    if hx is None:
-        h0, c0 = zeros, zeros
-    elif lstm:
-        h0, c0 = hx[0].detach().to(cd), hx[1].detach().to(cd)
-    else:
-        h0, c0 = hx.detach().to(cd), zeros
-    n_states = 2 if lstm else 1
-    sizes = [t_len * dirs * hid] + [layers * dirs * hid] * n_states
-    g_parts = grad_out.split(sizes, 1)
-    targets, grad_targets = [], []
-    records: dict[str, tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = {}
-    # leaves that require grad, so that every gi and gh lies on the graph of the outputs
-    inp, h0, c0 = (v.detach().requires_grad_() for v in (inp, h0, c0))
-    with torch.enable_grad():
-        layer_in: Tensor = inp
-        finals_h: list[Tensor] = []
-        finals_c: list[Tensor] = []
-        for layer in range(layers):
-            outs = []
-            for d in range(dirs):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih = getattr(m, "weight_ih" + sfx).detach().to(cd)
-                w_hh = getattr(m, "weight_hh" + sfx).detach().to(cd)
-                b_ih = getattr(m, "bias_ih" + sfx).detach().to(cd) if m.bias else None
-                b_hh = getattr(m, "bias_hh" + sfx).detach().to(cd) if m.bias else None
-                gi = F.linear(layer_in, w_ih, b_ih)
-                h: Tensor = h0[layer * dirs + d]
-                c: Tensor | None = c0[layer * dirs + d]
-                hs: list[Tensor] = [h] * t_len
-                ghs: list[Tensor] = [h] * t_len
-                prev: list[Tensor] = [h] * t_len
-                for t in range(t_len) if d == 0 else reversed(range(t_len)):
-                    prev[t] = h.detach()
-                    ghs[t] = F.linear(h, w_hh, b_hh)
-                    h, c = _cell(m, gi[:, t], ghs[t], h, c)
-                    hs[t] = h
-                outs.append(torch.stack(hs, 1))
-                finals_h.append(h)
-                if c is not None:
-                    finals_c.append(c)
-                records[sfx] = (layer_in.detach(), gi, ghs, prev)
-            layer_in = torch.cat(outs, 2) if dirs == 2 else outs[0]
-        targets = [layer_in, torch.stack(finals_h, 1)] + ([torch.stack(finals_c, 1)] if lstm else [])
-        grad_targets = [g.reshape(tg.shape).to(tg.dtype) for g, tg in zip(g_parts, targets)]
-        wanted = [s for s in records if any(n.endswith(s) for n in names)]
-        inputs = [v for s in wanted for v in [records[s][1], *records[s][2]]]
-        grads = list(torch.autograd.grad(targets, inputs, grad_targets, allow_unused=True))
+    h0 = hx_list[0].detach().to(cd) if hx_list else zeros
+    c0 = hx_list[1].detach().to(cd) if len(hx_list) > 1 else zeros
+    rec = _record_of(call)
+    solved = _solve(m, inp, h0, c0, grad_out, cd, input_grad=rec is not None and raw.requires_grad)
+    if rec is not None:  # for the call's backward node, which runs next (see _Recurrence)
+        rec.grads = (grad_out, solved.d_input, solved.dh0, solved.dc0)
     terms: dict[str, Term] = {}
     dt = grad_out.dtype
-    for s in wanted:
-        x_in, gi, ghs, prev = records[s]
-        dgi = grads.pop(0)
-        dghs = [grads.pop(0) for _ in ghs]
-        dgi = torch.zeros_like(gi) if dgi is None else dgi
-        dgh = torch.stack([torch.zeros_like(gi[:, 0]) if g is None else g for g in dghs], 1)
-        hprev = torch.stack(prev, 1)
-        n_g = gi.shape[-1]
+    for s, (x_in, h_prev, dgi, dgh) in solved.parts.items():
+        n_g = dgi.shape[-1]
         if "weight_ih" + s in names:
             terms["weight_ih" + s] = OuterTerm(dgi.unsqueeze(1), x_in.unsqueeze(1), n_g, getattr(m, "weight_ih" + s).shape, dt)
         if "weight_hh" + s in names:
-            terms["weight_hh" + s] = OuterTerm(dgh.unsqueeze(1), hprev.unsqueeze(1), n_g, getattr(m, "weight_hh" + s).shape, dt)
+            terms["weight_hh" + s] = OuterTerm(dgh.unsqueeze(1), h_prev.unsqueeze(1), n_g, getattr(m, "weight_hh" + s).shape, dt)
+        bias_i = sum_positions(dgi) if "bias_ih" + s in names or (dgh is dgi and "bias_hh" + s in names) else None
         if "bias_ih" + s in names:
-            terms["bias_ih" + s] = DenseTerm(sum_positions(dgi))
+            assert bias_i is not None
+            terms["bias_ih" + s] = DenseTerm(bias_i)
         if "bias_hh" + s in names:
-            terms["bias_hh" + s] = DenseTerm(sum_positions(dgh))
+            terms["bias_hh" + s] = DenseTerm(bias_i if dgh is dgi and bias_i is not None else sum_positions(dgh))
     return terms
