@@ -16,6 +16,14 @@ groups). Engines differ in how they get there:
 
 A weight rule sees one chunk of samples at a time and must treat samples independently, which
 every per-sample rule does; this is what lets engines process the batch in chunks.
+
+The squared norms an engine hands ``weight_fn`` are float64 (:func:`wide_dtype`), and finite
+and accurate for every finite gradient: a float32 square overflows above 1.8e19 and underflows
+below 1e-19, so a sample's gradient of norm 1e25 would get weight ``c/inf = 0`` (dropped instead
+of clipped) and one of norm 1e-25 would escape a radius of 1e-30. Engines divide each sample's
+values by their largest magnitude before squaring (LAPACK's ``nrm2`` idea, per sample:
+:func:`row_sq_norms`, :func:`max_abs`) and put the scale back in float64, where every square of
+a float32, bfloat16 or float16 number fits.
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from robustclip._math import wide_dtype
+
 # the p.grad plumbing lives in _grads; engines import new_grad and fill_missing from here too
 from robustclip.per_sample._grads import fill_missing
 from robustclip.per_sample._grads import new_grad as new_grad
 
-#: maps squared norms of shape (groups, chunk) to weights of shape (groups, chunk) or (1, chunk)
+#: maps squared norms of shape (groups, chunk), float64 (:func:`wide_dtype`), to weights of
+#: shape (groups, chunk) or (1, chunk)
 WeightFn = Callable[[Tensor], Tensor]
 
 
@@ -174,8 +185,16 @@ class PerSampleEngine:
     def detach(self) -> None:
         """Remove everything :meth:`attach` installed."""
 
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(
+        self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], *, drop: bool = False
+    ) -> Tensor:
         """Add ``sum_i w_{l,i} g_{l,i}`` to ``out`` (aligned with ``layout.params``).
+
+        ``drop`` (``Clipper(nonfinite="drop_sample")``): a sample of weight 0 may hold NaN or
+        inf in its gradient and must still add exactly 0 (``0 * NaN`` is NaN), so its rows are
+        zeroed in every weighted sum. Without ``drop`` they are not (one elementwise pass less
+        per factor): a non-finite sample then has a NaN weight and makes the sum NaN, which the
+        clipper's finite check sees and skips the step for.
 
         An engine with ``writes_new_grads`` also takes ``None`` entries: that parameter has no
         gradient yet this step, and the engine puts a new tensor there, laid out like the
@@ -190,7 +209,7 @@ class PerSampleEngine:
 
     def group_sq_norms(self, per_param_sq: Sequence[Tensor]) -> Tensor:
         """Sum per-parameter squared norms (each shape (chunk,)) into groups -> (G, chunk), in
-        the widest of their dtypes (float32 at least)."""
+        the widest of their dtypes (float32 at least; the engines pass float64 ones)."""
         lay = self.layout
         chunk = per_param_sq[0].shape[0]
         dtype = acc_dtype(functools.reduce(torch.promote_types, (s.dtype for s in per_param_sq)))
@@ -210,6 +229,47 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def max_abs(x: Tensor) -> Tensor:
+    """The largest magnitude of each sample (first dimension) of ``x``, ``(B,)`` in ``x``'s
+    dtype: 1 for an all-zero sample (so that dividing by it changes nothing), NaN for a sample
+    with a NaN, inf for one with an inf. Two passes, no temporary of ``x``'s size."""
+    if x.dim() == 1:
+        s = x.abs()
+    elif x[0].numel() == 0:
+        return x.new_ones(x.shape[0])
+    else:
+        dims = tuple(range(1, x.dim()))
+        s = torch.maximum(x.amax(dims), -x.amin(dims))
+    return torch.where(s == 0, 1, s)
+
+
+def scaled_by(x: Tensor, scale: Tensor | None) -> Tensor:
+    """``x`` (batch first) in :func:`acc_dtype`, each sample divided by its ``scale`` (``(B,)``,
+    from :func:`max_abs`): every entry then lies in [-1, 1], so float32 products and squares
+    of it neither overflow nor lose anything that matters to underflow. One pass (the cast
+    and the division in one operation)."""
+    dt = acc_dtype(x.dtype)
+    if scale is None:
+        return x.to(dt)
+    return torch.div(x, scale.to(dt).view(-1, *(1,) * (x.dim() - 1)))
+
+
+def row_sq_norms(g: Tensor) -> Tensor:
+    """Squared L2 norm of each sample (first dimension) of ``g``, ``(B,)`` in :func:`wide_dtype`
+    (float64; float32 on MPS), finite and accurate for every finite sample of a float32,
+    bfloat16 or float16 ``g``: each sample is divided by its largest magnitude, squared and
+    summed in float32 (at least), and the scale is put back in float64. NaN for a sample with
+    a NaN or inf. No host read."""
+    b = g.shape[0]
+    wide = wide_dtype(g.device)
+    x = g.detach().reshape(b, -1)
+    if x.shape[1] == 0:
+        return torch.zeros(b, dtype=wide, device=g.device)
+    s = max_abs(x)
+    sq = torch.linalg.vector_norm(scaled_by(x, s), dim=1).square()
+    return sq.to(wide) * s.to(wide).square()
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that holds the parameters, through DistributedDataParallel wrappers and
     torch.compile's (``OptimizedModule._orig_mod``), so names are the eager model's."""
@@ -223,23 +283,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def accumulate_into(
-    engine: PerSampleEngine, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]
+    engine: PerSampleEngine,
+    losses: Tensor,
+    weight_fn: WeightFn,
+    out: list[Tensor | None],
+    drop: bool = False,
 ) -> Tensor:
     """``engine.accumulate``, with zeros first in the ``None`` entries of ``out`` for an engine
     that only adds into it (``writes_new_grads`` False), and, when due
     (:class:`PathCheck`), sample 0's per-group norms compared with autograd's (for engines
-    that do not check themselves)."""
+    that do not check themselves). ``drop``: see :meth:`PerSampleEngine.accumulate`."""
     if not engine.writes_new_grads:
         fill_missing(out, engine.layout.params)
     if engine.checks_itself or not engine.checks.due({engine.name}) or losses.grad_fn is None:
-        return engine.accumulate(losses, weight_fn, out)
+        return engine.accumulate(losses, weight_fn, out, drop=drop)
     lay = engine.layout
     ref = torch.autograd.grad(losses[0], lay.params, retain_graph=True, allow_unused=True)
+    wide = wide_dtype(losses.device)
     ref_sq = engine.group_sq_norms(
-        [torch.zeros(1, device=losses.device) if g is None else g.detach().to(acc_dtype(g.dtype)).pow(2).sum().reshape(1) for g in ref]
+        [torch.zeros(1, dtype=wide, device=losses.device) if g is None else row_sq_norms(g.unsqueeze(0)) for g in ref]
     )[:, 0]
     del ref
-    norms = engine.accumulate(losses, weight_fn, out)
+    norms = engine.accumulate(losses, weight_fn, out, drop=drop)
     check_norms(norms[:, 0], ref_sq.sqrt(), lay.group_names, engine.name, _half_precision(engine, losses))
     engine.checks.passed({engine.name})
     return norms
