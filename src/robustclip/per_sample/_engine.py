@@ -266,8 +266,8 @@ def row_sq_norms(g: Tensor) -> Tensor:
     if x.shape[1] == 0:
         return torch.zeros(b, dtype=wide, device=g.device)
     s = max_abs(x)
-    sq = torch.linalg.vector_norm(scaled_by(x, s), dim=1).square()
-    return sq.to(wide) * s.to(wide).square()
+    norm: Tensor = torch.linalg.vector_norm(scaled_by(x, s), dim=1)  # Any in torch's stubs
+    return (norm.to(wide) * s.to(wide)).square()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
