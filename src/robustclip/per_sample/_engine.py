@@ -266,8 +266,11 @@ def row_sq_norms(g: Tensor) -> Tensor:
     if x.shape[1] == 0:
         return torch.zeros(b, dtype=wide, device=g.device)
     s = max_abs(x)
-    norm: Tensor = torch.linalg.vector_norm(scaled_by(x, s), dim=1)  # Any in torch's stubs
-    return (norm.to(wide) * s.to(wide)).square()
+    # squared in place in the scaled copy, then summed: torch's sum adds in a cascade (relative
+    # error ~1e-7 for millions of entries), where linalg.vector_norm over a dimension adds
+    # one by one on the CPU (5e-4 for 8 million)
+    sq = scaled_by(x, s).square_().sum(1)
+    return sq.to(wide) * s.to(wide).square()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -290,9 +290,8 @@ def self_gram(x: Tensor, scale: Tensor | None = None) -> Tensor:
     if not x.is_floating_point():
         return gram(x, x)
     x = scaled_by(x, scale)
-    if x.shape[-2] == 1:
-        sq: Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()
-        return sq
+    if x.shape[-2] == 1:  # a cascade sum (linalg.vector_norm adds one by one on the CPU)
+        return x.pow(2).sum(-1, keepdim=True)
     return gram(x, x)
 
 
