@@ -15,11 +15,12 @@ one process:
 It prints one JSON record (``ratio_zeroing``: what the gate saves in the default mode;
 ``ratio_drop_sample``: what ``drop_sample`` costs over the default)::
 
-    python benchmarks/drop_rows_cost.py
+    python benchmarks/drop_rows_cost.py [--rounds 8] [--threads 2]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import statistics
@@ -33,12 +34,16 @@ import robustclip as rc
 import robustclip.per_sample.rules._terms as terms
 from robustclip.experiments.models import CharGPT
 
-VOCAB, D, LAYERS, T, B, ROUNDS, STEPS = 64, 128, 4, 64, 32, 8, 3
+VOCAB, D, LAYERS, T, B, STEPS = 64, 128, 4, 64, 32, 3
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     base = CharGPT(vocab=VOCAB, d=D, layers=LAYERS, heads=4, block_size=T)
     x = torch.randint(0, VOCAB, (B, T))
     y = torch.randint(0, VOCAB, (B, T))
@@ -75,7 +80,7 @@ def main() -> None:
         for _ in range(STEPS):
             step()
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(ROUNDS):
+    for _ in range(args.rounds):
         for name, (step, (zero, scale)) in variants.items():
             terms.zero_dropped, terms.scale_rows = zero, scale
             t0 = time.perf_counter()
@@ -92,7 +97,8 @@ def main() -> None:
         **{f"median_ms_{k}": round(statistics.median(v) * 1e3, 2) for k, v in times.items()},
         "ratio_zeroing": ratio("skip_step_zeroing", "skip_step"),
         "ratio_drop_sample": ratio("drop_sample", "skip_step"),
-        "rounds": ROUNDS,
+        "rounds": args.rounds,
+        "threads": args.threads,
     }))
 
 

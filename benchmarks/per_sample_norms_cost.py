@@ -12,7 +12,7 @@ norms of single positions), a small CNN (convolution Grams and kept gradients) a
 CharGPT (Grams over 64 positions, kept gradients, the embedding's sort-based norm). One JSON
 record per model (``ratio``: safe / float32, the median over rounds)::
 
-    python benchmarks/per_sample_norms_cost.py [--rounds 8]
+    python benchmarks/per_sample_norms_cost.py [--rounds 8] [--threads 2] [--models mlp cnn gpt]
 
 Timings on a shared machine are rough; compare the two columns of one run.
 """
@@ -153,15 +153,17 @@ def bench(name: str, rounds: int) -> dict[str, Any]:
         "median_ms_float32": round(statistics.median(times["float32"]) * 1e3, 2),
         "ratio": round(statistics.median(a / b for a, b in zip(times["safe"], times["float32"])), 3),
         "rounds": rounds,
+        "threads": torch.get_num_threads(),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "gpt"])
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     for name in args.models:
         print(json.dumps(bench(name, args.rounds)), flush=True)
 

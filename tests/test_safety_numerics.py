@@ -24,6 +24,7 @@ from robustclip import thresholds as th
 from robustclip._estimators import PerSample
 from robustclip._transform import StepContext
 from robustclip.per_sample import ParamLayout
+from robustclip.per_sample._engine import ROW_BY_ROW, row_sq_norms
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 #: what each dtype's multiply can cost a clipped vector's norm: the coefficient is rounded to
@@ -525,6 +526,25 @@ def test_fuzz_clip_by_global_norm(dtype, mag, radius, seed):
 
 
 # -- the hook and vmap engines: per-sample norms at every magnitude ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("length", [7, ROW_BY_ROW + 3], ids=["short", "long"])
+def test_engine_row_norms_are_accurate_at_every_magnitude(dtype, length):
+    """The per-sample squared norms the vmap and hook engines take of materialised gradients:
+    float64 accumulation (short rows at once, long rows one by one) or, for float64 gradients,
+    scaling by each row's largest entry; a zero row is 0 and a NaN row NaN."""
+    mags = [1e-30, 1e-25, 1.0, 1e25, 1e30] if dtype != torch.float16 else [1e-6, 1.0, 3e3]
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(length, generator=gen, dtype=torch.float64) * m for m in mags]
+    g = torch.stack(rows + [torch.zeros(length, dtype=torch.float64)]).to(dtype)
+    got = row_sq_norms(g)
+    assert got.dtype == torch.float64
+    for i in range(len(mags)):
+        assert float(got[i]) == pytest.approx(exact_norm([g[i]]) ** 2, rel=1e-12, abs=0), mags[i]
+    assert float(got[-1]) == 0.0
+    g[1, 2] = math.nan
+    assert math.isnan(float(row_sq_norms(g)[1]))
 
 
 class OwnRows(nn.Module):

@@ -20,10 +20,12 @@ every per-sample rule does; this is what lets engines process the batch in chunk
 The squared norms an engine hands ``weight_fn`` are float64 (:func:`wide_dtype`), and finite
 and accurate for every finite gradient: a float32 square overflows above 1.8e19 and underflows
 below 1e-19, so a sample's gradient of norm 1e25 would get weight ``c/inf = 0`` (dropped instead
-of clipped) and one of norm 1e-25 would escape a radius of 1e-30. Engines divide each sample's
-values by their largest magnitude before squaring (LAPACK's ``nrm2`` idea, per sample:
-:func:`row_sq_norms`, :func:`max_abs`) and put the scale back in float64, where every square of
-a float32, bfloat16 or float16 number fits.
+of clipped) and one of norm 1e-25 would escape a radius of 1e-30. Engines sum squares in
+float64, where every square of a float32, bfloat16 or float16 number fits
+(:func:`row_sq_norms`); where a float32 product comes first (a Gram of a sample's factors) or
+float64 cannot hold the squares (float64 gradients, MPS), they divide each sample's values by
+their largest magnitude first and put the scale back after (LAPACK's ``nrm2`` idea, per sample:
+:func:`max_abs`, :func:`scaled_by`).
 """
 
 from __future__ import annotations
@@ -231,8 +233,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def max_abs(x: Tensor) -> Tensor:
     """The largest magnitude of each sample (first dimension) of ``x``, ``(B,)`` in ``x``'s
-    dtype: 1 for an all-zero sample (so that dividing by it changes nothing), NaN for a sample
-    with a NaN, inf for one with an inf. Two passes, no temporary of ``x``'s size."""
+    dtype, at least the dtype's smallest normal number (so that dividing an all-zero sample by
+    it gives zeros, and a subnormal one never overflows); NaN for a sample with a NaN, inf for
+    one with an inf. No temporary of ``x``'s size."""
     if x.dim() == 1:
         s = x.abs()
     elif x[0].numel() == 0:
@@ -240,7 +243,7 @@ def max_abs(x: Tensor) -> Tensor:
     else:
         dims = tuple(range(1, x.dim()))
         s = torch.maximum(x.amax(dims), -x.amin(dims))
-    return torch.where(s == 0, 1, s)
+    return s.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def scaled_by(x: Tensor, scale: Tensor | None) -> Tensor:
@@ -254,21 +257,39 @@ def scaled_by(x: Tensor, scale: Tensor | None) -> Tensor:
     return torch.div(x, scale.to(dt).view(-1, *(1,) * (x.dim() - 1)))
 
 
+def float64_holds_squares(x: Tensor) -> bool:
+    """Whether float64 accumulation alone makes ``x``'s sums of squares safe: every square of
+    a float32, bfloat16 or float16 number is a normal float64, so nothing overflows or
+    underflows, on every device with float64 (all but MPS). Float64 tensors need scaling."""
+    return x.dtype != torch.float64 and wide_dtype(x.device) == torch.float64
+
+
+#: entries per sample from which :func:`row_sq_norms` reduces each sample on its own
+ROW_BY_ROW = 2**15
+
+
 def row_sq_norms(g: Tensor) -> Tensor:
     """Squared L2 norm of each sample (first dimension) of ``g``, ``(B,)`` in :func:`wide_dtype`
     (float64; float32 on MPS), finite and accurate for every finite sample of a float32,
-    bfloat16 or float16 ``g``: each sample is divided by its largest magnitude, squared and
-    summed in float32 (at least), and the scale is put back in float64. NaN for a sample with
-    a NaN or inf. No host read."""
+    bfloat16 or float16 ``g``: accumulated in float64 (one pass), or where float64 cannot hold
+    the squares (float64 gradients, MPS), each sample divided by its largest magnitude first
+    and the scale put back after. NaN for a sample with a NaN or inf. No host read."""
     b = g.shape[0]
     wide = wide_dtype(g.device)
     x = g.detach().reshape(b, -1)
     if x.shape[1] == 0:
         return torch.zeros(b, dtype=wide, device=g.device)
+    if float64_holds_squares(x):
+        if x.shape[1] < ROW_BY_ROW:
+            norm: Tensor = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)  # Any in torch's stubs
+            return norm.square()
+        # long rows one at a time: on the CPU a float64 copy of the whole chunk (up to 64 MB)
+        # would be a fresh mapping every call, 35x the float32 pass; one row's is reused
+        return torch.stack(torch._foreach_norm(list(x.unbind(0)), 2.0, dtype=torch.float64)).square()
     s = max_abs(x)
     # squared in place in the scaled copy, then summed: torch's sum adds in a cascade (relative
     # error ~1e-7 for millions of entries), where linalg.vector_norm over a dimension adds
-    # one by one on the CPU (5e-4 for 8 million)
+    # one by one on the CPU (5e-4 for 8 million entries in float32)
     sq = scaled_by(x, s).square_().sum(1)
     return sq.to(wide) * s.to(wide).square()
 

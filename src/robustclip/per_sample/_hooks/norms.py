@@ -15,10 +15,12 @@ and :func:`sq_norms` runs the cheapest:
 * ``"chunks"``: materialise a chunk of samples at a time, take the norms, free it.
 
 Every strategy returns float64 squared norms (``_engine.wide_dtype``) that are finite and
-accurate for every finite gradient, also of norm 1e25 or 1e-25 in float32 or bfloat16: the
-values each sample contributes (its gradient, or its factors before a Gram) are divided by the
-sample's largest magnitude, squared and summed in float32 at least, and the scale goes back in
-float64 (``_engine.row_sq_norms``). Temporaries of one parameter stay below ``budget`` elements
+accurate for every finite gradient, also of norm 1e25 or 1e-25 in float32 or bfloat16 (whose
+squares overflow above 1.8e19 and underflow below 1e-19 in float32): a materialised gradient,
+an embedding's grouped rows and the factors of a single position are squared and summed in
+float64 (``_engine.row_sq_norms``); the factors of a Gram over several positions are first
+divided by each sample's largest magnitude, so that their float32 products cannot overflow,
+and the scales go back in float64. Temporaries of one parameter stay below ``budget`` elements
 (chunks of samples).
 """
 
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor
 
 from robustclip._math import wide_dtype
-from robustclip.per_sample._engine import max_abs, row_sq_norms, scaled_by
+from robustclip.per_sample._engine import float64_holds_squares, max_abs, row_sq_norms, scaled_by
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term, gram, sum_materialized
 
 #: the strategies :func:`choose` picks from (tests force each in turn)
@@ -162,6 +164,15 @@ def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
     out = []
     for s in range(0, batch, chunk):
         sl = slice(s, min(s + chunk, batch))
+        one = terms[0]
+        if len(terms) == 1 and one.T == 1 and not one.index:
+            # one position (2-D inputs): ||u (x) v||^2 = ||u||^2 ||v||^2 per block, squares
+            # summed in float64, no product to scale against
+            u, v = one.u_chunk(sl), one.v_chunk(sl)
+            b, k = u.shape[:2]
+            sq = row_sq_norms(u.reshape(b * k, -1)) * row_sq_norms(v.reshape(b * k, -1))
+            out.append(sq.view(b, k).sum(1))
+            continue
         su = [t.u_scale(sl) for t in terms]
         sv = [t.v_scale(sl) for t in terms]
         scales = [v.to(wide) if u is None else u.to(wide) * v.to(wide) for u, v in zip(su, sv)]
@@ -195,8 +206,7 @@ def index_sq_norms(term: OuterTerm) -> Tensor:
     Sample ``i``'s gradient has one row per *distinct* index: the sum of the ``v`` rows that share
     it. Sorting each sample's indices finds, for every position, the group of equal indices it
     belongs to; scattering ``v`` into those groups and squaring gives the norm. No host sync:
-    every shape is fixed. ``v`` is divided by each sample's largest magnitude first, and the
-    scale put back in float64 (see the module docstring).
+    every shape is fixed. The sums and squares are float64 (see the module docstring).
     """
     u, v = term.u, term.v
     assert v is not None
@@ -207,12 +217,13 @@ def index_sq_norms(term: OuterTerm) -> Tensor:
     new[:, 1:] = (srt[:, 1:] != srt[:, :-1]).long()
     gid_sorted = new.cumsum(1) - 1
     gid = torch.empty_like(gid_sorted).scatter_(1, perm, gid_sorted)
-    scale = max_abs(v)
-    vv = scaled_by(v, scale).reshape(b * k, t, -1)
-    sums = torch.zeros_like(vv).scatter_add_(1, gid.unsqueeze(-1).expand_as(vv), vv)
     wide = wide_dtype(v.device)
-    sq = sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1)
-    return sq.to(wide) * scale.to(wide).square()
+    # float64 sums where they hold the squares, else v scaled by each sample's largest entry
+    scale = None if float64_holds_squares(v) else max_abs(v)
+    vv = (v.to(wide) if scale is None else scaled_by(v, scale)).reshape(b * k, t, -1)
+    sums = torch.zeros_like(vv).scatter_add_(1, gid.unsqueeze(-1).expand_as(vv), vv)
+    sq = sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1).to(wide)
+    return sq if scale is None else sq * scale.to(wide).square()
 
 
 def materialized_sq_norms(
