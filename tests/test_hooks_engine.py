@@ -704,8 +704,8 @@ def test_whole_model_fallback_engine_is_checked_on_its_first_use(monkeypatch):
     runs first at step 2 and is checked there: rigged wrong, it raises instead of training."""
     real = VmapEngine.accumulate
 
-    def wrong(self, losses, weight_fn, out):
-        return real(self, losses * 1.2, weight_fn, out)  # every per-sample gradient 20% too large
+    def wrong(self, losses, weight_fn, out, **kw):
+        return real(self, losses * 1.2, weight_fn, out, **kw)  # every per-sample gradient 20% too large
 
     monkeypatch.setattr(VmapEngine, "accumulate", wrong)
     model = BareMatmul()

@@ -17,6 +17,7 @@ from torch import nn
 import robustclip as rc
 from robustclip import thresholds as th
 from robustclip._transform import GradientTransform, StepContext
+from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, scale_rows, zero_dropped
 
 from ._spawn import spawn
 
@@ -454,6 +455,65 @@ def test_a_nan_input_poisons_the_loop_engines_batched_backward_and_the_step_is_s
     assert info.skipped and float(info.dropped) == 8
     for a, b in zip(before, after):
         assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
+@pytest.mark.parametrize(
+    "engine,opaque,budget",
+    [("hooks", False, 2**26), ("hooks", True, 2**26), ("hooks", True, 16), ("vmap", False, 2**26)],
+    ids=["hooks", "hooks_fallback_kept", "hooks_fallback_second_replay", "vmap"],
+)
+def test_skip_step_sees_a_nan_sample_the_engine_did_not_zero(engine, opaque, budget):
+    """Only ``drop_sample`` zeroes the rows of a sample of weight 0 in the weighted sums. Under
+    the default ``skip_step`` a NaN sample's weight is NaN and its rows are left as they are:
+    the accumulated gradient holds the NaN, the post-chain check sees it, and the step is
+    skipped with parameters, optimizer and clipper state bit-identical. With ``drop_sample``
+    the same batch gives a finite gradient."""
+    torch.manual_seed(0)
+    model = BlowyOpaque() if opaque else Blowy()
+    _, xs, ys = model_and_data(0)
+    drop_model = copy.deepcopy(model)
+    method = rc.per_sample_clip(0.3, engine=engine, max_chunk_elements=budget)
+    opt = OPTIMIZERS["sgd_momentum"](model.parameters())
+    with rc.Clipper(model, opt, method) as clipper:
+        clipper.backward(F.cross_entropy(model(xs[1]), ys[1], reduction="none"))
+        clipper.step()  # momentum and clipper state that a skipped step must keep
+        before = snapshot(model, opt, clipper)
+        clipper.backward(F.cross_entropy(model(xs[0], mask(8, [2])), ys[0], reduction="none"))
+        assert any(not bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        info = clipper.step()
+        after = snapshot(model, opt, clipper)
+    assert info.skipped
+    after["clipper"]["steps"] -= 1
+    after["clipper"]["skipped_steps"] -= 1
+    assert_identical(before, after)
+    drop_opt = torch.optim.SGD(drop_model.parameters(), lr=0.1)
+    drop_method = rc.per_sample_clip(0.3, engine=engine, max_chunk_elements=budget)
+    with rc.Clipper(drop_model, drop_opt, drop_method, nonfinite="drop_sample") as clipper:
+        clipper.backward(F.cross_entropy(drop_model(xs[0], mask(8, [2])), ys[0], reduction="none"))
+        assert all(bool(torch.isfinite(p.grad).all()) for p in drop_model.parameters())
+        assert not clipper.step().skipped
+
+
+def test_rows_of_weight_zero_are_zeroed_only_when_dropping():
+    """The weighted sums of the hook engine's terms: a sample of weight 0 holding NaN adds
+    exactly 0 with ``drop``; without it the factors are used as they are (no extra pass), and
+    0 * NaN stays NaN."""
+    g = torch.randn(4, 3, 2)
+    g[1, 0, 0] = float("nan")
+    w = torch.tensor([0.5, 0.0, 1.0, 0.25])
+    assert zero_dropped(g, w, False) is g
+    torch.testing.assert_close(scale_rows(g[[0, 2, 3]], w[[0, 2, 3]], False), g[[0, 2, 3]] * w[[0, 2, 3], None, None])
+    ref = torch.einsum("b,bij->ij", w[[0, 2, 3]], g[[0, 2, 3]])
+    for term in (DenseTerm(g), OuterTerm(g[:, None, :, :1], g[:, None, :, 1:], 1, torch.Size([1, 1]), g.dtype)):
+        kept = term.weighted(w, drop=True)
+        assert bool(torch.isfinite(kept).all())
+        assert not bool(torch.isfinite(term.weighted(w)).all())
+        if isinstance(term, DenseTerm):
+            torch.testing.assert_close(kept, ref)
+        out = torch.zeros_like(kept)
+        term.add_weighted_(out, w, drop=True)
+        torch.testing.assert_close(out, kept)
 
 
 # -- DDP: every process makes the same decision ----------------------------------------------------------

@@ -6,6 +6,7 @@ on the host, and per-sample gradients from autograd one sample at a time."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from robustclip import thresholds as th
 from robustclip._estimators import PerSample
 from robustclip._transform import StepContext
 from robustclip.per_sample import ParamLayout
+from robustclip.per_sample._engine import ROW_BY_ROW, row_sq_norms
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 #: what each dtype's multiply can cost a clipped vector's norm: the coefficient is rounded to
@@ -521,3 +523,240 @@ def test_fuzz_clip_by_global_norm(dtype, mag, radius, seed):
     _check_within(exact_norm(out), ref, c, dtype, _normal(dtype, coef, min(ref, c) / 20))
     assert all(bool(torch.isfinite(o).all()) for o in out)
     assert math.isfinite(float(state.norm))
+
+
+# -- the hook and vmap engines: per-sample norms at every magnitude ------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("length", [7, ROW_BY_ROW + 3], ids=["short", "long"])
+def test_engine_row_norms_are_accurate_at_every_magnitude(dtype, length):
+    """The per-sample squared norms the vmap and hook engines take of materialised gradients:
+    float64 accumulation (short rows at once, long rows one by one) or, for float64 gradients,
+    scaling by each row's largest entry; a zero row is 0 and a NaN row NaN."""
+    mags = [1e-30, 1e-25, 1.0, 1e25, 1e30] if dtype != torch.float16 else [1e-6, 1.0, 3e3]
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(length, generator=gen, dtype=torch.float64) * m for m in mags]
+    g = torch.stack(rows + [torch.zeros(length, dtype=torch.float64)]).to(dtype)
+    got = row_sq_norms(g)
+    assert got.dtype == torch.float64
+    for i in range(len(mags)):
+        assert float(got[i]) == pytest.approx(exact_norm([g[i]]) ** 2, rel=1e-12, abs=0), mags[i]
+    assert float(got[-1]) == 0.0
+    g[1, 2] = math.nan
+    assert math.isnan(float(row_sq_norms(g)[1]))
+
+
+class OwnRows(nn.Module):
+    """Sample ``i``'s loss reads only row ``i`` of every parameter, so row ``i`` of the summed
+    gradient is exactly sample ``i``'s contribution ``w_i g_i``. ``kind``: a Linear over ``t``
+    positions (Gram norms, kept or chunked per-sample gradients, a bias), or an Embedding whose
+    sample ``i`` looks up token ``i`` at every position (the sort-based index norm)."""
+
+    def __init__(self, kind: str, n: int, d: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer = nn.Linear(d, n) if kind == "linear" else nn.Embedding(n, d)
+        with torch.no_grad():
+            for p in self.layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def own_rows_losses(kind: str, out: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    n = out.shape[0]
+    if kind == "linear":  # out (n, t, n): sample i reads output unit i
+        return out[torch.arange(n), :, torch.arange(n)].sum(1)
+    return (out * r).sum((1, 2))  # out (n, t, d): sample i's row of the table, weighted
+
+
+def _fuzz_engine(engine_name: str, kind: str, dtype, mags, radius, seed, t, strategy) -> None:
+    n, d = len(mags), 3
+    gen = torch.Generator().manual_seed(seed)
+    model = OwnRows(kind, n, d, gen).to(dtype)
+    if kind == "linear":
+        x = torch.randn(n, t, d, generator=gen).to(dtype)
+        r = None
+    else:
+        x = torch.arange(n)[:, None].expand(n, t).contiguous()
+        r = torch.randn(n, t, d, generator=gen).to(dtype)
+    scale = torch.tensor([10.0**m for m in mags], dtype=torch.float64).to(dtype)
+    c = 10.0**radius
+    params = list(model.parameters())
+    est = rc.per_sample_clip(c, engine=engine_name)
+    layout = ParamLayout.build(model, params)
+    engine = est.make_engine(model, layout)
+    if strategy is not None:
+        engine._plan_override = strategy
+    engine.attach()
+    try:
+        losses = own_rows_losses(kind, model(x), r) * scale
+        refs = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(n)]
+        out: list[torch.Tensor | None] = [None] * len(params)
+        contrib, _ = est.contribute(losses, est.init(layout, torch.device("cpu")), layout, engine, out)
+    finally:
+        engine.detach()
+    assert all(o is not None and bool(torch.isfinite(o).all()) for o in out)
+    norms = contrib.per_sample_norms
+    assert norms is not None and bool(torch.isfinite(norms).all())
+    for i in range(n):
+        ref = exact_norm([g[i] for g in refs[i]])
+        got = exact_norm([o[i] for o in out if o is not None])
+        coef = min(1.0, c / ref) if ref > 0 else 1.0
+        _check_within(got, ref, c, dtype, _normal(dtype, coef, min(ref, c) / (2 * d)))
+        # the norm itself: accurate, not inf or 0 (bf16, fp16: the engine's own per-sample
+        # gradient rounds differently from autograd's)
+        rel = {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
+        assert float(norms[i]) == pytest.approx(ref, rel=rel, abs=0), (i, float(norms[i]), ref)
+
+
+@_fuzz(
+    mags=st.lists(exponents, min_size=1, max_size=4),
+    kind=st.sampled_from(["linear", "embedding"]),
+    t=st.integers(1, 3),
+    strategy=st.sampled_from([None, "keep", "ghost", "chunks", "index"]),
+)
+def test_fuzz_hook_engine_per_sample_clip_contributions(dtype, mags, radius, seed, kind, t, strategy):
+    """The hook engine through each norm strategy (Gram of scaled factors, kept or chunked
+    per-sample gradients, the sort-based embedding norm): every contribution within its radius,
+    every norm finite and accurate, from 1e-30 to 1e30."""
+    _fuzz_engine("hooks", kind, dtype, mags, radius, seed, t, strategy)
+
+
+@_fuzz(mags=st.lists(exponents, min_size=1, max_size=4), kind=st.sampled_from(["linear", "embedding"]), t=st.integers(1, 3))
+def test_fuzz_vmap_engine_per_sample_clip_contributions(dtype, mags, radius, seed, kind, t):
+    _fuzz_engine("vmap", kind, dtype, mags, radius, seed, t, None)
+
+
+@pytest.mark.parametrize("engine", ["hooks", "vmap"])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_float16_per_sample_norms_span_the_float16_range(engine, kind):
+    """float16 gradients near its maximum (65504: squares overflow float16) and near its
+    smallest subnormal (6e-8: squares underflow it) get accurate norms on both engines."""
+    for mags in ([4.0, 0.0, -4.0], [-6.0, -5.0, 0.0]):
+        strategies = [None, "keep", "ghost", "chunks"] if engine == "hooks" else [None]
+        for strategy in strategies:
+            _fuzz_engine(engine, kind, torch.float16, mags, 0.0, 0, 2, strategy)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        # the second convolution's patch Gram is taken pixels first (ConvTerm.v_gram), the
+        # first's from unfolded patches
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 3, 5, padding=2)
+        self.fc = nn.Linear(3 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv2(torch.tanh(self.conv1(x)))).flatten(1))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer: one parameter, an index term and a dense term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(x)))).mean(1)
+
+
+def _model_case(name: str, n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if name == "mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x = torch.randn(n, 5, generator=gen)
+    elif name == "conv":
+        model, x = ConvNet(), torch.randn(n, 2, 8, 8, generator=gen)
+    elif name == "lstm":
+        model, x = LSTMNet(), torch.randn(n, 4, 4, generator=gen)
+    elif name == "attention":
+        model, x = AttentionNet(), torch.randn(n, 3, 6, generator=gen)
+    else:
+        model, x = TiedLM(), torch.randint(0, 11, (n, 4), generator=gen)
+    y = torch.randint(0, 11 if name == "tied_lm" else 3, (n,), generator=gen)
+    return model, x, y
+
+
+def _clipped_grads(model, x, y, scales, c, engine, strategy=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with rc.Clipper(model, opt, rc.per_sample_clip(c, engine=engine)) as clipper:
+        if strategy is not None:
+            clipper.engine._plan_override = strategy
+        clipper.backward(F.cross_entropy(model(x), y, reduction="none") * scales)
+        info = clipper.step()
+    return info, [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("strategy", [None, "keep", "ghost", "chunks"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "lstm", "attention", "tied_lm"])
+@pytest.mark.parametrize(
+    "scales,c",
+    [([1.0, 1e25, 1.0, 3.0, 1.0, 1e-25], 0.5), ([1e-25, 3e-25, 1e-24, 1e-25, 2e-25, 1e-26], 1e-30)],
+    ids=["exploding", "vanishing"],
+)
+def test_hook_engine_clips_an_exploding_sample_instead_of_dropping_it(name, strategy, scales, c):
+    """A float32 sample gradient of norm ~1e25 is clipped to ``c`` (its float32 squared norm
+    would be inf, its weight 0: dropped), and gradients of norm ~1e-25 are clipped to 1e-30
+    (their float32 squares underflow to 0: not clipped), on every path of the hook engine,
+    against the float64 loop engine."""
+    n = len(scales)
+    model, x, y = _model_case(name, n)
+    ref_model = copy.deepcopy(model).double()
+    info, got = _clipped_grads(model, x, y, torch.tensor(scales), c, "hooks", strategy)
+    ref_x = x.double() if x.is_floating_point() else x
+    ref_info, ref = _clipped_grads(ref_model, ref_x, y, torch.tensor(scales, dtype=torch.float64), c, "loop")
+    assert not info.skipped
+    assert bool(torch.isfinite(info.per_sample_norms).all())
+    torch.testing.assert_close(info.per_sample_norms.double(), ref_info.per_sample_norms, rtol=1e-4, atol=0)
+    total = math.sqrt(sum(float(r.pow(2).sum()) for r in ref))
+    assert total > 0
+    for g, r in zip(got, ref):
+        assert bool(torch.isfinite(g).all())
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * total)
+    if scales[1] == 1e25:  # the exploding sample's contribution is c/n of the mean: kept
+        assert float(info.per_sample_norms[1]) > 1e24
+
+
+@pytest.mark.filterwarnings("ignore::robustclip.per_sample.PerSampleFallbackWarning")
+@pytest.mark.parametrize("name", ["mlp", "conv", "lstm", "attention", "tied_lm"])
+def test_vmap_engine_clips_an_exploding_sample_instead_of_dropping_it(name):
+    scales = [1.0, 1e25, 1.0, 3.0, 1.0, 1e-25]
+    model, x, y = _model_case(name, len(scales))
+    ref_model = copy.deepcopy(model).double()
+    info, got = _clipped_grads(model, x, y, torch.tensor(scales), 0.5, "vmap")
+    ref_x = x.double() if x.is_floating_point() else x
+    ref_info, ref = _clipped_grads(ref_model, ref_x, y, torch.tensor(scales, dtype=torch.float64), 0.5, "loop")
+    assert not info.skipped
+    torch.testing.assert_close(info.per_sample_norms.double(), ref_info.per_sample_norms, rtol=1e-4, atol=0)
+    total = math.sqrt(sum(float(r.pow(2).sum()) for r in ref))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * total)

@@ -265,7 +265,7 @@ class PerSample(Estimator[PerSampleState]):
         of a NaN weight: its loss is masked out of the backward pass (``where``, so a finite
         gradient of a NaN loss becomes exactly 0), and a NaN or infinite norm gives weight 0.
         The engine must then make that sample's contribution exactly 0 even where its gradient
-        holds NaN (``NaN * 0`` is NaN): the loop engine does.
+        holds NaN (``NaN * 0`` is NaN): every engine does when told ``drop``.
         """
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.radii is None else self.radii.values(state.thresholds, layout)
@@ -278,7 +278,7 @@ class PerSample(Estimator[PerSampleState]):
         loss_ok = torch.isfinite(losses.detach()) if drop else None
         if loss_ok is not None:
             losses = torch.where(loss_ok, losses, 0.0)
-        group_norms = accumulate_into(engine, losses, weight_fn, out)
+        group_norms = accumulate_into(engine, losses, weight_fn, out, drop=drop)
         wide = group_norms.to(wide_dtype(group_norms.device))
         if inv is not None:
             wide = wide * inv.to(wide.device)

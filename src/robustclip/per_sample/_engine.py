@@ -16,6 +16,16 @@ groups). Engines differ in how they get there:
 
 A weight rule sees one chunk of samples at a time and must treat samples independently, which
 every per-sample rule does; this is what lets engines process the batch in chunks.
+
+The squared norms an engine hands ``weight_fn`` are float64 (:func:`wide_dtype`), and finite
+and accurate for every finite gradient: a float32 square overflows above 1.8e19 and underflows
+below 1e-19, so a sample's gradient of norm 1e25 would get weight ``c/inf = 0`` (dropped instead
+of clipped) and one of norm 1e-25 would escape a radius of 1e-30. Engines sum squares in
+float64, where every square of a float32, bfloat16 or float16 number fits
+(:func:`row_sq_norms`); where a float32 product comes first (a Gram of a sample's factors) or
+float64 cannot hold the squares (float64 gradients, MPS), they divide each sample's values by
+their largest magnitude first and put the scale back after (LAPACK's ``nrm2`` idea, per sample:
+:func:`max_abs`, :func:`scaled_by`).
 """
 
 from __future__ import annotations
@@ -27,11 +37,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from robustclip._math import wide_dtype
+
 # the p.grad plumbing lives in _grads; engines import new_grad and fill_missing from here too
 from robustclip.per_sample._grads import fill_missing
 from robustclip.per_sample._grads import new_grad as new_grad
 
-#: maps squared norms of shape (groups, chunk) to weights of shape (groups, chunk) or (1, chunk)
+#: maps squared norms of shape (groups, chunk), float64 (:func:`wide_dtype`), to weights of
+#: shape (groups, chunk) or (1, chunk)
 WeightFn = Callable[[Tensor], Tensor]
 
 
@@ -180,8 +193,16 @@ class PerSampleEngine:
     def detach(self) -> None:
         """Remove everything :meth:`attach` installed."""
 
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(
+        self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], *, drop: bool = False
+    ) -> Tensor:
         """Add ``sum_i w_{l,i} g_{l,i}`` to ``out`` (aligned with ``layout.params``).
+
+        ``drop`` (``Clipper(nonfinite="drop_sample")``): a sample of weight 0 may hold NaN or
+        inf in its gradient and must still add exactly 0 (``0 * NaN`` is NaN), so its rows are
+        zeroed in every weighted sum. Without ``drop`` they are not (one elementwise pass less
+        per factor): a non-finite sample then has a NaN weight and makes the sum NaN, which the
+        clipper's finite check sees and skips the step for.
 
         An engine with ``writes_new_grads`` also takes ``None`` entries: that parameter has no
         gradient yet this step, and the engine puts a new tensor there, laid out like the
@@ -196,7 +217,7 @@ class PerSampleEngine:
 
     def group_sq_norms(self, per_param_sq: Sequence[Tensor]) -> Tensor:
         """Sum per-parameter squared norms (each shape (chunk,)) into groups -> (G, chunk), in
-        the widest of their dtypes (float32 at least)."""
+        the widest of their dtypes (float32 at least; the engines pass float64 ones)."""
         lay = self.layout
         chunk = per_param_sq[0].shape[0]
         dtype = acc_dtype(functools.reduce(torch.promote_types, (s.dtype for s in per_param_sq)))
@@ -241,6 +262,69 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def max_abs(x: Tensor) -> Tensor:
+    """The largest magnitude of each sample (first dimension) of ``x``, ``(B,)`` in ``x``'s
+    dtype, at least the dtype's smallest normal number (so that dividing an all-zero sample by
+    it gives zeros, and a subnormal one never overflows); NaN for a sample with a NaN, inf for
+    one with an inf. No temporary of ``x``'s size."""
+    if x.dim() == 1:
+        s = x.abs()
+    elif x[0].numel() == 0:
+        return x.new_ones(x.shape[0])
+    else:
+        dims = tuple(range(1, x.dim()))
+        s = torch.maximum(x.amax(dims), -x.amin(dims))
+    return s.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def scaled_by(x: Tensor, scale: Tensor | None) -> Tensor:
+    """``x`` (batch first) in :func:`acc_dtype`, each sample divided by its ``scale`` (``(B,)``,
+    from :func:`max_abs`): every entry then lies in [-1, 1], so float32 products and squares
+    of it neither overflow nor lose anything that matters to underflow. One pass (the cast
+    and the division in one operation)."""
+    dt = acc_dtype(x.dtype)
+    if scale is None:
+        return x.to(dt)
+    return torch.div(x, scale.to(dt).view(-1, *(1,) * (x.dim() - 1)))
+
+
+def float64_holds_squares(x: Tensor) -> bool:
+    """Whether float64 accumulation alone makes ``x``'s sums of squares safe: every square of
+    a float32, bfloat16 or float16 number is a normal float64, so nothing overflows or
+    underflows, on every device with float64 (all but MPS). Float64 tensors need scaling."""
+    return x.dtype != torch.float64 and wide_dtype(x.device) == torch.float64
+
+
+#: entries per sample from which :func:`row_sq_norms` reduces each sample on its own
+ROW_BY_ROW = 2**15
+
+
+def row_sq_norms(g: Tensor) -> Tensor:
+    """Squared L2 norm of each sample (first dimension) of ``g``, ``(B,)`` in :func:`wide_dtype`
+    (float64; float32 on MPS), finite and accurate for every finite sample of a float32,
+    bfloat16 or float16 ``g``: accumulated in float64 (one pass), or where float64 cannot hold
+    the squares (float64 gradients, MPS), each sample divided by its largest magnitude first
+    and the scale put back after. NaN for a sample with a NaN or inf. No host read."""
+    b = g.shape[0]
+    wide = wide_dtype(g.device)
+    x = g.detach().reshape(b, -1)
+    if x.shape[1] == 0:
+        return torch.zeros(b, dtype=wide, device=g.device)
+    if float64_holds_squares(x):
+        if x.shape[1] < ROW_BY_ROW:
+            norm: Tensor = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)  # Any in torch's stubs
+            return norm.square()
+        # long rows one at a time: on the CPU a float64 copy of the whole chunk (up to 64 MB)
+        # would be a fresh mapping every call, 35x the float32 pass; one row's is reused
+        return torch.stack(torch._foreach_norm(list(x.unbind(0)), 2.0, dtype=torch.float64)).square()
+    s = max_abs(x)
+    # squared in place in the scaled copy, then summed: torch's sum adds in a cascade (relative
+    # error ~1e-7 for millions of entries), where linalg.vector_norm over a dimension adds
+    # one by one on the CPU (5e-4 for 8 million entries in float32)
+    sq = scaled_by(x, s).square_().sum(1)
+    return sq.to(wide) * s.to(wide).square()
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that holds the parameters, through DistributedDataParallel wrappers and
     torch.compile's (``OptimizedModule._orig_mod``), so names are the eager model's."""
@@ -254,12 +338,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def accumulate_into(
-    engine: PerSampleEngine, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]
+    engine: PerSampleEngine,
+    losses: Tensor,
+    weight_fn: WeightFn,
+    out: list[Tensor | None],
+    drop: bool = False,
 ) -> Tensor:
     """``engine.accumulate``, with zeros first in the ``None`` entries of ``out`` for an engine
     that only adds into it (``writes_new_grads`` False), and, when due
     (:class:`PathCheck`), sample 0's per-group norms compared with autograd's (for engines
-    that do not check themselves)."""
+    that do not check themselves). ``drop``: see :meth:`PerSampleEngine.accumulate`."""
     if not engine.writes_new_grads:
         fill_missing(out, engine.layout.params)
     scale = engine.sum_scale
@@ -267,14 +355,15 @@ def accumulate_into(
         engine.scaled_calls += 1
         weight_fn = functools.partial(_scaled_weights, weight_fn, scale)
     if engine.checks_itself or not engine.checks.due({engine.name}) or losses.grad_fn is None:
-        return engine.accumulate(losses, weight_fn, out)
+        return engine.accumulate(losses, weight_fn, out, drop=drop)
     lay = engine.layout
     ref = torch.autograd.grad(losses[0], lay.params, retain_graph=True, allow_unused=True)
+    wide = wide_dtype(losses.device)
     ref_sq = engine.group_sq_norms(
-        [torch.zeros(1, device=losses.device) if g is None else g.detach().to(acc_dtype(g.dtype)).pow(2).sum().reshape(1) for g in ref]
+        [torch.zeros(1, dtype=wide, device=losses.device) if g is None else row_sq_norms(g.unsqueeze(0)) for g in ref]
     )[:, 0]
     del ref
-    norms = engine.accumulate(losses, weight_fn, out)
+    norms = engine.accumulate(losses, weight_fn, out, drop=drop)
     check_norms(norms[:, 0], ref_sq.sqrt(), lay.group_names, engine.name, _half_precision(engine, losses))
     engine.checks.passed({engine.name})
     return norms

@@ -17,7 +17,10 @@ from robustclip.per_sample._grads import fill_missing
 class LoopEngine(PerSampleEngine):
     name = "loop"
 
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(
+        self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], *, drop: bool = False
+    ) -> Tensor:
+        # the oracle zeroes a sample of weight 0 in every mode (``drop`` changes nothing here)
         params = self.layout.params
         # this engine only adds: accumulate_into has zero-filled the missing entries already
         dst = fill_missing(out, params)

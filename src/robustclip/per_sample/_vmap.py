@@ -30,6 +30,7 @@ from robustclip.per_sample._engine import (
     WeightFn,
     acc_dtype,
     expand_weights,
+    row_sq_norms,
 )
 from robustclip.per_sample._grads import fill_missing
 from robustclip.per_sample._graph import check_losses_reach_only, output_cotangents
@@ -83,7 +84,9 @@ class VmapEngine(PerSampleEngine):
             self._output = output
 
     # -- the engine ---------------------------------------------------------------------------
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(
+        self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], *, drop: bool = False
+    ) -> Tensor:
         if self._inputs is None or self._output is None:
             raise RuntimeError(
                 "the vmap engine saw no forward pass of the model since the last backward(). "
@@ -195,13 +198,14 @@ class VmapEngine(PerSampleEngine):
                 # randomness are structural, so the first step reveals them.
                 for got, ref in zip(primal, diff_out):
                     _check_recompute(got, ref[sl].detach())
-            sq = [g.detach().flatten(1).to(acc_dtype(g.dtype)).pow(2).sum(1) for g in grads]
-            gsq = self.group_sq_norms(sq)
+            # float64 squared norms of each sample's gradient scaled by its largest entry: finite
+            # and accurate for every finite gradient (a float32 square overflows above 1.8e19)
+            gsq = self.group_sq_norms([row_sq_norms(g) for g in grads])
             w = weight_fn(gsq)
             for o, g, wp in zip(dst, grads, expand_weights(w, lay.group_of)):
-                # a dropped sample (weight 0) may hold NaN, and 0 * NaN is NaN: zeroed instead
-                o.add_(torch.tensordot(wp.to(g.dtype), zero_dropped(g, wp), dims=1))
-            norms.append(gsq.sqrt())
+                # with drop, a dropped sample (weight 0) may hold NaN, and 0 * NaN is NaN: zeroed
+                o.add_(torch.tensordot(wp.to(g.dtype), zero_dropped(g, wp, drop), dims=1))
+            norms.append(gsq.sqrt().to(acc_dtype(grads[0].dtype)))
             del grads, primal
         self._verified = True
         self._inputs = self._output = None  # free the forward's graph and inputs

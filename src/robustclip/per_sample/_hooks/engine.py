@@ -19,8 +19,10 @@ layer input and the autograd edge of its output.
 4. per parameter, a cost model picks how to get the per-sample squared norms (``norms.py``: keep
    the materialised per-sample gradient when it is smaller than what it frees, the ghost Gram
    form, an exact sort for embeddings, or chunks freed at once);
-5. the weights ``w = weight_fn(norms)`` over the *whole* batch, then ``out[p] += sum_i w_i g_i``
-   in one matmul (or scatter, or weight-gradient convolution) per parameter.
+5. the weights ``w = weight_fn(norms)`` over the *whole* batch (float64 squared norms, finite
+   for every finite gradient: ``norms.py``), then ``out[p] += sum_i w_i g_i`` in one matmul (or
+   scatter, or weight-gradient convolution) per parameter; the rows of samples of weight 0 are
+   zeroed only with ``drop`` (``Clipper(nonfinite="drop_sample")``).
 
 No ``B x params`` per-sample gradient tensor is ever built: a layer's per-sample gradients are
 materialised only when they are no larger than the activations and output gradients of that
@@ -45,6 +47,7 @@ PS-Clip-SGD, Nobile & Grohs (arXiv:2605.02701).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from robustclip._math import wide_dtype
 from robustclip.per_sample._engine import (
     ParamLayout,
     PathCheck,
@@ -169,16 +173,20 @@ class HookEngine(PerSampleEngine):
             self._delegate.detach()
 
     # -- a step ------------------------------------------------------------------------------------
-    def accumulate(self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def accumulate(
+        self, losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], *, drop: bool = False
+    ) -> Tensor:
         if self._delegate is not None:
-            return accumulate_into(self._delegate, losses, weight_fn, out)
+            return accumulate_into(self._delegate, losses, weight_fn, out, drop=drop)
         calls = self.recorder.take()
         try:
-            return self._step(calls, losses, weight_fn, out)
+            return self._step(calls, losses, weight_fn, out, drop)
         finally:
             release(calls)  # also after an error: the calls hold the step's graph
 
-    def _step(self, calls: list[Call], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def _step(
+        self, calls: list[Call], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], drop: bool
+    ) -> Tensor:
         """The phases of the module docstring, in order."""
         if losses.grad_fn is None:
             raise ValueError("the losses have no autograd graph; compute them from the model's output.")
@@ -194,7 +202,7 @@ class HookEngine(PerSampleEngine):
                 "frees the parameters it would read): " + "; ".join(plan.problems[:4])
             )
         if plan.problems:
-            return self._whole_model_fallback(plan.problems, losses, weight_fn, out)
+            return self._whole_model_fallback(plan.problems, losses, weight_fn, out, drop)
         self.verifier.begin(paths)
         retain = self.fallbacks.prepare(plan.fallbacks)
         ref = self.verifier.reference(losses, self.recorder.replaying)
@@ -206,7 +214,7 @@ class HookEngine(PerSampleEngine):
         del calls, plan
         self.verifier.check(ref, got.terms, got.kept)
         # 4-5. the norms of the other parameters, the weights, the weighted sums
-        return self._weighted_sums(got, batch, weight_fn, out, losses.device)
+        return self._weighted_sums(got, batch, weight_fn, out, losses.device, drop)
 
     def _plan(self, calls: list[Call], losses: Tensor, batch: int) -> tuple[Plan, set[str]]:
         """Phase 1: this step's plan and its paths. Rebuilt from the template of an earlier
@@ -282,22 +290,29 @@ class HookEngine(PerSampleEngine):
             run.got.take_norms(idx, self.layout.params[idx], run.batch, self.transient_elements, self._plan_override)
 
     def _weighted_sums(
-        self, got: Gathered, batch: int, weight_fn: WeightFn, out: list[Tensor | None], device: torch.device
+        self,
+        got: Gathered,
+        batch: int,
+        weight_fn: WeightFn,
+        out: list[Tensor | None],
+        device: torch.device,
+        drop: bool,
     ) -> Tensor:
         """Phases 4 and 5: the norms not taken yet, the weights over the whole batch, and
-        ``out[p] += sum_i w_i g_i``. Returns the per-sample, per-group norms."""
+        ``out[p] += sum_i w_i g_i`` (with ``drop``, rows of weight 0 add exactly 0). Returns
+        the per-sample, per-group norms."""
         lay = self.layout
+        wide = wide_dtype(device)
         sq_list: list[Tensor] = []
         for idx, p in enumerate(lay.params):
             sq = got.sq.get(idx)
             if sq is None and got.terms.get(idx):
                 got.take_norms(idx, p, batch, self.transient_elements, self._plan_override)
                 sq = got.sq[idx]
-            dt = acc_dtype(p.dtype)
             if sq is None:
-                sq = torch.zeros(batch, dtype=dt, device=device)
-            sq_list.append(sq if sq.dtype == dt else sq.to(dt))
-        gsq = self.group_sq_norms(sq_list)
+                sq = torch.zeros(batch, dtype=wide, device=device)
+            sq_list.append(sq if sq.dtype == wide else sq.to(wide))
+        gsq = self.group_sq_norms(sq_list)  # float64: finite for every finite gradient
         w = weight_fn(gsq)
         wdt = acc_dtype(lay.params[0].dtype)
         if w.dtype != wdt:
@@ -315,13 +330,17 @@ class HookEngine(PerSampleEngine):
             if o is None:
                 # no gradient yet this step: the first term's sum becomes the gradient, written
                 # once (no zero fill, no temporary of the parameter's size beside it)
-                out[idx] = o = new_grad(lay.params[idx], ts.pop(0).weighted(wp) if ts else None)
+                out[idx] = o = new_grad(lay.params[idx], ts.pop(0).weighted(wp, drop=drop) if ts else None)
             for t in ts:
-                t.add_weighted_(o, wp)
-        return gsq.sqrt()
+                t.add_weighted_(o, wp, drop=drop)
+        # the readings in the gradients' precision (float32 at least), as every engine's
+        dt = acc_dtype(functools.reduce(torch.promote_types, (p.dtype for p in lay.params)))
+        return gsq.sqrt().to(dt)
 
     # -- when the model cannot be split by sample ------------------------------------------------------
-    def _whole_model_fallback(self, problems: list[str], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None]) -> Tensor:
+    def _whole_model_fallback(
+        self, problems: list[str], losses: Tensor, weight_fn: WeightFn, out: list[Tensor | None], drop: bool
+    ) -> Tensor:
         random = any(m.training and m.p > 0 for m in self.model.modules() if isinstance(m, DROPOUT))
         warnings.warn(
             "robustclip: the hook engine cannot split this model's gradient by sample: "
@@ -340,7 +359,7 @@ class HookEngine(PerSampleEngine):
         # against autograd, and so is every verify_every-th step after it
         self._delegate.checks = PathCheck(self.checks.enabled, self.checks.every)
         self._delegate.attach()
-        return accumulate_into(LoopEngine(self.model, self.layout), losses, weight_fn, out)
+        return accumulate_into(LoopEngine(self.model, self.layout), losses, weight_fn, out, drop=drop)
 
     def set_verify_every(self, every: int | None) -> None:
         super().set_verify_every(every)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
-from robustclip.per_sample._engine import acc_dtype
+from robustclip._math import wide_dtype
+from robustclip.per_sample._engine import row_sq_norms
 from robustclip.per_sample._hooks.capture import Call, Unit
 from robustclip.per_sample._hooks.verify import ReplayError, Verifier, check_replay_output
 from robustclip.per_sample.rules._terms import DenseTerm, Term, zero_dropped
@@ -124,6 +125,8 @@ class Replay:
         self.stored: list[Tensor] | None = None
         self.sq: Tensor | None = None
         self.weights: dict[int, Tensor] = {}
+        #: zero the rows of samples of weight 0 in the weighted sums (Clipper(nonfinite="drop_sample"))
+        self.drop = False
         self._weighted: dict[int, Tensor] | None = None
         self.check = check
         leaves, self.spec = pytree.tree_flatten((call.args, call.kwargs))
@@ -177,15 +180,17 @@ class Replay:
 
     # -- what the engine asks -------------------------------------------------------------------------
     def run(self) -> None:
-        """First pass: squared norms of every parameter (and the gradients, if they fit)."""
-        sq = torch.zeros(len(self.idxs), self.batch, dtype=acc_dtype(self.vals[0].dtype), device=self.vals[0].device)
+        """First pass: squared norms of every parameter, float64 and scaled as every norm of the
+        hook engine (``norms.py``), and the gradients, if they fit."""
+        dev = self.vals[0].device
+        sq = torch.zeros(len(self.idxs), self.batch, dtype=wide_dtype(dev), device=dev)
         stored: list[list[Tensor]] = [[] for _ in self.idxs]
         for s in range(0, self.batch, self.chunk):
             sl = slice(s, min(s + self.chunk, self.batch))
             gs = self._chunk(sl)
             self.check = False
             for j, g in enumerate(gs):
-                sq[j, sl] = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=sq.dtype).square()
+                sq[j, sl] = row_sq_norms(g)
                 if self.keep:
                     stored[j].append(g)
         self.sq = sq
@@ -201,7 +206,7 @@ class Replay:
         if self.stored is not None:
             g = self.stored[self.pos[idx]]
             w = self.weights[idx]
-            out: Tensor = torch.tensordot(w.to(g.dtype), zero_dropped(g, w), dims=1)
+            out: Tensor = torch.tensordot(w.to(g.dtype), zero_dropped(g, w, self.drop), dims=1)
             return out
         if self._weighted is None:
             # second replay, every parameter that wants a sum at once (all were told their
@@ -213,7 +218,7 @@ class Replay:
                 gs = self._chunk(sl)
                 for j in want:
                     w = self.weights[self.idxs[j]][sl]
-                    acc[j] += torch.tensordot(w.to(gs[j].dtype), zero_dropped(gs[j], w), dims=1)
+                    acc[j] += torch.tensordot(w.to(gs[j].dtype), zero_dropped(gs[j], w, self.drop), dims=1)
             self._weighted = {self.idxs[j]: a for j, a in acc.items()}
         return self._weighted[idx]
 
@@ -233,8 +238,9 @@ class ReplayTerm(Term):
         # the second replay computes every parameter of the module at once
         self.replay.weights[self.idx] = w
 
-    def weighted(self, w: Tensor) -> Tensor:
+    def weighted(self, w: Tensor, *, drop: bool = False) -> Tensor:
         self.replay.weights[self.idx] = w
+        self.replay.drop = drop  # the same for every parameter of the replay: one step's mode
         return self.replay.weighted(self.idx)
 
 

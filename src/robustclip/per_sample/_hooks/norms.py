@@ -14,8 +14,14 @@ and :func:`sq_norms` runs the cheapest:
   ``T n_u n_v``, as in mixed ghost clipping (Bu et al., arXiv:2205.10683).
 * ``"chunks"``: materialise a chunk of samples at a time, take the norms, free it.
 
-Norms accumulate in float32 at least. Temporaries of one parameter stay below ``budget``
-elements (chunks of samples).
+Every strategy returns float64 squared norms (``_engine.wide_dtype``) that are finite and
+accurate for every finite gradient, also of norm 1e25 or 1e-25 in float32 or bfloat16 (whose
+squares overflow above 1.8e19 and underflow below 1e-19 in float32): a materialised gradient,
+an embedding's grouped rows and the factors of a single position are squared and summed in
+float64 (``_engine.row_sq_norms``); the factors of a Gram over several positions are first
+divided by each sample's largest magnitude, so that their float32 products cannot overflow,
+and the scales go back in float64. Temporaries of one parameter stay below ``budget`` elements
+(chunks of samples).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from robustclip.per_sample._engine import acc_dtype
+from robustclip._math import wide_dtype
+from robustclip.per_sample._engine import float64_holds_squares, max_abs, row_sq_norms, scaled_by
 from robustclip.per_sample.rules._terms import DenseTerm, OuterTerm, Term, gram, sum_materialized
 
 #: the strategies :func:`choose` picks from (tests force each in turn)
@@ -40,7 +47,7 @@ class Gathered:
 
     #: lazy per-sample gradients (the parameter's terms) still needed for the weighted sum
     terms: dict[int, list[Term]] = field(default_factory=dict)
-    #: squared norms already taken, ``(B,)``
+    #: squared norms already taken, ``(B,)`` float64 (``wide_dtype``)
     sq: dict[int, Tensor] = field(default_factory=dict)
     #: per-sample gradients materialised and kept (``"keep"``), ``(B, *shape)``; they replace the terms
     kept: dict[int, Tensor] = field(default_factory=dict)
@@ -70,9 +77,9 @@ class Gathered:
 def sq_norms(
     terms: Sequence[Term], batch: int, p: Tensor, budget: int, force: str | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """Squared norms ``(B,)`` of one parameter's per-sample gradients, and those gradients if
-    the strategy keeps them. ``force`` (tests): a strategy of :data:`STRATEGIES` to use where
-    it applies."""
+    """Squared norms ``(B,)`` of one parameter's per-sample gradients, float64 (see the module
+    docstring), and those gradients if the strategy keeps them. ``force`` (tests): a strategy
+    of :data:`STRATEGIES` to use where it applies."""
     if len(terms) == 1 and terms[0].precomputed_sq is not None:
         return terms[0].precomputed_sq, None
     how = strategy(terms, batch, p, force)
@@ -143,30 +150,54 @@ def cost(terms: Sequence[Term], how: str) -> tuple[float, float]:
 
 
 def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
-    """``||sum_a g_{a,i}||^2`` from the factors only: ``sum_{a,b} <U_a U_b^T, V_a V_b^T>``."""
+    """``||sum_a g_{a,i}||^2`` from the factors only: ``sum_{a,b} <U_a U_b^T, V_a V_b^T>``.
+
+    Each term's factors are divided, sample by sample, by their largest magnitudes ``s_u`` and
+    ``s_v`` (an index factor by 1): the Grams of the scaled factors cannot overflow or
+    underflow in float32, and each pair's Gram product is multiplied by its terms'
+    ``s_u s_v`` in float64, where the scales of a float32 or bfloat16 gradient always fit."""
     batch = terms[0].batch
     tt = sum(t.T for t in terms)
     per_sample = 2 * terms[0].K * tt * tt + 1
     chunk = max(1, min(batch, budget // per_sample))
-    dt = acc_dtype(terms[0].dtype)
+    wide = wide_dtype(terms[0].u.device)
     out = []
     for s in range(0, batch, chunk):
         sl = slice(s, min(s + chunk, batch))
-        acc = None
+        one = terms[0]
+        if len(terms) == 1 and one.T == 1 and not one.index:
+            # one position (2-D inputs): ||u (x) v||^2 = ||u||^2 ||v||^2 per block, squares
+            # summed in float64, no product to scale against
+            u, v = one.u_chunk(sl), one.v_chunk(sl)
+            b, k = u.shape[:2]
+            sq = row_sq_norms(u.reshape(b * k, -1)) * row_sq_norms(v.reshape(b * k, -1))
+            out.append(sq.view(b, k).sum(1))
+            continue
+        su = [t.u_scale(sl) for t in terms]
+        sv = [t.v_scale(sl) for t in terms]
+        scales = [v.to(wide) if u is None else u.to(wide) * v.to(wide) for u, v in zip(su, sv)]
         if len(terms) == 1:  # a term may know a cheaper way to its own Grams
-            acc = (terms[0].u_gram(sl) * terms[0].v_gram(sl)).sum(dim=(1, 2, 3))
-        else:
-            us = [t.u_chunk(sl) for t in terms]
-            vs = [t.v_chunk(sl) for t in terms]
-            for a in range(len(terms)):
-                for b in range(a, len(terms)):
-                    val = (gram(us[a], us[b]) * gram(vs[a], vs[b])).sum(dim=(1, 2, 3))
-                    if b != a:
-                        val = 2 * val
-                    acc = val if acc is None else acc + val
+            val = (terms[0].u_gram(sl, su[0]) * terms[0].v_gram(sl, sv[0])).sum(dim=(1, 2, 3))
+            out.append(val.to(wide) * scales[0].square())
+            continue
+        us = [_scaled_factor(t.u_chunk(sl), x) for t, x in zip(terms, su)]
+        vs = [_scaled_factor(t.v_chunk(sl), x) for t, x in zip(terms, sv)]
+        acc = None
+        for a in range(len(terms)):
+            for b in range(a, len(terms)):
+                val = (gram(us[a], us[b]) * gram(vs[a], vs[b])).sum(dim=(1, 2, 3)).to(wide)
+                val = val * (scales[a] * scales[b] if b != a else scales[a].square())
+                if b != a:
+                    val = 2 * val
+                acc = val if acc is None else acc + val
         assert acc is not None
-        out.append(acc.to(dt))
+        out.append(acc)
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _scaled_factor(x: Tensor, scale: Tensor | None) -> Tensor:
+    """A dense factor divided by its per-sample scale; an index factor as it is."""
+    return scaled_by(x, scale) if x.is_floating_point() else x
 
 
 def index_sq_norms(term: OuterTerm) -> Tensor:
@@ -175,7 +206,7 @@ def index_sq_norms(term: OuterTerm) -> Tensor:
     Sample ``i``'s gradient has one row per *distinct* index: the sum of the ``v`` rows that share
     it. Sorting each sample's indices finds, for every position, the group of equal indices it
     belongs to; scattering ``v`` into those groups and squaring gives the norm. No host sync:
-    every shape is fixed.
+    every shape is fixed. The sums and squares are float64 (see the module docstring).
     """
     u, v = term.u, term.v
     assert v is not None
@@ -186,9 +217,13 @@ def index_sq_norms(term: OuterTerm) -> Tensor:
     new[:, 1:] = (srt[:, 1:] != srt[:, :-1]).long()
     gid_sorted = new.cumsum(1) - 1
     gid = torch.empty_like(gid_sorted).scatter_(1, perm, gid_sorted)
-    vv = v.reshape(b * k, t, -1).to(acc_dtype(v.dtype))
+    wide = wide_dtype(v.device)
+    # float64 sums where they hold the squares, else v scaled by each sample's largest entry
+    scale = None if float64_holds_squares(v) else max_abs(v)
+    vv = (v.to(wide) if scale is None else scaled_by(v, scale)).reshape(b * k, t, -1)
     sums = torch.zeros_like(vv).scatter_add_(1, gid.unsqueeze(-1).expand_as(vv), vv)
-    return sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1)
+    sq = sums.pow(2).sum(dim=(1, 2)).view(b, k).sum(1).to(wide)
+    return sq if scale is None else sq * scale.to(wide).square()
 
 
 def materialized_sq_norms(
@@ -196,20 +231,13 @@ def materialized_sq_norms(
 ) -> tuple[Tensor, Tensor | None]:
     """Norms from materialised per-sample gradients, a chunk of samples at a time within
     ``budget``; with ``keep``, the gradients too."""
-    dt = acc_dtype(p.dtype)
     per_sample = sum(t.transient_per_sample() for t in terms) + p.numel()
     chunk = max(1, min(batch, budget // per_sample))
     sqs, parts = [], []
     for s in range(0, batch, chunk):
         g = sum_materialized(terms, slice(s, min(s + chunk, batch)))
-        sqs.append(sq_rows(g, dt))
+        sqs.append(row_sq_norms(g))
         if keep:
             parts.append(g)
     kept = (parts[0] if len(parts) == 1 else torch.cat(parts)) if keep else None
     return (sqs[0] if len(sqs) == 1 else torch.cat(sqs)), kept
-
-
-def sq_rows(g: Tensor, dt: torch.dtype) -> Tensor:
-    """Squared norm of each row of ``g`` (B, ...), in ``dt``, without a squared temporary."""
-    norms: Tensor = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=dt)  # Any in torch's stubs
-    return norms.square()

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor
 
+from robustclip._math import wide_dtype
 from robustclip.per_sample._engine import ParamLayout, PathCheck, acc_dtype
 from robustclip.per_sample._hooks.capture import Call
 from robustclip.per_sample.rules._terms import Term, sum_materialized
@@ -83,8 +84,10 @@ def check_sample(ref: list[Tensor], terms: dict[int, list[Term]], kept: dict[int
     """Sample 0's gradient from the terms must match autograd's, parameter by parameter."""
     half = any(t.dtype in _HALF for ts in terms.values() for t in ts) or any(g.dtype in _HALF for g in kept.values())
     rtol, atol = (5e-2, 1e-2) if half else (1e-3, 1e-5)
-    # one host read per parameter, once: this runs on the first step only
-    total = math.sqrt(sum(float(r.detach().float().norm()) ** 2 for r in ref))
+    # one host read per parameter, on check steps only; in float64, so that an exploding (1e25)
+    # or vanishing (1e-25) float32 gradient is compared, not inf against inf or 0 against 0
+    wide = wide_dtype(ref[0].device) if ref else torch.float64
+    total = math.sqrt(sum(float(torch.linalg.vector_norm(r.detach(), dtype=wide)) ** 2 for r in ref))
     bad = []
     for idx, r in enumerate(ref):
         ts = terms.get(idx)
@@ -93,11 +96,10 @@ def check_sample(ref: list[Tensor], terms: dict[int, list[Term]], kept: dict[int
             mine = kept[idx][0]
         else:
             mine = sum_materialized(ts, slice(0, 1))[0] if ts else torch.zeros_like(r)
-        dt = acc_dtype(r.dtype)
-        err = float(torch.linalg.vector_norm((mine - r).to(dt)))
+        err = float(torch.linalg.vector_norm(mine.to(wide) - r.to(wide)))
         # the floor: gradients that are rounding noise everywhere compare as equal
-        floor = 100 * torch.finfo(dt).eps * (1.0 + total)
-        if err > rtol * float(torch.linalg.vector_norm(r.to(dt))) + atol * total + floor:
+        floor = 100 * torch.finfo(acc_dtype(r.dtype)).eps * (1.0 + total)
+        if err > rtol * float(torch.linalg.vector_norm(r, dtype=wide)) + atol * total + floor:
             bad.append(names[idx])
     if bad:
         raise ValueError(

@@ -26,6 +26,16 @@ Two kinds of term cover every layer robustclip knows:
 Several terms for the same parameter (tied embeddings, a layer called twice) add up: the
 per-sample gradient is their sum, and the ghost form then needs the cross Grams
 ``<U_a U_b^T, V_a V_b^T>``, which :func:`gram` computes for any pair of dense or index factors.
+
+Grams take each factor divided by a per-sample scale (its largest magnitude,
+``_engine.max_abs``), so that a float32 product of an exploding gradient's factors (1e25 x
+1e25) cannot overflow and a vanishing one's cannot underflow; the norms code puts the scales
+back in float64.
+
+Weighted sums take ``drop`` (``Clipper(nonfinite="drop_sample")``): only then are the rows of a
+sample of weight 0 zeroed in every factor (:func:`zero_dropped`, :func:`scale_rows`), since a
+dropped sample may hold NaN and ``0 * NaN`` is NaN. Without it a non-finite sample has a NaN
+weight, the sum is NaN, and the clipper skips the step: zeroing would change nothing there.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import torch
 from torch import Tensor
 
 from robustclip._kernels import matmul
-from robustclip.per_sample._engine import acc_dtype
+from robustclip.per_sample._engine import acc_dtype, max_abs, scaled_by
 
 
 class Term:
@@ -71,13 +81,14 @@ class Term:
         """Told every term's weights before any sum is taken (terms that share work across
         parameters, like a replayed module, need them all at once)."""
 
-    def weighted(self, w: Tensor) -> Tensor:
-        """``sum_i w_i g_i`` (shape ``shape``) for weights ``w`` of shape ``(B,)``."""
+    def weighted(self, w: Tensor, *, drop: bool = False) -> Tensor:
+        """``sum_i w_i g_i`` (shape ``shape``) for weights ``w`` of shape ``(B,)``; with
+        ``drop``, a sample of weight 0 adds exactly 0 even where it holds NaN."""
         raise NotImplementedError
 
-    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
+    def add_weighted_(self, out: Tensor, w: Tensor, *, drop: bool = False) -> None:
         """``out += sum_i w_i g_i``; subclasses fuse the sum into ``out`` when they can."""
-        out.add_(self.weighted(w).to(out.dtype))
+        out.add_(self.weighted(w, drop=drop).to(out.dtype))
 
     def materialize_cost(self) -> float:
         """Multiply-adds to materialise every sample's gradient."""
@@ -97,33 +108,38 @@ class DenseTerm(Term):
     def materialize(self, sl: slice) -> Tensor:
         return self.g[sl]
 
-    def weighted(self, w: Tensor) -> Tensor:
-        out: Tensor = torch.tensordot(w.to(self.g.dtype), zero_dropped(self.g, w), dims=1)
+    def weighted(self, w: Tensor, *, drop: bool = False) -> Tensor:
+        out: Tensor = torch.tensordot(w.to(self.g.dtype), zero_dropped(self.g, w, drop), dims=1)
         return out
 
-    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
-        add_weighted_rows_(out, self.g, w)
+    def add_weighted_(self, out: Tensor, w: Tensor, *, drop: bool = False) -> None:
+        add_weighted_rows_(out, self.g, w, drop)
 
 
-def zero_dropped(x: Tensor, w: Tensor) -> Tensor:
-    """``x`` with the rows of the samples of weight 0 set to exactly 0.
+def zero_dropped(x: Tensor, w: Tensor, drop: bool) -> Tensor:
+    """``x`` with the rows of the samples of weight 0 set to exactly 0 if ``drop``, else ``x``.
 
     A dropped sample (``Clipper(nonfinite="drop_sample")``) has weight 0 and may hold NaN or inf
     in any factor of its gradient; ``0 * NaN`` is NaN, and a matmul over the batch would spread
-    it to the whole sum. Every factor that enters a weighted sum goes through this (one
-    elementwise pass, no host read)."""
+    it to the whole sum. In that mode every factor that enters a weighted sum goes through this
+    (one elementwise pass, no host read)."""
+    if not drop:
+        return x
     return torch.where((w == 0).view(-1, *(1,) * (x.dim() - 1)), 0, x)
 
 
-def scale_rows(x: Tensor, w: Tensor) -> Tensor:
-    """``w_i x[i]``, exactly 0 where ``w_i == 0`` even if ``x[i]`` is not finite."""
+def scale_rows(x: Tensor, w: Tensor, drop: bool) -> Tensor:
+    """``w_i x[i]``; with ``drop``, exactly 0 where ``w_i == 0`` even if ``x[i]`` is not finite."""
     wv = w.to(x.dtype).view(-1, *(1,) * (x.dim() - 1))
+    if not drop:
+        return x * wv
     return torch.where(wv == 0, 0, x * wv)
 
 
-def add_weighted_rows_(out: Tensor, g: Tensor, w: Tensor) -> None:
-    """``out += sum_i w_i g[i]`` in one matrix-vector product; rows of weight 0 add exactly 0."""
-    g = zero_dropped(g, w)
+def add_weighted_rows_(out: Tensor, g: Tensor, w: Tensor, drop: bool = False) -> None:
+    """``out += sum_i w_i g[i]`` in one matrix-vector product; with ``drop``, rows of weight 0
+    add exactly 0."""
+    g = zero_dropped(g, w, drop)
     if g.dtype == out.dtype and out.is_contiguous():
         out.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), w.to(g.dtype))
     else:
@@ -168,12 +184,21 @@ class OuterTerm(Term):
         assert self.v is not None
         return self.v[sl]
 
-    def u_gram(self, sl: slice) -> Tensor:
-        """``<u_t, u_s>`` for samples ``sl``: ``(b, K, T, T)`` in float32 at least."""
-        return self_gram(self.u_chunk(sl))
+    def u_scale(self, sl: slice) -> Tensor | None:
+        """The largest magnitude of each sample's ``u`` (``(b,)``), or None for an index factor
+        (a one-hot row needs no scaling)."""
+        return None if self.index else max_abs(self.u_chunk(sl))
 
-    def v_gram(self, sl: slice) -> Tensor:
-        return self_gram(self.v_chunk(sl))
+    def v_scale(self, sl: slice) -> Tensor:
+        return max_abs(self.v_chunk(sl))
+
+    def u_gram(self, sl: slice, scale: Tensor | None = None) -> Tensor:
+        """``<u_t, u_s>`` for samples ``sl``, each sample's ``u`` divided by its ``scale``
+        (``(b,)``, None: 1): ``(b, K, T, T)`` in float32 at least."""
+        return self_gram(self.u_chunk(sl), scale)
+
+    def v_gram(self, sl: slice, scale: Tensor | None = None) -> Tensor:
+        return self_gram(self.v_chunk(sl), scale)
 
     def hold_bytes(self) -> int:
         n = self.u.numel() * self.u.element_size()
@@ -197,17 +222,17 @@ class OuterTerm(Term):
             return float(self.batch * self.K * (self.n_u * self.n_v + self.T * self.n_v))
         return float(self.batch * self.K * self.T * self.n_u * self.n_v)
 
-    def weighted(self, w: Tensor) -> Tensor:
+    def weighted(self, w: Tensor, *, drop: bool = False) -> Tensor:
         b, k, t = self.batch, self.K, self.T
         u, v = self.u_chunk(slice(None)), self.v_chunk(slice(None))
         dt = self.dtype
         if self.index:
-            vw = scale_rows(v.to(dt), w.to(dt))
+            vw = scale_rows(v.to(dt), w.to(dt), drop)
             offs = (torch.arange(k, device=u.device) * self.n_u).view(1, k, 1)
             out = vw.new_zeros((k * self.n_u, vw.shape[-1]))
             out.index_add_(0, (u + offs).reshape(-1), vw.reshape(-1, vw.shape[-1]))
             return out.reshape(self.shape)
-        u, v = self._scaled(u, v, w)
+        u, v = self._scaled(u, v, w, drop)
         if k == 1:
             # row-major: the result may become the parameter's gradient as it is
             out = matmul(u.reshape(b * t, -1).t(), v.reshape(b * t, -1), rows=True)
@@ -215,19 +240,20 @@ class OuterTerm(Term):
             out = torch.einsum("bktn,bktm->knm", u, v)
         return out.reshape(self.shape)
 
-    def _scaled(self, u: Tensor, v: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        # scale whichever factor is smaller, then ONE matmul over B*T; a dropped sample's rows
-        # are zeroed in both factors (its NaN in either would reach the sum as 0 * NaN)
+    def _scaled(self, u: Tensor, v: Tensor, w: Tensor, drop: bool) -> tuple[Tensor, Tensor]:
+        # scale whichever factor is smaller, then ONE matmul over B*T; with drop, a dropped
+        # sample's rows are zeroed in both factors (its NaN in either would reach the sum as
+        # 0 * NaN)
         dt = self.dtype
         u, v = u.to(dt), v.to(dt)
         if u.shape[-1] <= v.shape[-1]:
-            return scale_rows(u, w.to(dt)), zero_dropped(v, w)
-        return zero_dropped(u, w), scale_rows(v, w.to(dt))
+            return scale_rows(u, w.to(dt), drop), zero_dropped(v, w, drop)
+        return zero_dropped(u, w, drop), scale_rows(v, w.to(dt), drop)
 
-    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
+    def add_weighted_(self, out: Tensor, w: Tensor, *, drop: bool = False) -> None:
         if self.index or self.K != 1 or out.dtype != self.dtype or not out.is_contiguous():
-            return super().add_weighted_(out, w)
-        u, v = self._scaled(self.u_chunk(slice(None)), self.v_chunk(slice(None)), w)
+            return super().add_weighted_(out, w, drop=drop)
+        u, v = self._scaled(self.u_chunk(slice(None)), self.v_chunk(slice(None)), w, drop)
         bt = self.batch * self.T
         out.view(self.n_u, -1).addmm_(u.reshape(bt, -1).t(), v.reshape(bt, -1))
 
@@ -239,7 +265,8 @@ def gram(x: Tensor, y: Tensor) -> Tensor:
     """``<x_t, y_s>`` for all position pairs: ``(b, K, Tx, n)``, ``(b, K, Ty, n)`` -> ``(b, K, Tx, Ty)``.
 
     Integer tensors ``(b, K, T)`` stand for one-hot rows, so index/index is an equality test and
-    index/dense a gather: neither builds the one-hot matrix.
+    index/dense a gather: neither builds the one-hot matrix. Dense factors are expected scaled
+    (:func:`~robustclip.per_sample._engine.scaled_by`), so no product overflows.
     """
     xi, yi = not x.is_floating_point(), not y.is_floating_point()
     if xi and yi:
@@ -257,11 +284,14 @@ def gram(x: Tensor, y: Tensor) -> Tensor:
     return torch.matmul(x.to(dt), y.to(dt).transpose(-1, -2))
 
 
-def self_gram(x: Tensor) -> Tensor:
-    """``gram(x, x)``; for a single position (2-D inputs) the squared row norms, no temporary."""
-    if x.is_floating_point() and x.shape[-2] == 1:
-        sq: Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype(x.dtype)).square()
-        return sq
+def self_gram(x: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``gram(x, x)`` of ``x`` with each sample divided by ``scale`` (``(b,)``; None: 1); for a
+    single position (2-D inputs) the squared row norms."""
+    if not x.is_floating_point():
+        return gram(x, x)
+    x = scaled_by(x, scale)
+    if x.shape[-2] == 1:  # a cascade sum (linalg.vector_norm adds one by one on the CPU)
+        return x.pow(2).sum(-1, keepdim=True)
     return gram(x, x)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustclip._kernels import choose, chosen
-from robustclip.per_sample._engine import acc_dtype
+from robustclip.per_sample._engine import max_abs, scaled_by
 from robustclip.per_sample.rules import DenseTerm, OuterTerm, Term, register
 from robustclip.per_sample.rules._terms import scale_rows, zero_dropped
 from robustclip.per_sample.rules._util import sum_positions
@@ -121,8 +121,14 @@ class ConvTerm(OuterTerm):
     def v_chunk(self, sl: slice) -> Tensor:
         return self._patches(sl).transpose(-1, -2)
 
-    def v_gram(self, sl: slice, pixels_first: bool | None = None) -> Tensor:
-        """Gram of the patches, ``<patch_t, patch_s>``, without unfolding when that is cheaper.
+    def v_scale(self, sl: slice) -> Tensor:
+        # the patches hold the (padded) input's values and zeros: the same largest magnitude,
+        # without unfolding them
+        return max_abs(self.x[sl])
+
+    def v_gram(self, sl: slice, scale: Tensor | None = None, pixels_first: bool | None = None) -> Tensor:
+        """Gram of the patches, ``<patch_t, patch_s>``, each sample's divided by its ``scale``
+        (``(b,)``, None: 1), without unfolding when that is cheaper.
 
         With ``M = X^T X`` the Gram of the padded input's pixels (channels summed), the patch
         Gram is ``sum_k M[a_k(t), a_k(s)]`` over the kernel taps ``k``, where ``a_k(t)`` is the
@@ -143,9 +149,8 @@ class ConvTerm(OuterTerm):
         if pixels_first is None:
             pixels_first = pixels * pixels * cg + 2 * self._tap_sum_cost(sp_in, sp_out) < self.T * self.T * self.n_v
         if not pixels_first:
-            return super().v_gram(sl)
-        dt = acc_dtype(self.dtype)
-        xs = x.reshape(b * self.K, cg, pixels).to(dt)
+            return super().v_gram(sl, scale)
+        xs = scaled_by(x, scale).reshape(b * self.K, cg, pixels)
         out = torch.bmm(xs.transpose(1, 2), xs).view(b * self.K, *sp_in, *sp_in)
         for i in range(self.nd):
             k, d, st = m.kernel_size[i], m.dilation[i], m.stride[i]
@@ -215,20 +220,20 @@ class ConvTerm(OuterTerm):
         )
         return grad_w.reshape(b, *self.shape)
 
-    def weighted(self, w: Tensor) -> Tensor:
+    def weighted(self, w: Tensor, *, drop: bool = False) -> Tensor:
         # sum_i G_i * x_i weighted by w_i: scale whichever of G and x is smaller
-        # (a dropped sample's rows are zeroed in both: 0 * NaN is NaN)
+        # (with drop, a dropped sample's rows are zeroed in both: 0 * NaN is NaN)
         w = w.to(self.dtype)
         g, x = self.g, self.x
         if g.numel() <= x.numel():
-            g, x = scale_rows(g, w), zero_dropped(x, w)
+            g, x = scale_rows(g, w, drop), zero_dropped(x, w, drop)
         else:
-            g, x = zero_dropped(g, w), scale_rows(x.to(self.dtype), w)
+            g, x = zero_dropped(g, w, drop), scale_rows(x.to(self.dtype), w, drop)
         return self._weight_grad(g, x, self.module.out_channels, self.module.groups)
 
-    def add_weighted_(self, out: Tensor, w: Tensor) -> None:
+    def add_weighted_(self, out: Tensor, w: Tensor, *, drop: bool = False) -> None:
         # the convolution, not OuterTerm's matmul over unfolded patches
-        out.add_(self.weighted(w).to(out.dtype))
+        out.add_(self.weighted(w, drop=drop).to(out.dtype))
 
 
 @register(nn.Conv3d)
