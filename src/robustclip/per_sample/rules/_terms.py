@@ -175,6 +175,15 @@ class OuterTerm(Term):
     def v_gram(self, sl: slice) -> Tensor:
         return self_gram(self.v_chunk(sl))
 
+    def ghost_sq(self, sl: slice) -> Tensor:
+        """``||g_i||^2`` of samples ``sl`` from this term's own Grams, ``<U_i U_i^T, V_i V_i^T>``."""
+        out: Tensor = (self.u_gram(sl) * self.v_gram(sl)).sum(dim=(1, 2, 3))
+        return out
+
+    def ghost_cost(self) -> float:
+        """Multiply-adds of :meth:`ghost_sq` over the batch (the cost model's price of the Gram norm)."""
+        return float(self.batch * self.K * self.T * self.T * ((1 if self.index else self.n_u) + self.n_v + 1))
+
     def hold_bytes(self) -> int:
         n = self.u.numel() * self.u.element_size()
         if self.v is not None:
