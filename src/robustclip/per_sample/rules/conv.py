@@ -5,15 +5,21 @@ Per sample, ``grad W_i`` is, for each group ``k``, a sum over the ``T`` output p
 ``G_{i,k,t} (x) patch_{i,k,t}`` where ``patch`` is the input window seen by position ``t``
 (im2col). The term keeps only the (padded) input and the output gradient:
 
-* patches are cut from a strided view of the padded input, a chunk of samples at a time, and
-  only for the Gram ("ghost") norm or the matmul path;
+* the per-sample squared norms (when the cost model of ``_hooks/norms.py`` takes the Gram
+  form) come from the Gram of the output gradient and the Gram of the patches, the latter from
+  the Gram of the padded input's *pixels* and a separable sum over kernel taps whenever that
+  is cheaper than unfolding (:meth:`ConvTerm._pixel_gram`); the term prices this itself
+  (:meth:`ConvTerm.ghost_cost`), so a wide layer with a few hundred positions (a ResNet's
+  second stage) takes the Gram norm instead of materialising twice;
 * every sample's gradient (when the engine keeps or checks them) comes either from ONE
   weight-gradient convolution with the batch folded into ``B * groups`` groups, or from im2col
-  plus a batched matmul over cache-sized chunks of samples. Which is faster depends on the layer
-  and the machine (on a 2-core CPU: im2col is 2.5x faster for a 3-channel input layer, the
-  grouped convolution 2x faster for 32 input channels), so on CPU the first call for each
-  layer shape (per-sample shapes: any batch size) times both and remembers the faster
-  (:func:`robustclip._kernels.choose`); on other devices im2col is used;
+  plus a batched matmul over cache-sized chunks of samples (the input padded once per call).
+  The layer's shape picks one (:data:`GROUPED_MIN_POSITIONS`, :data:`GROUPED_MIN_CHANNELS`):
+  the grouped convolution for wide layers with many positions, im2col for thin inputs and
+  late layers; with ``backends.autotune`` the first call for each layer shape on the CPU
+  (per-sample shapes: any batch size) times both and remembers the faster
+  (:func:`robustclip._kernels.choose`); on other devices and in deterministic mode im2col is
+  used;
 * the clipped sum is ONE weight-gradient convolution on the weight-scaled output gradient, as
   in the plain backward pass.
 """
@@ -153,13 +159,23 @@ class ConvTerm(OuterTerm):
     def ghost_sq(self, sl: slice) -> Tensor:
         if not self._pixels_first():
             return super().ghost_sq(sl)
-        v = self._pixel_gram(sl)
-        # the product in place in the fresh output-gradient Gram, against the strided view of
-        # the patch Gram: no third T x T tensor and no copy of the view
-        prod = self.u_gram(sl).view(v.shape).mul_(v)
-        b = v.shape[0] // self.K
-        out: Tensor = prod.reshape(b, -1).sum(1)
-        return out
+        idx = range(*sl.indices(self.batch))
+        if not idx:
+            return super().ghost_sq(sl)
+        # the caller sized ``sl`` for two T x T Grams per sample; the pixel Gram and its first
+        # tap pass are larger (up to 9x: the pixel path is taken only while P^2 < taps T^2), so
+        # a share of the samples at a time keeps the temporaries within that room
+        t2, p2 = self.T * self.T, math.prod(self._padded_size()) ** 2
+        step = max(1, len(idx) * 2 * t2 // (2 * p2 + t2))
+        out = []
+        for s in range(0, len(idx), step):
+            sub = slice(idx.start + s * idx.step, idx.start + min(s + step, len(idx)) * idx.step, idx.step)
+            v = self._pixel_gram(sub)
+            # the product in place in the fresh output-gradient Gram, against the strided view
+            # of the patch Gram: no third T x T tensor and no copy of the view
+            prod = self.u_gram(sub).view(v.shape).mul_(v)
+            out.append(prod.reshape(v.shape[0] // self.K, -1).sum(1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def ghost_cost(self) -> float:
         per_group = self.T * self.T * (self.n_u + 1) + min(self._pixel_gram_cost(), self.T * self.T * self.n_v)
