@@ -78,9 +78,11 @@ def check_rule(layer: nn.Module, x: torch.Tensor, unbatched_ok: bool = False) ->
 
 
 @contextlib.contextmanager
-def conv_matmul_path():
-    """The im2col + matmul path that non-CPU devices take, exercised on CPU."""
-    with mock.patch.object(ConvTerm, "grouped", new=property(lambda self: False)):
+def conv_kernel(grouped: bool):
+    """One per-sample convolution kernel forced: im2col + matmul (non-CPU devices, thin or late
+    layers) or the grouped convolution (the CPU's for wide layers); the test shapes are too
+    small for the shape rule to pick the grouped one."""
+    with mock.patch.object(ConvTerm, "grouped", new=property(lambda self: grouped)):
         yield
 
 
@@ -562,7 +564,7 @@ def test_rule_against_the_batch_of_one_oracle(module_type, data):
         assert rule_for(target)[0] is MATCHED[module_type]
     else:
         assert type(target) is module_type
-    with conv_matmul_path() if matmul_path else contextlib.nullcontext():
+    with conv_kernel(grouped=not matmul_path):  # no effect on other layers
         check_rule(layer, x)
 
 
@@ -666,6 +668,70 @@ def test_conv_kernel_choice_is_timed_once_and_fixed_in_deterministic_mode(monkey
         assert term.grouped is False
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+def test_conv_kernel_without_autotune_follows_the_shape(monkeypatch):
+    """Autotuning off: the layer's shape alone picks the kernel (nothing timed or remembered),
+    the same for any batch size; deterministic mode and other devices take im2col."""
+    from robustclip import _kernels
+    from robustclip.per_sample.rules import conv as conv_rule
+
+    monkeypatch.setattr(_kernels, "_CHOICES", {})
+
+    def term(c_in: int, side: int, batch: int = 2, groups: int = 1) -> ConvTerm:
+        layer = nn.Conv2d(c_in, 2 * groups, 3, padding=1, groups=groups)
+        x = torch.randn(batch, c_in, side, side)
+        return ConvTerm(layer, x, torch.randn_like(layer(x)))
+
+    positions = conv_rule.GROUPED_MIN_POSITIONS
+    side = math.isqrt(positions - 1) + 1  # the smallest square side with enough positions
+    wide = conv_rule.GROUPED_MIN_CHANNELS
+    assert term(wide, side).grouped is True and term(wide, side, batch=5).grouped is True
+    assert term(wide - 1, side).grouped is False  # thin input: im2col
+    assert term(wide, side - 1).grouped is False  # few positions: im2col
+    assert term(2 * wide, side, groups=2).grouped is True and term(2 * wide, side, groups=4).grouped is False
+    assert not _kernels._CHOICES
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert term(wide, side).grouped is False
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@SAME_PADDING_WARNING
+@SETTINGS
+@given(case=st.one_of(conv_cases(1), conv_cases(2), conv_cases(3)))
+def test_conv_ghost_norm_equals_the_materialised_norm(case):
+    """The conv term's own Gram norm (pixel Gram, in-place product with the output-gradient
+    Gram) equals the squared norm of each materialised per-sample gradient."""
+    layer, x, _ = case
+    layer, x = layer.double(), x.double()
+    term = ConvTerm(layer, x, torch.randn_like(layer(x)))
+    ref = term._materialize_im2col(slice(None)).flatten(1).pow(2).sum(1)
+    torch.testing.assert_close(term.ghost_sq(slice(None)), ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(term.ghost_sq(slice(1, None)), ref[1:], rtol=1e-9, atol=1e-12)
+
+
+def test_conv_cost_model_prices_the_pixel_gram():
+    """A ResNet stage-2 convolution (128 channels, 16x16): the Gram norm without unfolding
+    costs less than materialising, and the cost model knows it; unfolding it would not."""
+    from robustclip.per_sample._hooks import norms
+
+    layer = nn.Conv2d(128, 128, 3, padding=1, bias=False)
+    x = torch.randn(2, 128, 16, 16)
+    with torch.no_grad():
+        term = ConvTerm(layer, x, torch.randn_like(layer(x)))
+    unfolded = 2 * term.T * term.T * (term.n_u + term.n_v + 1)
+    assert term.ghost_cost() < term.materialize_cost() < unfolded
+    assert norms.choose([term], keep_ok=False) == "ghost"
+    # a late, narrow-positions layer: the unfolded Gram is the cheaper one, and is what is priced
+    late = nn.Conv2d(512, 512, 3, padding=1, bias=False)
+    x = torch.randn(2, 512, 4, 4)
+    with torch.no_grad():
+        t = ConvTerm(late, x, torch.randn_like(late(x)))
+    assert not t._pixels_first() or t._pixel_gram_cost() < t.T * t.T * t.n_v
+    assert t.ghost_cost() <= 2 * t.T * t.T * (t.n_u + t.n_v + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,9 +8,10 @@ count predicts. With ``robustclip.backends.autotune = True``, like
 later calls reuse the fastest (:func:`choose`). Off (the default), and under
 ``torch.use_deterministic_algorithms(True)``, the first candidate (the plain PyTorch kernel) is
 always used and nothing is timed or remembered: :func:`matmul` is ``torch.matmul``,
-:func:`addmm_` is ``Tensor.addmm_``, and a choice made through :func:`chosen` (the per-sample
-convolution kernel of ``per_sample/rules/conv.py``: im2col) is candidate 0. A run resumed in a
-new process then rounds exactly as the original did.
+:func:`addmm_` is ``Tensor.addmm_``, and a choice made through :func:`chosen` is candidate 0
+(the per-sample convolution kernel of ``per_sample/rules/conv.py`` is then picked by the
+layer's shape alone, and is im2col in deterministic mode). A run resumed in a new process then
+rounds exactly as the original did.
 
 :func:`matmul` uses the timed choice for float32 and bfloat16 products on the CPU. PyTorch
 multiplies float32 matrices there with its BLAS (MKL on x86 builds); oneDNN, which PyTorch also

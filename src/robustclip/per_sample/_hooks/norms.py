@@ -115,13 +115,20 @@ def choose(terms: Sequence[Term], keep_ok: bool) -> str:
     if len(outer) == 1 and outer[0].index:
         return "index"
     mat = sum(t.materialize_cost() for t in outer) + outer[0].batch * outer[0].numel
+    return "ghost" if ghost_cost(outer) < mat else "chunks"
+
+
+def ghost_cost(outer: Sequence[OuterTerm]) -> float:
+    """Multiply-adds of the Gram norm: a single term prices its own Grams (a convolution's
+    need not unfold), several pay every cross Gram."""
+    if len(outer) == 1:
+        return outer[0].ghost_cost()
     ghost = 0.0
     for a in outer:
         for b in outer:
             cu = a.n_u if not (a.index or b.index) else 1
-            cv = a.n_v
-            ghost += a.batch * a.K * a.T * b.T * (cu + cv + 1)
-    return "ghost" if ghost < mat else "chunks"
+            ghost += a.batch * a.K * a.T * b.T * (cu + a.n_v + 1)
+    return ghost
 
 
 def cost(terms: Sequence[Term], how: str) -> tuple[float, float]:
@@ -138,12 +145,7 @@ def cost(terms: Sequence[Term], how: str) -> tuple[float, float]:
         t = outer[0]
         return float(t.batch * t.K * t.T * t.n_v) + plain, plain
     if how == "ghost":
-        ghost = 0.0
-        for a in outer:
-            for b in outer:
-                cu = a.n_u if not (a.index or b.index) else 1
-                ghost += a.batch * a.K * a.T * b.T * (cu + a.n_v + 1)
-        return ghost + plain, plain
+        return ghost_cost(outer) + plain, plain
     # keep: materialised once, the sum reads them; chunks: materialised again for the sum
     per = plain + terms[0].batch * terms[0].numel
     return (per if how == "keep" else 2 * per), plain
@@ -177,7 +179,7 @@ def ghost_sq_norms(terms: Sequence[OuterTerm], budget: int) -> Tensor:
         sv = [t.v_scale(sl) for t in terms]
         scales = [v.to(wide) if u is None else u.to(wide) * v.to(wide) for u, v in zip(su, sv)]
         if len(terms) == 1:  # a term may know a cheaper way to its own Grams
-            val = (terms[0].u_gram(sl, su[0]) * terms[0].v_gram(sl, sv[0])).sum(dim=(1, 2, 3))
+            val = terms[0].ghost_sq(sl, su[0], sv[0])
             out.append(val.to(wide) * scales[0].square())
             continue
         us = [_scaled_factor(t.u_chunk(sl), x) for t, x in zip(terms, su)]

@@ -200,6 +200,17 @@ class OuterTerm(Term):
     def v_gram(self, sl: slice, scale: Tensor | None = None) -> Tensor:
         return self_gram(self.v_chunk(sl), scale)
 
+    def ghost_sq(self, sl: slice, u_scale: Tensor | None = None, v_scale: Tensor | None = None) -> Tensor:
+        """``||g_i||^2`` of samples ``sl`` from this term's own Grams, ``<U_i U_i^T, V_i V_i^T>``,
+        with each sample's factors divided by ``u_scale`` and ``v_scale`` (``(b,)``, None: 1;
+        the caller multiplies the scales back in float64)."""
+        out: Tensor = (self.u_gram(sl, u_scale) * self.v_gram(sl, v_scale)).sum(dim=(1, 2, 3))
+        return out
+
+    def ghost_cost(self) -> float:
+        """Multiply-adds of :meth:`ghost_sq` over the batch (the cost model's price of the Gram norm)."""
+        return float(self.batch * self.K * self.T * self.T * ((1 if self.index else self.n_u) + self.n_v + 1))
+
     def hold_bytes(self) -> int:
         n = self.u.numel() * self.u.element_size()
         if self.v is not None:
