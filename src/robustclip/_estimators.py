@@ -35,24 +35,16 @@ import torch
 from torch import Tensor
 
 from robustclip._estimator_base import Contribution, Estimator
-from robustclip._math import clip_coefficient, coefficient_as, global_norm, holds_integer, wide_dtype
+from robustclip._math import clip_coefficient, coefficient_as, global_norm, wide_dtype
 from robustclip._radii import GroupRadii, gathered
 from robustclip._sample_weights import SampleWeighting, norms_from_squares, wide_norms
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
 from robustclip.per_sample._engine import accumulate_into, check_engine_name, make_engine
-from robustclip.per_sample._grads import add_into, drop_if_nonfinite, gradients
+from robustclip.per_sample._grads import add_into, count_coefficient, drop_if_nonfinite, gradients
 from robustclip.thresholds import Threshold, as_threshold
 
-__all__ = [
-    "Contribution",
-    "Estimator",
-    "mean",
-    "micro_batch_clip",
-    "per_sample_clip",
-    "per_sample_clip_sum",
-    "per_sample_normalize",
-]
+__all__ = ["Contribution", "Estimator", "mean", "micro_batch_clip", "per_sample_clip", "per_sample_clip_sum", "per_sample_normalize"]
 
 def per_sample_clip_sum(per_sample_grads: Sequence[Sequence[Tensor]], c: float) -> tuple[list[Tensor], int]:
     """PS-Clip-SGD's box (Nobile & Grohs, arXiv:2605.02701), as plainly as it can be written:
@@ -101,11 +93,7 @@ class Mean(Estimator[tuple[()]]):
         dropped = None
         if drop:
             g, owned, dropped = drop_if_nonfinite(g, owned, torch.isfinite(losses).all())
-        dtype = g[0].dtype
-        if not holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
-            dtype = torch.promote_types(dtype, torch.float32)
-        coef = None if count == 1 else torch.full((), count, dtype=dtype, device=g[0].device)
-        add_into(out, g, layout.params, coef, owned=owned)
+        add_into(out, g, layout.params, count_coefficient(count, g[0]), owned=owned)
         return Contribution(count, dropped=dropped), state
 
     def __repr__(self) -> str:
