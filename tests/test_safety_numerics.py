@@ -21,7 +21,7 @@ from torch import nn
 import robustclip as rc
 from robustclip import _math
 from robustclip import thresholds as th
-from robustclip._estimators import PerSample
+from robustclip._estimators import PerSample, per_sample_clip_sum
 from robustclip._transform import StepContext
 from robustclip.per_sample import ParamLayout
 from robustclip.per_sample._engine import ROW_BY_ROW, row_sq_norms
@@ -760,3 +760,29 @@ def test_vmap_engine_clips_an_exploding_sample_instead_of_dropping_it(name):
     total = math.sqrt(sum(float(r.pow(2).sum()) for r in ref))
     for g, r in zip(got, ref):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * total)
+
+
+@pytest.mark.parametrize("engine", ["hooks", "vmap", "loop"])
+def test_a_norm_above_the_float32_maximum_is_clipped_not_counted_as_dropped(engine: str) -> None:
+    """A float32 gradient can have a norm above 3.4e38 (100 entries of 1e38: 1e39): its float32
+    reading is inf, but its weight comes from the float64 norm and it is clipped and included.
+    Under drop_sample it must count as clipped, not as dropped (a dropped count of 1 would also
+    divide the sum by B - 1). Oracle: per_sample_clip_sum in float64."""
+    torch.manual_seed(0)
+    b, d, c = 4, 100, 1.0
+    x = torch.randn(b, d)
+    x[1] = 1e38  # sample 1: gradient x_1 of norm 1e39
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with rc.Clipper(model, opt, rc.per_sample_clip(c, engine=engine), nonfinite="drop_sample") as clipper:
+        clipper.backward(model(x).squeeze(1))
+        info = clipper.step()
+    assert not info.skipped
+    assert float(info.dropped) == 0 and info.num_samples == b
+    assert info.dropped_mask is not None and not bool(info.dropped_mask.any())
+    assert math.isinf(float(info.per_sample_norms[1]))  # the float32 reading cannot hold it
+    ref_sum, num_clipped = per_sample_clip_sum([[x[i : i + 1].double()] for i in range(b)], c)
+    assert float(info.clipped_fraction) == pytest.approx(num_clipped / b)
+    torch.testing.assert_close(model.weight.grad.double(), ref_sum[0] / b, rtol=1e-5, atol=1e-6)

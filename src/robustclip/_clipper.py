@@ -406,7 +406,7 @@ class Clipper:
         # the mean now (in float64: a bf16 or fp16 mean of many losses would round), so that a
         # later in-place change of the caller's loss tensor cannot change the step's loss
         # (a copy even when the loss already is float64: step() may return it as the reading)
-        mean = losses.detach().to(torch.float64, copy=True) if losses.dim() == 0 else losses.detach().double().mean()
+        mean = losses.detach().to(torch.float64, copy=True) if losses.dim() == 0 else losses.detach().mean(dtype=torch.float64)
         self._losses.append((mean, contrib.count))
         if contrib.clipped is not None:
             self._clipped.append(contrib.clipped)
@@ -471,7 +471,7 @@ class Clipper:
         flags = self._clipped_flags()
         if flags is None:
             return torch.zeros((), dtype=torch.float32, device=self.device)
-        return flags.float().sum() / self._count
+        return flags.sum(dtype=torch.float32) / self._count
 
     def _check_unused(self, losses: Tensor) -> None:
         reached = {id(t) for t in reached_leaves([losses.grad_fn])}
@@ -586,12 +586,12 @@ class Clipper:
             num_samples=num,
             loss=loss_t,
             grad_norm=norm_wide.to(_reading_dtype(grads)),
-            per_sample_norms=torch.cat(self._sample_norms) if self._sample_norms else None,
-            micro_batch_norms=torch.cat(self._micro_norms) if self._micro_norms else None,
+            per_sample_norms=_joined(self._sample_norms),
+            micro_batch_norms=_joined(self._micro_norms),
             clipped_fraction=clipped_fraction,
             layer_norms=self._layer_norms(grads) if layer_norms else None,
             dropped=dropped,
-            dropped_mask=torch.cat(self._dropped) if self._dropped else None,
+            dropped_mask=_joined(self._dropped),
         )
         # The chain runs before the check, so that one host read covers the loss, the input
         # and the output of the chain. Transform states are immutable values: the previous one
@@ -842,9 +842,16 @@ class Clipper:
 def _reading_dtype(grads: list[Tensor]) -> torch.dtype:
     """float32, or the widest real dtype of the gradients (float64 readings for float64)."""
     dtype = torch.float32
-    for g in grads:
-        dtype = torch.promote_types(dtype, g.dtype.to_real())
+    for dt in {g.dtype for g in grads}:  # each dtype once: promote_types is a dispatched call
+        dtype = torch.promote_types(dtype, dt.to_real())
     return dtype
+
+
+def _joined(parts: list[Tensor]) -> Tensor | None:
+    """The readings of the step's backward() calls in one tensor (no copy for a single call)."""
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _check_fsdp_modes(nonfinite: str, scaler: Any) -> None:

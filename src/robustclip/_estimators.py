@@ -35,31 +35,16 @@ import torch
 from torch import Tensor
 
 from robustclip._estimator_base import Contribution, Estimator
-from robustclip._math import (
-    clip_coefficient,
-    coefficient_as,
-    combine_norms,
-    global_norm,
-    holds_integer,
-    wide_dtype,
-)
+from robustclip._math import clip_coefficient, coefficient_as, global_norm, wide_dtype
 from robustclip._radii import GroupRadii, gathered
-from robustclip._sample_weights import make_weight_fn, norms_from_squares, wide_norms
+from robustclip._sample_weights import SampleWeighting, norms_from_squares, wide_norms
 from robustclip._validate import check_nonneg, check_positive_int
 from robustclip.per_sample import ENGINES, ParamLayout, PerSampleEngine
 from robustclip.per_sample._engine import accumulate_into, check_engine_name, make_engine
-from robustclip.per_sample._grads import add_into, drop_if_nonfinite, gradients
+from robustclip.per_sample._grads import add_into, count_coefficient, drop_if_nonfinite, gradients
 from robustclip.thresholds import Threshold, as_threshold
 
-__all__ = [
-    "Contribution",
-    "Estimator",
-    "mean",
-    "micro_batch_clip",
-    "per_sample_clip",
-    "per_sample_clip_sum",
-    "per_sample_normalize",
-]
+__all__ = ["Contribution", "Estimator", "mean", "micro_batch_clip", "per_sample_clip", "per_sample_clip_sum", "per_sample_normalize"]
 
 def per_sample_clip_sum(per_sample_grads: Sequence[Sequence[Tensor]], c: float) -> tuple[list[Tensor], int]:
     """PS-Clip-SGD's box (Nobile & Grohs, arXiv:2605.02701), as plainly as it can be written:
@@ -108,11 +93,7 @@ class Mean(Estimator[tuple[()]]):
         dropped = None
         if drop:
             g, owned, dropped = drop_if_nonfinite(g, owned, torch.isfinite(losses).all())
-        dtype = g[0].dtype
-        if not holds_integer(dtype, count):  # e.g. 257 in bfloat16: scale in float32 instead
-            dtype = torch.promote_types(dtype, torch.float32)
-        coef = None if count == 1 else torch.full((), count, dtype=dtype, device=g[0].device)
-        add_into(out, g, layout.params, coef, owned=owned)
+        add_into(out, g, layout.params, count_coefficient(count, g[0]), owned=owned)
         return Contribution(count, dropped=dropped), state
 
     def __repr__(self) -> str:
@@ -269,34 +250,16 @@ class PerSample(Estimator[PerSampleState]):
         """
         assert engine is not None  # the Clipper makes one (make_engine) for a per_sample estimator
         radii = None if self.radii is None else self.radii.values(state.thresholds, layout)
-        # the engine sees the scaled losses' gradients: their norms divided by the loss scale
-        # are the true norms the radii and gamma refer to; the weights then apply to the
-        # scaled gradients, whose sum stays scaled until the clipper unscales it
-        inv = None if loss_scale is None else 1.0 / loss_scale.to(wide_dtype(loss_scale.device))
-        weight_fn = make_weight_fn(lambda sq, scale: self.weights(sq, radii, scale), layout.params, inv, drop)
-
+        weighting = SampleWeighting(lambda n: self._weights(n, radii), self.per_layer, layout.params, loss_scale, drop)
         loss_ok = torch.isfinite(losses.detach()) if drop else None
         if loss_ok is not None:
             losses = torch.where(loss_ok, losses, 0.0)
-        group_norms = accumulate_into(engine, losses, weight_fn, out, drop=drop)
-        wide = group_norms.to(wide_dtype(group_norms.device))
-        if inv is not None:
-            wide = wide * inv.to(wide.device)
-            group_norms = wide.to(group_norms.dtype)
-        flat_wide = combine_norms(wide, 0, keepdim=True)
-        flat = flat_wide.reshape(-1).to(group_norms.dtype)
-        w = self._weights(wide if self.per_layer else flat_wide, radii)
-        clipped = (w < 1).any(0)
-        dropped = None
-        if loss_ok is not None:
-            dropped = ~loss_ok.reshape(-1) | ~torch.isfinite(wide).all(0)
-            clipped = clipped & ~dropped
-        if self.radii is not None:  # adaptive radii observe every process's norms
-            state = PerSampleState(self.radii.observe(state.thresholds, layout, group_norms if self.per_layer else flat))
-        contrib = Contribution(
-            losses.shape[0], per_sample_norms=flat, group_norms=group_norms, clipped=clipped.float(), dropped=dropped
-        )
-        return contrib, state
+        # the readings (norms, clipped and dropped flags) from the weights the engine applied
+        read = weighting.readings(accumulate_into(engine, losses, weighting, out, drop=drop), loss_ok)
+        if self.radii is not None and not self.radii.constant:  # adaptive radii observe the norms
+            seen = read.group_norms if self.per_layer else read.per_sample_norms
+            state = PerSampleState(self.radii.observe(state.thresholds, layout, seen))
+        return Contribution(losses.shape[0], **read._asdict()), state
 
     def __repr__(self) -> str:
         if self.rule == "normalize":

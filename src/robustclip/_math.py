@@ -45,7 +45,9 @@ __all__ = [
 def wide_dtype(device: torch.device | str | None) -> torch.dtype:
     """float64, or float32 on a device without float64 (MPS): the dtype in which robustclip
     combines norms and computes clip coefficients (small tensors only)."""
-    return torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+    if not isinstance(device, torch.device):  # (a torch.device, the usual case, is not rebuilt)
+        device = torch.device(device or "cpu")
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _result_dtype(tensors: Sequence[Tensor]) -> torch.dtype:

@@ -55,6 +55,12 @@ class GroupRadii:
             self.per_group = {k: as_threshold(v, f"max_norm[{k!r}]") for k, v in max_norm.items()}
         else:
             self.threshold = as_threshold(max_norm)
+        ths = list(self.per_group.values()) if self.per_group is not None else [self.threshold]
+        #: every radius is a constant (or none): nothing to observe, and the radii tensor of a
+        #: state is made once (:meth:`values`)
+        self.constant = all(isinstance(t, (Constant, NoClip)) for t in ths)
+        self._thresholds: tuple[ParamLayout, list[Threshold]] | None = None
+        self._values: tuple[Sequence[Any], ParamLayout, Tensor] | None = None
 
     @property
     def never_clips(self) -> bool:
@@ -63,6 +69,14 @@ class GroupRadii:
 
     def thresholds(self, layout: ParamLayout) -> list[Threshold]:
         """The threshold of each layer group of ``layout`` (one entry for the flat norm)."""
+        cached = self._thresholds
+        if cached is not None and cached[0] is layout:
+            return cached[1]
+        ths = self._match(layout)
+        self._thresholds = (layout, ths)
+        return ths
+
+    def _match(self, layout: ParamLayout) -> list[Threshold]:
         if self.per_group is not None:
             missing = [g for g in layout.group_names if g not in self.per_group]
             unknown = [k for k in self.per_group if k not in layout.group_names]
@@ -81,14 +95,26 @@ class GroupRadii:
         return tuple(t.init(device) for t in self.thresholds(layout))
 
     def values(self, states: Sequence[Any], layout: ParamLayout) -> Tensor:
-        """The radii now, (G, 1) per layer group or (1, 1), in float64 (float32 on MPS)."""
+        """The radii now, (G, 1) per layer group or (1, 1), in float64 (float32 on MPS).
+
+        With constant radii, made once per state: a state is an immutable value (a loaded
+        checkpoint is a new one), so the same state object holds the same radii."""
+        cached = self._values
+        if cached is not None and cached[0] is states and cached[1] is layout:
+            return cached[2]
         ths = self.thresholds(layout)
         radii = torch.stack([t.value(s) for t, s in zip(ths, states)]).reshape(-1, 1)
-        return radii.to(wide_dtype(radii.device))
+        radii = radii.to(wide_dtype(radii.device))
+        if self.constant:
+            self._values = (states, layout, radii)
+        return radii
 
     def observe(self, states: Sequence[Any], layout: ParamLayout, norms: Tensor) -> tuple[Any, ...]:
         """New states after observing this micro-batch's norms: (G, B) per layer group, else the
-        (B,) flat norms; every process's, where a threshold adapts."""
+        (B,) flat norms; every process's, where a threshold adapts. Constant radii return
+        ``states`` itself (no gather)."""
+        if self.constant:
+            return tuple(states)
         ths = self.thresholds(layout)
         seen = gathered(norms, layout, ths)
         if self.per_layer:

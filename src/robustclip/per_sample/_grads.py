@@ -11,6 +11,7 @@ the model. This module holds the rules that keep that safe:
   where that is allowed (:func:`direct_grads`), else from ``torch.autograd.grad``;
 * :func:`add_into`: ``out += coef * values``, taking ownership of what may be owned;
 * :func:`fill_missing`: zeros for code that only adds;
+* :func:`count_coefficient`: a batch size as the coefficient that turns a mean into a sum;
 * :func:`drop_if_nonfinite`: a micro-batch's gradients zeroed when they are not finite, in
   place where they are owned.
 """
@@ -23,10 +24,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from robustclip._math import holds_integer
+
 __all__ = [
     "add_into",
     "all_finite",
     "autograd_grads",
+    "count_coefficient",
     "direct_grads",
     "drop_if_nonfinite",
     "fill_missing",
@@ -141,6 +145,17 @@ def add_into(
     new = torch._foreach_mul(todo, coef) if coef is not None else [v.clone() for v in todo]
     for i, v in zip(missing, new):
         out[i] = new_grad(params[i], v)
+
+
+def count_coefficient(count: int, like: Tensor) -> Tensor | None:
+    """``count`` as a 0-d coefficient for gradients like ``like`` (None for 1): in their dtype
+    where it holds the integer exactly, else in float32 (257 is not exact in bfloat16)."""
+    if count == 1:
+        return None
+    dtype = like.dtype
+    if not holds_integer(dtype, count):
+        dtype = torch.promote_types(dtype, torch.float32)
+    return torch.full((), count, dtype=dtype, device=like.device)
 
 
 def all_finite(g: Sequence[Tensor]) -> Tensor:
