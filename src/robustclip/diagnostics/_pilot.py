@@ -511,6 +511,16 @@ def _clearly_better(a: Arm, b: Arm, start: int, end: int) -> bool:
     return gap >= OVERRULE_GAP and z is not None and z >= OVERRULE_Z
 
 
+def _branch(trainer: PilotTrainer, leader: Arm, c: Candidate) -> Arm:
+    """A new arm for candidate ``c`` starting from ``leader``'s weights, aligned with its step
+    count (its earlier readings unknown: NaN)."""
+    arm = trainer.branch(leader, c)
+    arm.steps = leader.steps
+    arm.losses = [math.nan] * leader.steps
+    arm.padded = leader.steps
+    return arm
+
+
 def _restart_from_leader(alive: Sequence[Arm]) -> None:
     leader = alive[0]
     model_state = copy.deepcopy(leader.model.state_dict())
@@ -634,12 +644,7 @@ def staged_race(
             again = min(length, n_second * length // len(arms1))
     if again >= 3:
         arms_rep = list(arms1)
-        for c in extra:
-            arm = trainer.branch(best, c)
-            arm.steps = best.steps
-            arm.losses = [math.nan] * best.steps
-            arm.padded = best.steps
-            arms_rep.append(arm)
+        arms_rep += [_branch(trainer, best, c) for c in extra]
         _restart_from_leader([best] + [a for a in arms_rep if a is not best])
         best = stage1(arms_rep, length + again, again)
         plan.append((len(arms_rep), length + again))
@@ -662,13 +667,7 @@ def staged_race(
         return order, plan
     # stage 2: the winner continues; its other radii branch from where it stands
     others = [c for c in by_method[best.candidate.method] if c != best.candidate]
-    arms2 = [best]
-    for c in others:
-        arm = trainer.branch(best, c)
-        arm.steps = best.steps
-        arm.losses = [math.nan] * best.steps
-        arm.padded = best.steps
-        arms2.append(arm)
+    arms2 = [best] + [_branch(trainer, best, c) for c in others]
     for a in order[1:]:
         a.eliminated_at = 0
     _restart_from_leader(arms2)  # fresh pass: the same batches for every radius
